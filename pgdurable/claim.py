@@ -1,0 +1,116 @@
+"""The pick: claim a batch of runnable rows in one statement, then load what they need.
+
+Enrichment is batched: one read for the inboxes and one for the children of every claimed
+row that has any, whatever the batch size. Rows with neither cost no extra statement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import errors as pgerrors
+
+from .fsm import ChildInfo, Signal
+from .queries import Queries
+
+#: How often a claim that lost a concurrency-key race is retried before giving up this round.
+CLAIM_RETRIES = 3
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A row this worker owns until its outcome is flushed (fields follow instance_claim)."""
+
+    id: int
+    fsm: str
+    version: int | None
+    step: str | None
+    state: str
+    attempt: int
+    crashes: int
+    queue: str
+    priority: int
+    eligible_at: dt.datetime
+    awaits: list[str] | None
+    correlation_key: str | None
+    concurrency_key: str | None
+    rate_limit: str | None
+    weight: float
+    parent_id: int | None
+    has_inbox: bool
+    has_children: bool
+    token: int = 0
+    inbox: list[Signal] = field(default_factory=list)
+    children: list[ChildInfo] = field(default_factory=list)
+
+    @property
+    def awaited(self) -> list[Signal]:
+        """The inbox signals matching the names this row was parked on."""
+        if not self.awaits:
+            return []
+        names = set(self.awaits)
+        return [s for s in self.inbox if s.name in names]
+
+
+def _json(raw: str | None) -> Any:
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+async def claim(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    *,
+    queue: str,
+    limit: int,
+    worker: str,
+    token: int,
+    lease: dt.timedelta,
+    horizon: dt.timedelta = dt.timedelta(0),
+) -> list[Claimed]:
+    """Claim up to ``limit`` rows of ``queue`` (autocommit connection) and enrich them."""
+    if limit <= 0:
+        return []
+    params = {
+        "queue": queue,
+        "limit": limit,
+        "worker": worker,
+        "token": token,
+        "lease": lease,
+        "horizon": horizon,
+    }
+    for attempt in range(CLAIM_RETRIES):
+        try:
+            cur = await conn.execute(q["instance_claim"], params, prepare=True)
+            rows = await cur.fetchall()
+            break
+        except pgerrors.UniqueViolation:
+            # Another worker claimed a row with the same unconfigured concurrency key between
+            # our candidate scan and our update; the arbiter index refused ours. Retry against
+            # the committed truth, which the LATERAL probe now sees.
+            if attempt == CLAIM_RETRIES - 1:
+                return []
+    claimed = [Claimed(*row, token=token) for row in rows]
+    claimed.sort(key=lambda c: (c.priority, c.eligible_at, c.id))
+    await enrich(conn, q, claimed)
+    return claimed
+
+
+async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[Claimed]) -> None:
+    """Load inboxes and children for the rows that have them: at most two statements."""
+    by_id = {c.id: c for c in claimed}
+    inbox_ids = [c.id for c in claimed if c.has_inbox]
+    if inbox_ids:
+        cur = await conn.execute(q["signal_inbox_many"], {"ids": inbox_ids}, prepare=True)
+        for target_id, sid, name, payload, dedup_key, inserted_at in await cur.fetchall():
+            by_id[target_id].inbox.append(Signal(sid, name, _json(payload), dedup_key, inserted_at))
+    parent_ids = [c.id for c in claimed if c.has_children]
+    if parent_ids:
+        cur = await conn.execute(q["instance_children_many"], {"ids": parent_ids}, prepare=True)
+        for parent_id, cid, fsm, status, state, result, error in await cur.fetchall():
+            by_id[parent_id].children.append(
+                ChildInfo(cid, fsm, status, _json(state), _json(result), error)
+            )

@@ -1,0 +1,405 @@
+"""The light client: insert, signal, read and wait, for producers.
+
+Imports psycopg, psycopg_pool and msgspec only: no worker, no supervisor, no uvloop, no user
+code. Inserts accept a machine class or just its name. Every call runs one named statement;
+pass ``conn=`` to run it inside your own transaction (transactional enqueue).
+
+``Client`` and ``AsyncClient`` share the parameter building and result reading below; they
+differ only in how they talk to the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from .errors import DuplicateInstance, NoTarget, UnknownMachine
+from .outcomes import Done
+from .queries import Queries, for_schema
+from .spec import (
+    TERMINAL_STATUSES,
+    Child,
+    Insert,
+    batch_params,
+    encode_json,
+    insertion_order,
+    resolve,
+)
+
+__all__ = ["AsyncClient", "Busy", "Child", "Client", "Done", "Failed", "Insert", "Instance"]
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A snapshot of one instance row."""
+
+    id: int
+    fsm: str
+    version: int | None
+    step: str | None
+    status: str
+    queue: str
+    priority: int
+    attempt: int
+    crashes: int
+    state: Any
+    result: Any
+    last_error: str | None
+    awaits: list[str] | None
+    await_deadline: dt.datetime | None
+    parent_id: int | None
+    children_pending: int
+    correlation_key: str | None
+    concurrency_key: str | None
+    rate_limit: str | None
+    weight: float
+    eligible_at: dt.datetime
+    inserted_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """wait(): the instance ended failed (or cancelled) with ``error``."""
+
+    error: str | None
+    status: str = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """wait(): the instance had not finished when the timeout passed."""
+
+    instance: Instance
+
+
+WaitResult = Done | Failed | Busy
+
+
+def _json(raw: str | None) -> Any:
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+def _instance(row: Sequence[Any]) -> Instance:
+    values = list(row)
+    values[9] = _json(values[9])  # state
+    values[10] = _json(values[10])  # result
+    return Instance(*values)
+
+
+def _outcome(inst: Instance) -> WaitResult:
+    if inst.status == "done":
+        return Done(inst.result)
+    if inst.status in TERMINAL_STATUSES:
+        return Failed(inst.last_error, inst.status)
+    return Busy(inst)
+
+
+def _insert_params(spec: Insert) -> dict[str, Any]:
+    r = resolve(spec)
+    return {
+        "fsm": r.fsm,
+        "version": r.version,
+        "step": r.step,
+        "state": r.state,
+        "queue": r.queue,
+        "priority": r.priority,
+        "at": r.at,
+        "delay": r.delay,
+        "correlation_key": r.correlation_key,
+        "correlation_scope": r.scope,
+        "concurrency_key": r.concurrency_key,
+        "rate_limit": r.rate_limit,
+        "weight": r.weight,
+    }
+
+
+def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
+    assert row is not None
+    iid, known, _notified = row
+    if not known:
+        raise UnknownMachine(
+            f"machine {params['fsm']!r} is not registered by any worker of this schema and no "
+            "queue was given; start a worker that runs it or pass queue="
+        )
+    if iid is None:
+        raise DuplicateInstance([params["correlation_key"]])
+    return int(iid)
+
+
+def _many_params(specs: Sequence[Insert]) -> tuple[dict[str, Any], list[int]]:
+    rows = [resolve(s) for s in specs]
+    return batch_params(rows), insertion_order(rows)
+
+
+def _many_ids(order: list[int], rows: Sequence[Sequence[Any]]) -> list[int]:
+    ids = [0] * len(order)
+    for position, (iid,) in zip(order, rows, strict=True):
+        ids[position] = int(iid)
+    return ids
+
+
+def _many_error(specs: Sequence[Insert], exc: psycopg.Error) -> Exception:
+    if isinstance(exc, pgerrors.UniqueViolation):
+        detail = exc.diag.message_detail or ""
+        key = detail.partition(")=(")[2].rpartition(") already exists")[0]
+        return DuplicateInstance([key] if key else [s.correlation_key or "?" for s in specs])
+    if isinstance(exc, pgerrors.NotNullViolation) and exc.diag.column_name in ("queue", "step"):
+        names = sorted({s.fsm for s in specs if isinstance(s.fsm, str) and s.queue is None})
+        return UnknownMachine(
+            f"machines {names} are not registered by any worker of this schema and no queue "
+            "was given; start a worker that runs them or pass queue="
+        )
+    return exc
+
+
+def _signal_params(
+    target: int | str, name: str, payload: Any, dedup_key: str | None
+) -> dict[str, Any]:
+    if isinstance(target, bool) or not isinstance(target, int | str):
+        raise TypeError(
+            f"signal target must be an instance id or a correlation key, got {target!r}"
+        )
+    if not name:
+        raise ValueError("signal name must not be empty")
+    return {
+        "target_id": target if isinstance(target, int) else None,
+        "target_key": target if isinstance(target, str) else None,
+        "name": name,
+        "payload": encode_json({} if payload is None else payload),
+        "dedup_key": dedup_key,
+    }
+
+
+def _signal_result(target: int | str, row: Sequence[Any] | None) -> int | None:
+    if row is None:
+        raise NoTarget(f"no live instance {target!r} to signal (unknown or already finished)")
+    return None if row[1] is None else int(row[1])
+
+
+def _spec(fsm: Any, state: Any, options: dict[str, Any]) -> Insert:
+    return (
+        fsm
+        if isinstance(fsm, Insert) and state is None and not options
+        else Insert(fsm, state, **options)
+    )
+
+
+class Client:
+    """Synchronous client over a small connection pool (opened on first use)."""
+
+    def __init__(self, dsn: str, *, schema: str = "pgdurable", max_connections: int = 4):
+        self.q: Queries = for_schema(schema)
+        self._dsn = dsn
+        self._max = max_connections
+        self._pool: ConnectionPool | None = None
+
+    def _get_pool(self) -> ConnectionPool:
+        if self._pool is None:
+            self._pool = ConnectionPool(
+                self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=True
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one(self, name: str, params: dict[str, Any], conn: psycopg.Connection[Any] | None) -> Any:
+        if conn is not None:
+            return conn.execute(self.q[name], params).fetchone()
+        with self._get_pool().connection() as c:
+            return c.execute(self.q[name], params, prepare=True).fetchone()
+
+    def insert(
+        self,
+        fsm: Any,
+        state: Any = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+        **options: Any,
+    ) -> int:
+        """Insert one instance; returns its id. Options are those of ``Insert``.
+
+        Raises DuplicateInstance when the correlation key is occupied (without aborting a
+        caller's transaction) and UnknownMachine for an unregistered name without queue.
+        """
+        params = _insert_params(_spec(fsm, state, options))
+        return _insert_result(params, self._one("instance_insert_one", params, conn))
+
+    def insert_many(
+        self, specs: Sequence[Insert], *, conn: psycopg.Connection[Any] | None = None
+    ) -> list[int]:
+        """Insert a batch in one statement; ids in the order given. All or nothing."""
+        if not specs:
+            return []
+        params, order = _many_params(specs)
+        try:
+            if conn is not None:
+                with conn.transaction():  # a savepoint: a refused batch leaves yours usable
+                    rows = conn.execute(self.q["instance_insert_many"], params).fetchall()
+            else:
+                with self._get_pool().connection() as c:
+                    rows = c.execute(
+                        self.q["instance_insert_many"], params, prepare=True
+                    ).fetchall()
+        except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
+            raise _many_error(specs, exc) from exc
+        return _many_ids(order, rows)
+
+    def signal(
+        self,
+        target: int | str,
+        name: str,
+        payload: Any = None,
+        *,
+        dedup_key: str | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> int | None:
+        """Deliver a signal to a live instance (id or correlation key) in one statement.
+
+        Returns the stored signal's id, or None when ``dedup_key`` was already delivered.
+        Raises NoTarget when the target is unknown or finished.
+        """
+        row = self._one("signal_deliver", _signal_params(target, name, payload, dedup_key), conn)
+        return _signal_result(target, row)
+
+    def get(self, iid: int, *, conn: psycopg.Connection[Any] | None = None) -> Instance | None:
+        row = self._one("instance_get", {"id": iid}, conn)
+        return None if row is None else _instance(row)
+
+    def wait(self, iid: int, timeout: float = 10.0) -> WaitResult:
+        """Wait up to ``timeout`` seconds for the instance to finish."""
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            inst = self.get(iid)
+            if inst is None:
+                raise NoTarget(f"no instance {iid}")
+            res = _outcome(inst)
+            if not isinstance(res, Busy) or time.monotonic() >= deadline:
+                return res
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)
+
+
+class AsyncClient:
+    """asyncio client over a small connection pool (opened on first use)."""
+
+    def __init__(self, dsn: str, *, schema: str = "pgdurable", max_connections: int = 4):
+        self.q: Queries = for_schema(schema)
+        self._dsn = dsn
+        self._max = max_connections
+        self._pool: AsyncConnectionPool | None = None
+
+    async def _get_pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=False
+            )
+            await self._pool.open()
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _one(
+        self, name: str, params: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None
+    ) -> Any:
+        if conn is not None:
+            return await (await conn.execute(self.q[name], params)).fetchone()
+        async with (await self._get_pool()).connection() as c:
+            return await (await c.execute(self.q[name], params, prepare=True)).fetchone()
+
+    async def insert(
+        self,
+        fsm: Any,
+        state: Any = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+        **options: Any,
+    ) -> int:
+        """See ``Client.insert``."""
+        params = _insert_params(_spec(fsm, state, options))
+        return _insert_result(params, await self._one("instance_insert_one", params, conn))
+
+    async def insert_many(
+        self, specs: Sequence[Insert], *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> list[int]:
+        """See ``Client.insert_many``."""
+        if not specs:
+            return []
+        params, order = _many_params(specs)
+        try:
+            if conn is not None:
+                async with conn.transaction():
+                    rows = await (
+                        await conn.execute(self.q["instance_insert_many"], params)
+                    ).fetchall()
+            else:
+                async with (await self._get_pool()).connection() as c:
+                    cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
+                    rows = await cur.fetchall()
+        except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
+            raise _many_error(specs, exc) from exc
+        return _many_ids(order, rows)
+
+    async def signal(
+        self,
+        target: int | str,
+        name: str,
+        payload: Any = None,
+        *,
+        dedup_key: str | None = None,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> int | None:
+        """See ``Client.signal``."""
+        row = await self._one(
+            "signal_deliver", _signal_params(target, name, payload, dedup_key), conn
+        )
+        return _signal_result(target, row)
+
+    async def get(
+        self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> Instance | None:
+        row = await self._one("instance_get", {"id": iid}, conn)
+        return None if row is None else _instance(row)
+
+    async def wait(self, iid: int, timeout: float = 10.0) -> WaitResult:
+        """See ``Client.wait``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.005
+        while True:
+            inst = await self.get(iid)
+            if inst is None:
+                raise NoTarget(f"no instance {iid}")
+            res = _outcome(inst)
+            if not isinstance(res, Busy) or loop.time() >= deadline:
+                return res
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.2)

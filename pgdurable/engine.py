@@ -1,0 +1,97 @@
+"""The one execution path: claim a batch, run its steps, flush their outcomes.
+
+``testing.drain()`` drives it inline; the worker processes drive the same functions with
+concurrency, prefetch and a background flusher. Nothing here assumes a single process: every
+claim is SKIP LOCKED and every write is guarded by the claim's fencing token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from .claim import Claimed, claim
+from .executor import Executor, Result
+from .flusher import FlushReport, flush
+from .fsm import Registry
+from .queries import Queries, for_schema
+from .spec import encode_json
+
+
+def new_worker_id() -> str:
+    """Unique per process incarnation: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Engine:
+    """Claim / run / flush for the machines of one registry on one schema."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        schema: str = "pgdurable",
+        worker_id: str | None = None,
+        lease: dt.timedelta = dt.timedelta(seconds=60),
+        executor: Executor | None = None,
+    ):
+        self.registry = registry
+        self.q: Queries = for_schema(schema)
+        self.worker_id = worker_id or new_worker_id()
+        self.lease = lease
+        self.executor = executor or Executor(registry)
+        self._tokens = itertools.count(1)
+
+    async def register(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
+        """Publish the known machines (for inserts by name) and release rows held for them.
+
+        Returns the ids of released held rows.
+        """
+        machines = [m.__pgdurable__ for m in self.registry.machines()]
+        if not machines:
+            return []
+        await conn.execute(
+            self.q["machine_register_many"],
+            {
+                "names": [m.name for m in machines],
+                "versions": [m.version for m in machines],
+                "initials": [m.initial for m in machines],
+                "queues": [m.queue for m in machines],
+                "steps": [encode_json(list(m.steps)) for m in machines],
+            },
+        )
+        cur = await conn.execute(self.q["instance_release_held"], {"fsms": self.registry.names()})
+        return [row[0] for row in await cur.fetchall()]
+
+    async def claim(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        queue: str,
+        limit: int,
+        horizon: dt.timedelta = dt.timedelta(0),
+    ) -> list[Claimed]:
+        return await claim(
+            conn,
+            self.q,
+            queue=queue,
+            limit=limit,
+            worker=self.worker_id,
+            token=next(self._tokens),
+            lease=self.lease,
+            horizon=horizon,
+        )
+
+    async def run(self, row: Claimed) -> Result:
+        return await self.executor.run(row)
+
+    async def flush(
+        self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result]
+    ) -> FlushReport:
+        return await flush(conn, self.q, self.worker_id, results)

@@ -1,0 +1,83 @@
+"""The exception hierarchy: one root, actionable subclasses, database causes in __cause__."""
+
+from __future__ import annotations
+
+
+class PgdurableError(Exception):
+    """Root of every error pgdurable raises on purpose."""
+
+
+class ConfigError(PgdurableError):
+    """A configuration value is wrong; names the file and the key."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        where = ", ".join(
+            p for p in (f"file {file}" if file else "", f"key {key!r}" if key else "") if p
+        )
+        super().__init__(f"{message} ({where})" if where else message)
+        self.file = file
+        self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class DefinitionError(PgdurableError):
+    """A machine or job is declared wrongly (raised at import time)."""
+
+
+class InvalidOutcome(PgdurableError):
+    """A step returned something that is not a valid outcome; routed like an exception."""
+
+
+class StateDecodeError(PgdurableError):
+    """A stored state no longer decodes into the machine's State; names the field."""
+
+    def __init__(self, fsm: str, field: str | None, detail: str):
+        where = f" (field {field!r})" if field else ""
+        super().__init__(f"state of {fsm} does not decode{where}: {detail}")
+        self.fsm = fsm
+        self.field = field
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (StateDecodeError, (self.fsm, self.field, self.detail))
+
+
+class DuplicateInstance(PgdurableError):
+    """An insert was refused because its correlation key is occupied."""
+
+    def __init__(self, keys: list[str]):
+        shown = ", ".join(repr(k) for k in keys)
+        super().__init__(f"correlation key already occupied: {shown}")
+        self.keys = keys
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (DuplicateInstance, (self.keys,))
+
+
+class UnknownMachine(PgdurableError):
+    """An insert by name could not be resolved: no worker registered the machine."""
+
+
+class NoTarget(PgdurableError):
+    """A signal's target is unknown or already finished."""
+
+
+class SchemaVersionError(PgdurableError):
+    """The database schema is behind (or ahead of) what this code needs."""
+
+
+class DrainLimitExceeded(PgdurableError, AssertionError):
+    """testing.drain() ran more steps than allowed: a machine does not settle."""
+
+
+def _rebuild(cls: type[Exception], args: tuple[object, ...], state: dict[str, object]) -> Exception:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

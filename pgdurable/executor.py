@@ -1,0 +1,336 @@
+"""Run one step and turn what it returned into a row update, validated in one place.
+
+Nothing here touches the database: the result is a ``Result`` the flusher commits. A step
+error, a malformed outcome, a state that no longer decodes and an unknown machine each end
+in a well-defined result; nothing is half-committed because encoding happens here, before
+the flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, assert_never
+
+import msgspec
+
+from .claim import Claimed
+from .errors import InvalidOutcome, StateDecodeError
+from .fsm import FSM, Context, Registry, StepDef, decode_state
+from .outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
+from .spec import InsertRow, MachineInfo, encode_json, limit_key, resolve, seconds
+
+log = logging.getLogger("pgdurable.executor")
+
+_FIELD = re.compile(r"at `\$\.?([^`]*)`")
+
+
+@dataclass(slots=True)
+class Result:
+    """A step's outcome as absolute column values for the flush."""
+
+    row: Claimed
+    kind: str  # next | retry | await | spawn | done | stop | hold
+    version: int = 0
+    step: str = ""
+    state: str | None = None  # encoded JSON; None keeps the stored state
+    delay: float = 0.0
+    attempt: int = 0
+    keep_awaits: bool = False
+    set_concurrency: bool = False
+    concurrency_key: str | None = None
+    keep_rate: bool = False
+    rate_limit: str | None = None
+    weight: float = 1.0
+    result: str | None = None
+    error: str | None = None
+    awaits: list[str] = field(default_factory=list)
+    timeout: float | None = None
+    children: list[InsertRow] = field(default_factory=list)
+    consume: list[int] = field(default_factory=list)  # signal ids taken on progress
+    inline: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in ("done", "stop")
+
+
+def _state_field(err: msgspec.ValidationError) -> str | None:
+    m = _FIELD.search(str(err))
+    return m.group(1) if m else None
+
+
+class Executor:
+    """Runs steps of the machines of one registry."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        run_sync: Callable[..., Any] | None = None,
+        logger: logging.Logger | None = None,
+    ):
+        self.registry = registry
+        self._run_sync = run_sync or asyncio.to_thread
+        self._log = logger or log
+
+    async def run(self, row: Claimed) -> Result:
+        found = self.registry.get(row.fsm, row.version)
+        if found is None:
+            known = self.registry.versions(row.fsm)
+            what = (
+                f"unknown machine {row.fsm!r}"
+                if not known
+                else f"machine {row.fsm!r} has no version {row.version} here (known: {known})"
+            )
+            return Result(
+                row, "hold", error=f"held: {what}; kept until a worker that knows it runs"
+            )
+        cls, machine = found
+        info = cls.__pgdurable__
+        step_name = row.step or info.initial
+        sdef = cls.__pgdurable_steps__.get(step_name)
+        if sdef is None:
+            return Result(
+                row,
+                "hold",
+                error=f"held: machine {info.name!r} version {info.version} has no step "
+                f"{step_name!r} (steps: {list(info.steps)})",
+            )
+        try:
+            state = decode_state(info, row.state)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            field_name = _state_field(exc) if isinstance(exc, msgspec.ValidationError) else None
+            err = StateDecodeError(info.name, field_name, str(exc))
+            return self._finish(row, info, step_name, Stop(str(err)), [])
+        ctx = Context(
+            id=row.id,
+            fsm=info.name,
+            version=info.version,
+            step=step_name,
+            attempt=row.attempt,
+            state=state,
+            queue=row.queue,
+            priority=row.priority,
+            correlation_key=row.correlation_key,
+            concurrency_key=row.concurrency_key,
+            awaited=row.awaited,
+            inbox=row.inbox,
+            children=row.children,
+            log=logging.LoggerAdapter(
+                self._log, {"instance": row.id, "fsm": info.name, "step": step_name}
+            ),
+        )
+        taken = [s.id for s in ctx.awaited]
+        try:
+            outcome = await self._call(machine, sdef, ctx)
+            return self._finish(row, info, step_name, outcome, taken)
+        except Exception as exc:  # noqa: BLE001 - every step error is routed to handle()
+            return self._handle(machine, row, info, step_name, ctx, exc, taken)
+
+    async def _call(self, machine: FSM, sdef: StepDef, ctx: Context) -> Any:
+        if sdef.is_async:
+            coro = sdef.fn(machine, ctx)
+            if sdef.timeout is None:
+                return await coro
+            async with asyncio.timeout(sdef.timeout):
+                return await coro
+        fut = self._run_sync(sdef.fn, machine, ctx)
+        if sdef.timeout is None:
+            return await fut
+        # A thread cannot be interrupted: past the deadline its result is discarded.
+        return await asyncio.wait_for(fut, sdef.timeout)
+
+    def _handle(
+        self,
+        machine: FSM,
+        row: Claimed,
+        info: MachineInfo,
+        step_name: str,
+        ctx: Context,
+        exc: BaseException,
+        taken: list[int],
+    ) -> Result:
+        if isinstance(exc, TimeoutError):
+            exc = TimeoutError(f"step {step_name!r} timed out")
+        try:
+            outcome = machine.handle(exc, ctx)
+            return self._finish(row, info, step_name, outcome, taken, error=repr(exc))
+        except Exception as handle_exc:  # noqa: BLE001 - a failing handler fails the instance
+            self._log.warning(
+                "handle() failed", extra={"event": "handle_failed", "instance": row.id}
+            )
+            reason = f"{exc!r}; then handle() failed: {handle_exc!r}"
+            return self._finish(row, info, step_name, Stop(reason), taken)
+
+    def _finish(
+        self,
+        row: Claimed,
+        info: MachineInfo,
+        step_name: str,
+        outcome: Any,
+        taken: list[int],
+        error: str | None = None,
+    ) -> Result:
+        """Validate ``outcome``; raises InvalidOutcome (routed to handle) when malformed."""
+        if not isinstance(outcome, OUTCOME_TYPES):
+            raise InvalidOutcome(
+                f"step {step_name!r} returned {outcome!r}; expected one of "
+                "Next, Retry, Await, Spawn, Done, Stop"
+            )
+        return prepare(self.registry, row, info, step_name, outcome, taken, error)
+
+
+def _step_name(info: MachineInfo, ref: Any, what: str) -> str:
+    name = ref if isinstance(ref, str) else getattr(ref, "__name__", None)
+    if not isinstance(name, str) or name not in info.steps:
+        raise InvalidOutcome(
+            f"{what} names unknown step {ref!r} of {info.name!r} (steps: {list(info.steps)})"
+        )
+    return name
+
+
+def _encode(info: MachineInfo, state: Any) -> str | None:
+    if state is KEEP:
+        return None
+    if (
+        info.state_type is not None
+        and not isinstance(state, info.state_type)
+        and not isinstance(state, dict)
+    ):
+        raise InvalidOutcome(
+            f"state must be a {getattr(info.state_type, '__name__', info.state_type)} "
+            f"or a dict, got {type(state).__name__}"
+        )
+    try:
+        return encode_json(state)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidOutcome(f"state does not encode to JSON: {exc}") from exc
+
+
+def _child(registry: Registry, spec: Any) -> InsertRow:
+    from .spec import Insert, machine_info
+
+    if not isinstance(spec, Insert):
+        if machine_info(spec) is not None or isinstance(spec, str):
+            spec = Insert(spec)
+        else:
+            raise InvalidOutcome(f"a child must be an Insert/Child or a machine, got {spec!r}")
+    if isinstance(spec.fsm, str) and machine_info(spec.fsm) is None:
+        found = registry.get(spec.fsm, spec.version)
+        if found is not None:
+            spec = Insert(**{**_fields(spec), "fsm": found[0]})
+        elif spec.queue is None:
+            raise InvalidOutcome(
+                f"child machine {spec.fsm!r} is unknown to this worker; give its queue"
+            )
+    try:
+        return resolve(spec)
+    except (TypeError, ValueError, msgspec.ValidationError) as exc:
+        raise InvalidOutcome(f"bad child {spec!r}: {exc}") from exc
+
+
+def _fields(spec: Any) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in spec.__slots__}
+
+
+def prepare(
+    registry: Registry,
+    row: Claimed,
+    info: MachineInfo,
+    step_name: str,
+    outcome: Outcome,
+    taken: list[int],
+    error: str | None = None,
+) -> Result:
+    """The one validation boundary: an outcome becomes absolute column values or raises."""
+    base = {"version": info.version, "step": step_name}
+    match outcome:
+        case Next():
+            target = _step_name(info, outcome.step, "Next")
+            ckey = outcome.concurrency_key
+            if not isinstance(outcome.weight, int | float) or outcome.weight <= 0:
+                raise InvalidOutcome(f"Next weight must be positive, got {outcome.weight!r}")
+            try:
+                delay = seconds(outcome.delay)
+                rate = limit_key(outcome.rate_limit, "rate_limit")
+                new_key = None if ckey is KEEP else limit_key(ckey, "concurrency_key")  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                raise InvalidOutcome(str(exc)) from exc
+            return Result(
+                row,
+                "next",
+                version=info.version,
+                step=target,
+                state=_encode(info, outcome.state),
+                delay=delay,
+                set_concurrency=ckey is not KEEP,
+                concurrency_key=new_key,
+                rate_limit=rate,
+                weight=float(outcome.weight),
+                consume=taken,
+                inline=outcome.inline,
+            )
+        case Retry():
+            try:
+                delay = seconds(outcome.delay) if outcome.delay is not None else None
+            except TypeError as exc:
+                raise InvalidOutcome(str(exc)) from exc
+            if delay is None:
+                cls_inst = registry.get(info.name, info.version)
+                delay = cls_inst[1].backoff(row.attempt) if cls_inst else 0.0
+            return Result(
+                row,
+                "retry",
+                **base,
+                state=_encode(info, outcome.state),
+                delay=delay,
+                attempt=row.attempt + 1,
+                keep_awaits=True,
+                keep_rate=True,
+                error=outcome.error or error,
+            )
+        case Await():
+            names = [outcome.names] if isinstance(outcome.names, str) else list(outcome.names)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise InvalidOutcome(f"Await needs one or more signal names, got {outcome.names!r}")
+            try:
+                timeout = seconds(outcome.timeout) if outcome.timeout is not None else None
+            except TypeError as exc:
+                raise InvalidOutcome(str(exc)) from exc
+            if timeout is not None and timeout <= 0:
+                raise InvalidOutcome(f"Await timeout must be positive, got {outcome.timeout!r}")
+            return Result(
+                row,
+                "await",
+                version=info.version,
+                step=_step_name(info, outcome.then, "Await"),
+                state=_encode(info, outcome.state),
+                awaits=names,
+                timeout=timeout,
+                consume=taken,  # not consumed: the park's recheck ignores these ids
+            )
+        case Spawn():
+            children = [_child(registry, c) for c in outcome.children]
+            return Result(
+                row,
+                "spawn",
+                version=info.version,
+                step=_step_name(info, outcome.then, "Spawn"),
+                state=_encode(info, outcome.state),
+                children=children,
+                consume=taken,
+            )
+        case Done():
+            try:
+                result = encode_json(outcome.result)
+            except (TypeError, msgspec.EncodeError) as exc:
+                raise InvalidOutcome(f"Done result does not encode to JSON: {exc}") from exc
+            return Result(row, "done", **base, result=result, attempt=row.attempt)
+        case Stop():
+            return Result(row, "stop", **base, error=str(outcome.reason), attempt=row.attempt)
+        case _:
+            assert_never(outcome)

@@ -1,0 +1,175 @@
+"""Group commit: the outcomes waiting together are committed in one transaction.
+
+A flush is a fixed number of set-based statements whatever the number of outcomes: one per
+kind present (plain updates with their signal consumption and notifications riding in the
+same statement, parks + recheck, child spawns + their consumption, holds), then one parent
+join. Every write is ownership-guarded by the worker id
+and the claim's fencing token; a row whose claim was taken away is reported stale and
+nothing of its outcome is applied (no signal consumed, no parent touched, no child created).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from .executor import Result
+from .queries import Queries
+from .spec import batch_params, encode_json
+
+_STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
+
+
+@dataclass(slots=True)
+class FlushReport:
+    committed: set[int] = field(default_factory=set)
+    stale: set[int] = field(default_factory=set)
+    woken_parents: set[int] = field(default_factory=set)
+    rechecked: set[int] = field(default_factory=set)  # parked, then woken by the recheck
+
+
+async def flush(
+    conn: psycopg.AsyncConnection[Any], q: Queries, worker: str, results: Sequence[Result]
+) -> FlushReport:
+    """Commit ``results`` in one transaction (connection must be in autocommit mode)."""
+    report = FlushReport()
+    if not results:
+        return report
+    results = sorted(results, key=lambda r: r.row.id)
+    terminal_children: Counter[int] = Counter()
+    async with conn.transaction():
+        plain = [r for r in results if r.kind in _STATUS]
+        if plain:
+            cur = await conn.execute(
+                q["instance_commit_if_owned_many"], _plain_params(worker, plain), prepare=True
+            )
+            for rid, parent_id, status, _queue in await cur.fetchall():
+                report.committed.add(rid)
+                if status in ("done", "failed") and parent_id is not None:
+                    terminal_children[parent_id] += 1
+
+        parks = [r for r in results if r.kind == "await"]
+        if parks:
+            cur = await conn.execute(
+                q["instance_park_await_if_owned_many"], _park_params(worker, parks), prepare=True
+            )
+            parked = [row[0] for row in await cur.fetchall()]
+            report.committed.update(parked)
+            if parked:
+                presented = [
+                    sid for r in parks if r.row.id in report.committed for sid in r.consume
+                ]
+                cur = await conn.execute(
+                    q["instance_await_recheck_many"],
+                    {"ids": parked, "presented": presented},
+                    prepare=True,
+                )
+                report.rechecked.update(rid for rid, _q, _n in await cur.fetchall())
+
+        spawns = [r for r in results if r.kind == "spawn"]
+        if spawns:
+            cur = await conn.execute(
+                q["instance_lock_owned_many"],
+                {
+                    "worker": worker,
+                    "ids": [r.row.id for r in spawns],
+                    "tokens": [r.row.token for r in spawns],
+                },
+                prepare=True,
+            )
+            locked = [row[0] for row in await cur.fetchall()]
+            if locked:
+                cur = await conn.execute(
+                    q["instance_spawn_children_many"], _spawn_params(spawns, locked), prepare=True
+                )
+                report.committed.update(row[0] for row in await cur.fetchall())
+
+        holds = [r for r in results if r.kind == "hold"]
+        if holds:
+            cur = await conn.execute(
+                q["instance_hold_if_owned_many"],
+                {
+                    "worker": worker,
+                    "ids": [r.row.id for r in holds],
+                    "tokens": [r.row.token for r in holds],
+                    "errors": [r.error for r in holds],
+                },
+                prepare=True,
+            )
+            report.committed.update(row[0] for row in await cur.fetchall())
+
+        taken = [sid for r in spawns if r.row.id in report.committed for sid in r.consume]
+        if taken:
+            await conn.execute(
+                q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True
+            )
+
+        if terminal_children:
+            parents = sorted(terminal_children)
+            cur = await conn.execute(
+                q["instance_join_parents_many"],
+                {"parents": parents, "counts": [terminal_children[p] for p in parents]},
+                prepare=True,
+            )
+            for pid, status, _queue, _n in await cur.fetchall():
+                if status == "runnable":
+                    report.woken_parents.add(pid)
+    report.stale = {r.row.id for r in results} - report.committed
+    return report
+
+
+def _plain_params(worker: str, rs: list[Result]) -> dict[str, Any]:
+    return {
+        "worker": worker,
+        "ids": [r.row.id for r in rs],
+        "tokens": [r.row.token for r in rs],
+        "statuses": [_STATUS[r.kind] for r in rs],
+        "versions": [r.version for r in rs],
+        "steps": [r.step for r in rs],
+        "states": [r.state for r in rs],
+        "delays": [r.delay for r in rs],
+        "attempts": [r.attempt for r in rs],
+        "keep_awaits": [r.keep_awaits for r in rs],
+        "set_concurrency": [r.set_concurrency for r in rs],
+        "concurrency_keys": [r.concurrency_key for r in rs],
+        "keep_rate": [r.keep_rate for r in rs],
+        "rate_limits": [r.rate_limit for r in rs],
+        "weights": [r.weight for r in rs],
+        "results": [r.result for r in rs],
+        "errors": [r.error for r in rs],
+        "taken_targets": [r.row.id for r in rs if r.kind == "next" for _ in r.consume],
+        "taken_ids": [sid for r in rs if r.kind == "next" for sid in r.consume],
+    }
+
+
+def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
+    return {
+        "worker": worker,
+        "ids": [r.row.id for r in rs],
+        "tokens": [r.row.token for r in rs],
+        "versions": [r.version for r in rs],
+        "steps": [r.step for r in rs],
+        "states": [r.state for r in rs],
+        "awaits": [encode_json(r.awaits) for r in rs],
+        "timeouts": [r.timeout for r in rs],
+    }
+
+
+def _spawn_params(rs: list[Result], locked: list[int]) -> dict[str, Any]:
+    children = [(r.row.id, c) for r in rs for c in r.children]
+    params = batch_params([c for _, c in children], prefix="c_")
+    params["c_parents"] = [pid for pid, _ in children]
+    params.update(
+        {
+            "locked": locked,
+            "ids": [r.row.id for r in rs],
+            "versions": [r.version for r in rs],
+            "steps": [r.step for r in rs],
+            "states": [r.state for r in rs],
+        }
+    )
+    return params

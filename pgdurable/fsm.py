@@ -1,0 +1,324 @@
+"""The step contract: machine classes, the @step and @job decorators, the step context."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import inspect
+import logging
+import random
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+
+from .errors import DefinitionError
+from .outcomes import Cancel, Done, Outcome, Retry, Stop
+from .spec import MachineInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One signal of an instance's inbox."""
+
+    id: int
+    name: str
+    payload: Any
+    dedup_key: str | None
+    inserted_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChildInfo:
+    """One child of an instance, as the parent sees it after the join."""
+
+    id: int
+    fsm: str
+    status: str
+    state: Any
+    result: Any
+    error: str | None
+
+
+@dataclass(slots=True)
+class Context:
+    """What a step receives besides ``self``."""
+
+    id: int
+    fsm: str
+    version: int
+    step: str
+    attempt: int
+    state: Any
+    queue: str
+    priority: int
+    correlation_key: str | None
+    concurrency_key: str | None
+    awaited: list[Signal] = field(default_factory=list)
+    inbox: list[Signal] = field(default_factory=list)
+    children: list[ChildInfo] = field(default_factory=list)
+    log: logging.LoggerAdapter[logging.Logger] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    initial: bool
+    timeout: float | None
+
+
+def step(
+    fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None
+) -> Any:
+    """Mark a method as a step. ``initial=True`` marks where new instances start.
+
+    ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
+    step's result is discarded; either way the timeout is an error routed to ``handle()``.
+    """
+
+    def mark(f: Callable[..., Any]) -> Callable[..., Any]:
+        if timeout is not None and timeout <= 0:
+            raise DefinitionError(f"step {f.__name__}: timeout must be positive")
+        f.__pgdurable_step__ = (initial, timeout)  # type: ignore[attr-defined]
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def default_backoff(attempt: int, *, base: float = 1.0, cap: float = 300.0) -> float:
+    """Capped exponential backoff with jitter: about base * 2**attempt, at most ``cap``.
+
+    The jitter takes up to a quarter off, so instances that failed together spread out.
+    """
+    delay = min(cap, base * (2 ** min(attempt, 32)))
+    return delay * random.uniform(0.75, 1.0)
+
+
+class FSM:
+    """Base class of a durable state machine.
+
+    Subclass with keywords: ``class Checkout(FSM, name="checkout", version=1, queue="q")``.
+    A nested ``State`` type (a ``msgspec.Struct``, or anything msgspec decodes) types the
+    state; without one the state is a plain dict.
+    """
+
+    __pgdurable__: ClassVar[MachineInfo]
+    __pgdurable_steps__: ClassVar[dict[str, StepDef]]
+    max_crashes: ClassVar[int] = 3
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        queue: str = "default",
+        max_crashes: int | None = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if abstract:
+            return
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DefinitionError(f"{cls.__name__}: version must be a positive integer")
+        if not queue:
+            raise DefinitionError(f"{cls.__name__}: queue must not be empty")
+        if max_crashes is not None:
+            cls.max_crashes = max_crashes
+        steps: dict[str, StepDef] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                marker = getattr(value, "__pgdurable_step__", None)
+                if marker is not None:
+                    initial, timeout = marker
+                    steps[attr] = StepDef(
+                        attr, value, inspect.iscoroutinefunction(value), initial, timeout
+                    )
+        if not steps:
+            raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
+        initials = [s.name for s in steps.values() if s.initial]
+        if len(initials) > 1:
+            raise DefinitionError(f"{cls.__name__}: several initial steps {initials}")
+        if not initials and len(steps) > 1:
+            raise DefinitionError(f"{cls.__name__}: mark the initial step with @step(initial=True)")
+        initial = initials[0] if initials else next(iter(steps))
+        state_type = vars(cls).get("State", getattr(cls, "State", None))
+        cls.__pgdurable_steps__ = steps
+        cls.__pgdurable__ = MachineInfo(
+            name=name or cls.__name__,
+            version=version,
+            queue=queue,
+            initial=initial,
+            steps=tuple(steps),
+            state_type=state_type,
+        )
+
+    def handle(self, exc: BaseException, ctx: Context) -> Outcome:
+        """Turn an exception raised by a step into an outcome. Default: fail the instance."""
+        return Stop(repr(exc))
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before retry number ``attempt + 1`` when ``Retry`` gives no delay."""
+        return default_backoff(attempt)
+
+
+def _args_type(fn: Callable[..., Any]) -> Any:
+    params = list(inspect.signature(fn).parameters.values())
+    if not params:
+        raise DefinitionError(f"job {fn.__name__} must take its arguments as first parameter")
+    hints = typing.get_type_hints(fn)
+    hint = hints.get(params[0].name)
+    if hint is None or hint is Any or hint is dict or typing.get_origin(hint) is dict:
+        return None
+    return hint
+
+
+def job(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    version: int = 1,
+    max_attempts: int = 20,
+    backoff: Callable[[int], float] | None = None,
+    timeout: float | None = None,
+    max_crashes: int | None = None,
+) -> Any:
+    """Declare a one-step machine from a function ``fn(args[, ctx])``.
+
+    Returning a value finishes the job with it as result (returning an outcome such as
+    ``Retry(delay=60)`` is honoured as-is). Raising retries with ``backoff(attempt)`` seconds
+    (capped exponential with jitter by default) until ``max_attempts`` runs were made, then
+    fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
+    plain function stays available as ``.fn``.
+    """
+    if max_attempts < 1:
+        raise DefinitionError("max_attempts must be at least 1")
+
+    def build(f: Callable[..., Any]) -> type[FSM]:
+        args_type = _args_type(f)
+        takes_ctx = len(inspect.signature(f).parameters) >= 2
+        call = (lambda a, c: f(a, c)) if takes_ctx else (lambda a, c: f(a))
+
+        if inspect.iscoroutinefunction(f):
+
+            async def perform(self: FSM, ctx: Context) -> Any:
+                return _job_result(await call(ctx.state, ctx))
+
+        else:
+
+            def perform(self: FSM, ctx: Context) -> Any:  # type: ignore[misc]
+                return _job_result(call(ctx.state, ctx))
+
+        def handle(self: FSM, exc: BaseException, ctx: Context) -> Outcome:
+            if isinstance(exc, Cancel):
+                return Stop(exc.reason)
+            if ctx.attempt + 1 < max_attempts:
+                return Retry(delay=self.backoff(ctx.attempt), error=repr(exc))
+            return Stop(f"gave up after {ctx.attempt + 1} attempts: {exc!r}")
+
+        def job_backoff(self: FSM, attempt: int) -> float:
+            return backoff(attempt) if backoff is not None else default_backoff(attempt)
+
+        body: dict[str, Any] = {
+            "perform": step(perform, initial=True, timeout=timeout),
+            "handle": handle,
+            "backoff": job_backoff,
+            "fn": staticmethod(f),
+            "max_attempts": max_attempts,
+            "__module__": f.__module__,
+            "__doc__": f.__doc__,
+            "__qualname__": f.__qualname__,
+        }
+        if args_type is not None:
+            body["State"] = args_type
+        kwds: dict[str, Any] = {"name": name or f.__name__, "queue": queue, "version": version}
+        if max_crashes is not None:
+            kwds["max_crashes"] = max_crashes
+        cls = types.new_class(f.__name__, (FSM,), kwds, lambda ns: ns.update(body))
+        return cls
+
+    return build(fn) if fn is not None else build
+
+
+def _job_result(value: Any) -> Any:
+    if isinstance(value, Done | Retry | Stop):
+        return value
+    return Done(value)
+
+
+class Registry:
+    """The machines a process can run, by (name, version)."""
+
+    def __init__(self, machines: Iterable[type[FSM]] = ()):
+        self._by_key: dict[tuple[str, int], type[FSM]] = {}
+        self._instances: dict[tuple[str, int], FSM] = {}
+        self._latest: dict[str, int] = {}
+        for m in machines:
+            self.add(m)
+
+    def add(self, machine: type[FSM]) -> None:
+        info = getattr(machine, "__pgdurable__", None)
+        if not isinstance(info, MachineInfo):
+            raise DefinitionError(f"{machine!r} is not a machine (an FSM subclass or a @job)")
+        key = (info.name, info.version)
+        existing = self._by_key.get(key)
+        if existing is not None and existing is not machine:
+            raise DefinitionError(
+                f"machine {info.name!r} version {info.version} is defined twice: "
+                f"{existing.__module__}.{existing.__qualname__} and "
+                f"{machine.__module__}.{machine.__qualname__}"
+            )
+        self._by_key[key] = machine
+        self._instances[key] = machine()
+        self._latest[info.name] = max(info.version, self._latest.get(info.name, 0))
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[str]) -> Registry:
+        """Import modules and collect every machine defined at their top level."""
+        reg = cls()
+        for modname in modules:
+            module = importlib.import_module(modname)
+            for value in vars(module).values():
+                if (
+                    isinstance(value, type)
+                    and issubclass(value, FSM)
+                    and "__pgdurable__" in vars(value)
+                    and value.__module__ == module.__name__
+                ):
+                    reg.add(value)
+        return reg
+
+    def get(self, name: str, version: int | None) -> tuple[type[FSM], FSM] | None:
+        """The machine class and its instance; version None means the newest known."""
+        if version is None:
+            version = self._latest.get(name)
+            if version is None:
+                return None
+        key = (name, version)
+        cls = self._by_key.get(key)
+        return None if cls is None else (cls, self._instances[key])
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(v for (n, v) in self._by_key if n == name)
+
+    def machines(self) -> list[type[FSM]]:
+        return list(self._by_key.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._latest)
+
+    def queues(self) -> list[str]:
+        return sorted({m.__pgdurable__.queue for m in self._by_key.values()})
+
+
+def decode_state(info: MachineInfo, raw: str) -> Any:
+    """Decode stored JSON into the machine's State (raises msgspec.ValidationError)."""
+    if info.state_type is None:
+        return msgspec.json.decode(raw)
+    return msgspec.json.decode(raw, type=info.state_type, strict=False)

@@ -1,0 +1,90 @@
+"""Numbered SQL migrations (sql/migrations/NNNN_name.sql), applied in order, recorded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .errors import SchemaVersionError
+from .queries import for_schema, quote_ident, render, sql_dir
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    def sql(self, schema: str) -> bytes:
+        return render(self.path.read_text(), schema).encode()
+
+
+def available() -> list[Migration]:
+    out = []
+    for path in sorted((sql_dir() / "migrations").iterdir()):
+        m = _FILE.match(path.name)
+        if m:
+            out.append(Migration(int(m.group(1)), m.group(2), path))
+    versions = [m.version for m in out]
+    if versions != list(range(1, len(out) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return out
+
+
+def latest() -> int:
+    return len(available())
+
+
+def current(conn: psycopg.Connection[Any], schema: str = "pgdurable") -> int:
+    """The schema's applied version (0 when pgdurable was never installed there)."""
+    q = for_schema(schema)
+    ledger = f"{quote_ident(schema)}.migrations"
+    row = conn.execute(q["schema_version"], {"ledger": ledger}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str = "pgdurable") -> list[Migration]:
+    """Apply every pending migration in one transaction; returns what was applied.
+
+    Concurrent migrators of the same schema are serialised by an advisory lock; the second
+    finds nothing left to do.
+    """
+    q = for_schema(schema)
+    applied: list[Migration] = []
+    with conn.transaction():
+        conn.execute(q["schema_lock"], {"schema": schema})
+        conn.execute(q["schema_prepare"])
+        have = current(conn, schema)
+        todo = available()
+        if have > len(todo):
+            raise SchemaVersionError(
+                f"schema {schema!r} is at version {have}, newer than this pgdurable "
+                f"({len(todo)}); upgrade pgdurable"
+            )
+        for m in todo[have:]:
+            conn.execute(m.sql(schema))
+            conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+            applied.append(m)
+    return applied
+
+
+def check(conn: psycopg.Connection[Any], schema: str = "pgdurable") -> None:
+    """Raise SchemaVersionError unless the schema is exactly at the version this code needs."""
+    have, want = current(conn, schema), latest()
+    if have < want:
+        behind = want - have
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {have}, this pgdurable needs {want} "
+            f"({behind} migration{'s' if behind != 1 else ''} behind); "
+            f"run: pgdurable migrate --schema {schema}"
+        )
+    if have > want:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {have}, newer than this pgdurable ({want})"
+        )

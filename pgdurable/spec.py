@@ -1,0 +1,202 @@
+"""What an insert needs to know, shared by the light client and the worker.
+
+Kept free of worker code: a producer imports this (through pgdurable.client) without the
+runtime. A machine class carries its MachineInfo in ``__pgdurable__``; a plain string names a
+machine the producer does not import.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+#: Statuses in which a correlation key counts as occupied unless told otherwise.
+LIVE_STATUSES: tuple[str, ...] = (
+    "runnable",
+    "executing",
+    "awaiting_signal",
+    "awaiting_children",
+    "held",
+)
+TERMINAL_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
+STATUSES: tuple[str, ...] = LIVE_STATUSES + TERMINAL_STATUSES
+
+_json_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    """Static facts about a machine, attached to its class."""
+
+    name: str
+    version: int
+    queue: str
+    initial: str
+    steps: tuple[str, ...]
+    state_type: Any  # a msgspec-decodable type, or None for a plain dict
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One instance to create: a machine (class or name), its state and insert options.
+
+    Used by ``Client.insert_many`` and as a child of ``Spawn`` (where it is also ``Child``).
+    ``correlation_scope=None`` means the live statuses; ``[]`` means the key neither
+    deduplicates nor addresses.
+    """
+
+    fsm: Any
+    state: Any = None
+    queue: str | None = None
+    priority: int = 0
+    schedule_in: float | dt.timedelta | None = None
+    schedule_at: dt.datetime | None = None
+    correlation_key: str | None = None
+    correlation_scope: Sequence[str] | None = None
+    concurrency_key: str | tuple[str, object] | None = None
+    rate_limit: str | tuple[str, object] | None = None
+    weight: float = 1.0
+    version: int | None = None
+    step: str | None = None
+
+
+Child = Insert
+
+
+@dataclass(frozen=True, slots=True)
+class InsertRow:
+    """An Insert resolved to column values (NULLs left for the database to resolve)."""
+
+    fsm: str
+    version: int | None
+    step: str | None
+    state: str
+    queue: str | None
+    priority: int
+    at: dt.datetime | None
+    delay: float
+    correlation_key: str | None
+    scope: list[str]
+    concurrency_key: str | None
+    rate_limit: str | None
+    weight: float
+
+
+def encode_json(value: Any) -> str:
+    """JSON text for a jsonb parameter (bound as text, cast server-side)."""
+    return _json_encoder.encode(value).decode()
+
+
+def seconds(value: float | dt.timedelta | None) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected seconds (int, float or timedelta), got {value!r}")
+    return float(value)
+
+
+def limit_key(value: str | tuple[str, object] | None, what: str) -> str | None:
+    """A concurrency or rate-limit key: "name" or ("name", partition) -> "name:partition"."""
+    if value is None or isinstance(value, str):
+        if value == "":
+            raise ValueError(f"{what} must not be empty")
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return f"{value[0]}:{value[1]}"
+    raise TypeError(f"{what} must be a string or a (name, partition) pair, got {value!r}")
+
+
+def machine_info(fsm: Any) -> MachineInfo | None:
+    return getattr(fsm, "__pgdurable__", None)
+
+
+def encode_state(info: MachineInfo | None, state: Any) -> str:
+    """Encode a state for storage; with a known State type, validate it first."""
+    if state is None:
+        state = {}
+    if info is not None and info.state_type is not None and not isinstance(state, info.state_type):
+        state = msgspec.convert(state, info.state_type, strict=False)
+    return encode_json(state)
+
+
+def resolve(spec: Insert) -> InsertRow:
+    """Turn an Insert into column values, validating what can be checked here."""
+    info = machine_info(spec.fsm)
+    if info is not None:
+        name, version, step, queue = info.name, info.version, info.initial, info.queue
+    elif isinstance(spec.fsm, str) and spec.fsm:
+        name, version, step, queue = spec.fsm, None, None, None
+    else:
+        raise TypeError(f"fsm must be a machine class or a machine name, got {spec.fsm!r}")
+    if spec.version is not None:
+        version = spec.version
+    if spec.step is not None:
+        step = spec.step
+    if spec.queue is not None:
+        queue = spec.queue
+    if spec.schedule_in is not None and spec.schedule_at is not None:
+        raise ValueError("give schedule_in or schedule_at, not both")
+    if spec.schedule_at is not None and spec.schedule_at.tzinfo is None:
+        raise ValueError("schedule_at must be timezone-aware")
+    if not isinstance(spec.weight, int | float) or spec.weight <= 0:
+        raise ValueError(f"weight must be a positive number, got {spec.weight!r}")
+    if not -32768 <= spec.priority <= 32767:
+        raise ValueError(f"priority must fit a smallint, got {spec.priority!r}")
+    scope = list(LIVE_STATUSES if spec.correlation_scope is None else spec.correlation_scope)
+    bad = [s for s in scope if s not in STATUSES]
+    if bad:
+        raise ValueError(f"correlation_scope has unknown statuses {bad}; known: {list(STATUSES)}")
+    return InsertRow(
+        fsm=name,
+        version=version,
+        step=step,
+        state=encode_state(info, spec.state),
+        queue=queue,
+        priority=spec.priority,
+        at=spec.schedule_at,
+        delay=seconds(spec.schedule_in),
+        correlation_key=spec.correlation_key,
+        scope=scope,
+        concurrency_key=limit_key(spec.concurrency_key, "concurrency_key"),
+        rate_limit=limit_key(spec.rate_limit, "rate_limit"),
+        weight=float(spec.weight),
+    )
+
+
+def batch_params(rows: Sequence[InsertRow], prefix: str = "") -> dict[str, list[Any]]:
+    """Parallel arrays for the unnest-based batch inserts."""
+    p = prefix
+    return {
+        f"{p}fsms": [r.fsm for r in rows],
+        f"{p}versions": [r.version for r in rows],
+        f"{p}steps": [r.step for r in rows],
+        f"{p}states": [r.state for r in rows],
+        f"{p}queues": [r.queue for r in rows],
+        f"{p}priorities": [r.priority for r in rows],
+        f"{p}ats": [r.at for r in rows],
+        f"{p}delays": [r.delay for r in rows],
+        f"{p}correlation_keys": [r.correlation_key for r in rows],
+        f"{p}scopes": [encode_json(r.scope) for r in rows],
+        f"{p}concurrency_keys": [r.concurrency_key for r in rows],
+        f"{p}rate_limits": [r.rate_limit for r in rows],
+        f"{p}weights": [r.weight for r in rows],
+        f"{p}ords": list(range(len(rows))),
+    }
+
+
+def insertion_order(rows: Sequence[InsertRow]) -> list[int]:
+    """Indices of rows in the order instance_insert_many inserts them (key, then position).
+
+    Matches ``ORDER BY correlation_key COLLATE "C" NULLS LAST, ord``: "C" collation compares
+    UTF-8 bytes, which is code-point order, which is how Python compares str.
+    """
+    return sorted(
+        range(len(rows)),
+        key=lambda i: (rows[i].correlation_key is None, rows[i].correlation_key or "", i),
+    )

@@ -1,0 +1,152 @@
+"""Drive machines to completion inside a test, through the real claim / run / flush path.
+
+``drain()`` claims whatever is runnable, runs each step inline and commits its outcome,
+until nothing is left. Delays, retries and await timeouts are collapsed by default (time
+jumps forward to the next scheduled thing); ``collapse_time=False`` leaves future work
+parked. ``max_steps`` turns a machine that never settles into a clear failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .client import Client, Instance
+from .engine import Engine
+from .errors import DrainLimitExceeded
+from .fsm import FSM, Registry
+
+#: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
+COLLAPSED = dt.timedelta(days=365 * 100)
+KINDS = ("next", "retry", "await", "spawn", "done", "stop", "hold", "stale")
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What a drain did, by outcome kind (``hold``: unknown machine; ``stale``: lost claim)."""
+
+    next: int = 0
+    retry: int = 0
+    await_: int = 0
+    spawn: int = 0
+    done: int = 0
+    stop: int = 0
+    hold: int = 0
+    stale: int = 0
+    timeouts: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.next + self.retry + self.await_ + self.spawn + self.done + self.stop
+
+    def as_dict(self) -> dict[str, int]:
+        return {k.rstrip("_"): getattr(self, k) for k in self.__slots__}
+
+
+def _registry(machines: Registry | Iterable[type[FSM]]) -> Registry:
+    return machines if isinstance(machines, Registry) else Registry(machines)
+
+
+async def adrain(
+    dsn: str,
+    machines: Registry | Iterable[type[FSM]],
+    *,
+    schema: str = "pgdurable",
+    queues: Iterable[str] | None = None,
+    collapse_time: bool = True,
+    max_steps: int = 10_000,
+    batch: int = 100,
+) -> Tally:
+    """Async ``drain``."""
+    engine = Engine(_registry(machines), schema=schema)
+    horizon = COLLAPSED if collapse_time else dt.timedelta(0)
+    counts: Counter[str] = Counter()
+    steps = 0
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await engine.register(conn)
+        while True:
+            if queues is None:
+                cur = await conn.execute(engine.q["instance_runnable_queues"], {"horizon": horizon})
+                names = sorted(row[0] for row in await cur.fetchall())
+            else:
+                names = list(queues)
+            progressed = False
+            for queue in names:
+                rows = await engine.claim(conn, queue, batch, horizon)
+                if not rows:
+                    continue
+                progressed = True
+                results = [await engine.run(row) for row in rows]
+                report = await engine.flush(conn, results)
+                for r in results:
+                    counts["stale" if r.row.id in report.stale else r.kind] += 1
+                steps += len(rows)
+                if steps > max_steps:
+                    raise DrainLimitExceeded(
+                        f"drain ran {steps} steps (max_steps={max_steps}) and work remains: "
+                        + ", ".join(
+                            f"{r.row.fsm}#{r.row.id} at {r.step or r.row.step}" for r in results[:5]
+                        )
+                    )
+            if progressed:
+                continue
+            if collapse_time:
+                cur = await conn.execute(
+                    engine.q["instance_await_expire"], {"horizon": horizon, "limit": batch}
+                )
+                fired = len(await cur.fetchall())
+                if fired:
+                    counts["timeouts"] += fired
+                    continue
+            break
+    return Tally(**{("await_" if k == "await" else k): v for k, v in counts.items()})
+
+
+def drain(dsn: str, machines: Registry | Iterable[type[FSM]], **kwargs: Any) -> Tally:
+    """Run everything runnable to quiescence through the real execution path.
+
+    Returns a Tally by outcome kind. See ``adrain`` for the options.
+    """
+    return asyncio.run(adrain(dsn, machines, **kwargs))
+
+
+def _fetch(client: Client, iid: int) -> Instance:
+    inst = client.get(iid)
+    if inst is None:
+        raise AssertionError(f"instance {iid} does not exist")
+    return inst
+
+
+_MISSING: Any = object()
+
+
+def assert_status(client: Client, iid: int, status: str) -> Instance:
+    inst = _fetch(client, iid)
+    if inst.status != status:
+        raise AssertionError(
+            f"instance {iid} ({inst.fsm} at {inst.step}) is {inst.status!r}, expected {status!r}"
+            + (f"; last_error: {inst.last_error}" if inst.last_error else "")
+        )
+    return inst
+
+
+def assert_done(client: Client, iid: int, result: Any = _MISSING) -> Instance:
+    inst = assert_status(client, iid, "done")
+    if result is not _MISSING and inst.result != result:
+        raise AssertionError(f"instance {iid} is done with {inst.result!r}, expected {result!r}")
+    return inst
+
+
+def assert_failed(client: Client, iid: int, error_contains: str | None = None) -> Instance:
+    inst = assert_status(client, iid, "failed")
+    if error_contains is not None and error_contains not in (inst.last_error or ""):
+        raise AssertionError(
+            f"instance {iid} failed with {inst.last_error!r}, expected it to mention {error_contains!r}"
+        )
+    return inst

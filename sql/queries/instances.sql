@@ -1,0 +1,306 @@
+-- name: instance_insert_one
+-- Insert one instance, resolving version, initial step and queue from the machines table when
+-- the producer left them out. Returns id (NULL when the correlation key is occupied) and
+-- whether the machine could be resolved at all.
+WITH c AS (
+    SELECT %(fsm)s::text AS fsm,
+           COALESCE(%(version)s::int, m.version) AS version,
+           COALESCE(%(step)s::text, m.initial_step) AS step,
+           COALESCE(%(queue)s::text, m.queue) AS queue
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT version, initial_step, queue FROM {schema}.machines
+        WHERE name = %(fsm)s::text AND (%(version)s::int IS NULL OR version = %(version)s::int)
+        ORDER BY version DESC LIMIT 1) AS m ON true
+), ins AS (
+    INSERT INTO {schema}.instances
+        (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
+         correlation_scope, concurrency_key, rate_limit, weight)
+    SELECT c.fsm, c.version, c.step, %(state)s::jsonb, c.queue, %(priority)s,
+           COALESCE(%(at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
+           %(correlation_key)s, %(correlation_scope)s::text[], %(concurrency_key)s,
+           %(rate_limit)s, %(weight)s
+    FROM c WHERE c.queue IS NOT NULL
+    ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
+    RETURNING id, queue
+)
+SELECT (SELECT id FROM ins) AS id,
+       (SELECT queue IS NOT NULL FROM c) AS known,
+       (SELECT pg_notify({schema}.notify_channel(queue), '') FROM ins) AS notified;
+
+-- name: instance_insert_many
+-- Insert a batch in one statement (parallel arrays). Rows are inserted in correlation-key
+-- order so two batches sharing keys cannot deadlock; a key already occupied raises a unique
+-- violation on instances_correlation and nothing of the batch is inserted.
+WITH c AS (
+    SELECT u.*, m.version AS m_version, m.initial_step AS m_step, m.queue AS m_queue
+    FROM unnest(%(fsms)s::text[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
+                %(queues)s::text[], %(priorities)s::smallint[], %(ats)s::timestamptz[],
+                %(delays)s::float8[], %(correlation_keys)s::text[], %(scopes)s::text[],
+                %(concurrency_keys)s::text[], %(rate_limits)s::text[], %(weights)s::float8[],
+                %(ords)s::int[])
+         AS u(fsm, version, step, state, queue, priority, at, delay, correlation_key, scope,
+              concurrency_key, rate_limit, weight, ord)
+    LEFT JOIN LATERAL (
+        SELECT version, initial_step, queue FROM {schema}.machines
+        WHERE name = u.fsm AND (u.version IS NULL OR version = u.version)
+        ORDER BY version DESC LIMIT 1) AS m ON u.queue IS NULL OR u.version IS NULL
+                                            OR u.step IS NULL
+), ins AS (
+    INSERT INTO {schema}.instances
+        (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
+         correlation_scope, concurrency_key, rate_limit, weight)
+    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step),
+           c.state::jsonb, COALESCE(c.queue, c.m_queue), c.priority,
+           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key,
+           ARRAY(SELECT jsonb_array_elements_text(c.scope::jsonb)), c.concurrency_key,
+           c.rate_limit, c.weight
+    FROM c
+    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.ord
+    RETURNING id, queue
+)
+SELECT ins.id
+FROM ins, (SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
+           FROM (SELECT DISTINCT queue FROM ins) AS d(q)) AS notified
+ORDER BY ins.id;
+
+-- name: instance_claim
+-- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then
+-- eligible_at order. Rows whose unconfigured concurrency key is executing elsewhere are
+-- skipped before the LIMIT, and of several candidates sharing a key only the first is taken.
+-- has_inbox / has_children tell the caller which rows need enrichment.
+WITH candidates AS (
+    SELECT i.id, i.concurrency_key, i.priority, i.eligible_at
+    FROM {schema}.instances AS i
+    LEFT JOIN LATERAL (
+        SELECT 1 AS busy FROM {schema}.instances AS e
+        WHERE e.concurrency_key = i.concurrency_key AND e.status = 'executing'
+          AND e.concurrency_key IS NOT NULL AND e.concurrency_shard IS NULL
+        LIMIT 1) AS b ON i.concurrency_key IS NOT NULL
+    WHERE i.status = 'runnable' AND i.queue = %(queue)s
+      AND i.eligible_at <= now() + %(horizon)s::interval
+      AND b.busy IS NULL
+    ORDER BY i.priority, i.eligible_at
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE OF i SKIP LOCKED
+), winners AS (
+    SELECT id FROM (
+        SELECT id, concurrency_key,
+               row_number() OVER (PARTITION BY concurrency_key
+                                  ORDER BY priority, eligible_at, id) AS rn
+        FROM candidates) AS ranked
+    WHERE concurrency_key IS NULL OR rn = 1
+)
+UPDATE {schema}.instances AS i
+SET status = 'executing', locked_by = %(worker)s, lease_token = %(token)s,
+    lease_expires_at = now() + %(lease)s::interval, updated_at = now()
+FROM winners AS w
+WHERE i.id = w.id
+RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.crashes,
+          i.queue, i.priority, i.eligible_at, i.awaits, i.correlation_key, i.concurrency_key,
+          i.rate_limit, i.weight, i.parent_id,
+          EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
+          EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children;
+
+-- name: instance_children_many
+-- Every child of the given parents (any status), for ctx.children.
+SELECT parent_id, id, fsm, status, state::text AS state, result::text AS result, last_error
+FROM {schema}.instances
+WHERE parent_id = ANY(%(ids)s::bigint[])
+ORDER BY parent_id, id;
+
+-- name: instance_commit_if_owned_many
+-- Commit Next / Retry / Done / Stop outcomes of rows this worker still owns under the
+-- claim's fencing token, with their riders in the same statement: the signals a progressing
+-- outcome took are consumed (pairs target/signal), a terminal outcome clears the inbox, and
+-- the queues of rows runnable now are notified. Only rows the guard let through are touched
+-- by the riders. Absolute values per row; a NULL state keeps the stored state.
+WITH written AS (
+    UPDATE {schema}.instances AS i
+    SET status = u.status,
+        version = u.version,
+        step = u.step,
+        state = COALESCE(u.state::jsonb, i.state),
+        eligible_at = now() + make_interval(secs => u.delay),
+        attempt = u.attempt,
+        crashes = 0,
+        awaits = CASE WHEN u.keep_awaits THEN i.awaits END,
+        await_deadline = NULL,
+        concurrency_key = CASE WHEN u.set_concurrency THEN u.concurrency_key
+                               ELSE i.concurrency_key END,
+        concurrency_shard = NULL,
+        rate_limit = CASE WHEN u.keep_rate THEN i.rate_limit ELSE u.rate_limit END,
+        weight = CASE WHEN u.keep_rate THEN i.weight ELSE u.weight END,
+        result = u.result::jsonb,
+        last_error = u.error,
+        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(statuses)s::text[],
+                %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
+                %(delays)s::float8[], %(attempts)s::int[], %(keep_awaits)s::bool[],
+                %(set_concurrency)s::bool[], %(concurrency_keys)s::text[],
+                %(keep_rate)s::bool[], %(rate_limits)s::text[], %(weights)s::float8[],
+                %(results)s::text[], %(errors)s::text[])
+         AS u(id, token, status, version, step, state, delay, attempt, keep_awaits,
+              set_concurrency, concurrency_key, keep_rate, rate_limit, weight, result, error)
+    WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+      AND i.status = 'executing'
+    RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
+), taken AS (
+    DELETE FROM {schema}.signals AS s
+    USING unnest(%(taken_targets)s::bigint[], %(taken_ids)s::bigint[]) AS t(target_id, id), written AS w
+    WHERE s.id = t.id AND t.target_id = w.id
+    RETURNING 1
+), cleared AS (
+    DELETE FROM {schema}.signals AS s
+    USING written AS w
+    WHERE s.target_id = w.id AND w.status IN ('done', 'failed')
+    RETURNING 1
+), notified AS (
+    SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
+    FROM (SELECT DISTINCT queue FROM written WHERE status = 'runnable' AND due) AS d(q)
+)
+SELECT w.id, w.parent_id, w.status, w.queue
+FROM written AS w CROSS JOIN notified;
+
+-- name: instance_park_await_if_owned_many
+-- Park rows this worker still owns on a set of signal names (awaits as JSON arrays).
+UPDATE {schema}.instances AS i
+SET status = 'awaiting_signal', version = u.version, step = u.step,
+    state = COALESCE(u.state::jsonb, i.state), attempt = 0, crashes = 0,
+    awaits = ARRAY(SELECT jsonb_array_elements_text(u.awaits::jsonb)),
+    await_deadline = CASE WHEN u.timeout IS NULL THEN NULL
+                          ELSE now() + make_interval(secs => u.timeout) END,
+    eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL, weight = 1,
+    last_error = NULL,
+    locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
+            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[])
+     AS u(id, token, version, step, state, awaits, timeout)
+WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+  AND i.status = 'executing'
+RETURNING i.id;
+
+-- name: instance_await_recheck_many
+-- Run in the parking transaction after the park, with a fresh snapshot: a matching signal
+-- that the step was not handed (it arrived before or during the park) wakes the row at once.
+UPDATE {schema}.instances AS i
+SET status = 'runnable', eligible_at = now(), updated_at = now()
+WHERE i.id = ANY(%(ids)s::bigint[]) AND i.status = 'awaiting_signal'
+  AND EXISTS (SELECT 1 FROM {schema}.signals AS s
+              WHERE s.target_id = i.id AND s.name = ANY(i.awaits)
+                AND s.id <> ALL(%(presented)s::bigint[]))
+RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text AS notified;
+
+-- name: instance_lock_owned_many
+-- Lock, in id order, the rows this worker still owns; held to the end of the transaction so
+-- nothing (reaper included) can take them between the children insert and the park.
+SELECT i.id
+FROM {schema}.instances AS i
+JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token)
+  ON i.id = u.id AND i.lease_token = u.token
+WHERE i.locked_by = %(worker)s AND i.status = 'executing'
+ORDER BY i.id
+FOR NO KEY UPDATE OF i;
+
+-- name: instance_spawn_children_many
+-- Insert the children of locked parents and park each parent on them in one statement.
+-- A child whose correlation key is occupied is not created and not waited for.
+WITH ins AS (
+    INSERT INTO {schema}.instances
+        (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
+         correlation_scope, concurrency_key, rate_limit, weight)
+    SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, c.priority,
+           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key,
+           ARRAY(SELECT jsonb_array_elements_text(c.scope::jsonb)), c.concurrency_key,
+           c.rate_limit, c.weight
+    FROM unnest(%(c_parents)s::bigint[], %(c_fsms)s::text[], %(c_versions)s::int[],
+                %(c_steps)s::text[], %(c_states)s::text[], %(c_queues)s::text[],
+                %(c_priorities)s::smallint[], %(c_ats)s::timestamptz[], %(c_delays)s::float8[],
+                %(c_correlation_keys)s::text[], %(c_scopes)s::text[],
+                %(c_concurrency_keys)s::text[], %(c_rate_limits)s::text[],
+                %(c_weights)s::float8[], %(c_ords)s::int[])
+         AS c(parent_id, fsm, version, step, state, queue, priority, at, delay, correlation_key,
+              scope, concurrency_key, rate_limit, weight, ord)
+    WHERE c.parent_id = ANY(%(locked)s::bigint[])
+    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, c.ord
+    ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
+    RETURNING parent_id, queue, eligible_at <= now() AS due
+), landed AS (
+    SELECT parent_id, count(*)::int AS n FROM ins GROUP BY parent_id
+), notified AS (
+    SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
+    FROM (SELECT DISTINCT queue FROM ins WHERE due) AS d(q)
+)
+UPDATE {schema}.instances AS i
+SET status = CASE WHEN COALESCE(l.n, 0) > 0 THEN 'awaiting_children' ELSE 'runnable' END,
+    version = u.version, step = u.step, state = COALESCE(u.state::jsonb, i.state),
+    children_pending = COALESCE(l.n, 0), attempt = 0, crashes = 0, awaits = NULL,
+    await_deadline = NULL, eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL,
+    weight = 1, last_error = NULL,
+    locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[])
+     AS u(id, version, step, state)
+LEFT JOIN landed AS l ON l.parent_id = u.id
+CROSS JOIN notified
+WHERE i.id = u.id AND i.id = ANY(%(locked)s::bigint[])
+RETURNING i.id, i.status, i.queue,
+          CASE WHEN i.status = 'runnable'
+               THEN pg_notify({schema}.notify_channel(i.queue), '')::text END AS notified;
+
+-- name: instance_join_parents_many
+-- One aggregated decrement per parent for children that reached a terminal status in this
+-- flush; parents locked in id order (two flushes sharing parents cannot deadlock). A parent
+-- whose last child finished becomes runnable now.
+WITH d AS (
+    SELECT * FROM unnest(%(parents)s::bigint[], %(counts)s::int[]) AS d(id, n)
+), locked AS (
+    SELECT p.id FROM {schema}.instances AS p JOIN d ON d.id = p.id
+    ORDER BY p.id FOR NO KEY UPDATE OF p
+)
+UPDATE {schema}.instances AS p
+SET children_pending = p.children_pending - d.n,
+    status = CASE WHEN p.status = 'awaiting_children' AND p.children_pending - d.n <= 0
+                  THEN 'runnable' ELSE p.status END,
+    eligible_at = CASE WHEN p.status = 'awaiting_children' AND p.children_pending - d.n <= 0
+                       THEN now() ELSE p.eligible_at END,
+    updated_at = now()
+FROM d
+WHERE p.id = d.id AND p.id IN (SELECT id FROM locked)
+RETURNING p.id, p.status, p.queue,
+          CASE WHEN p.status = 'runnable'
+               THEN pg_notify({schema}.notify_channel(p.queue), '')::text END AS notified;
+
+-- name: instance_hold_if_owned_many
+-- Hold rows whose machine, version or step this worker does not know: kept, not retried,
+-- with the reason in last_error, until a worker that knows the machine releases them.
+UPDATE {schema}.instances AS i
+SET status = 'held', last_error = u.error,
+    locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(errors)s::text[]) AS u(id, token, error)
+WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+  AND i.status = 'executing'
+RETURNING i.id;
+
+-- name: instance_await_expire
+-- Fire await deadlines that passed: the row wakes into its `then` step with what arrived.
+UPDATE {schema}.instances AS i
+SET status = 'runnable', await_deadline = NULL, eligible_at = now(), updated_at = now()
+WHERE i.id IN (
+    SELECT id FROM {schema}.instances
+    WHERE status = 'awaiting_signal' AND await_deadline <= now() + %(horizon)s::interval
+    ORDER BY await_deadline LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED)
+RETURNING i.id, i.queue;
+
+-- name: instance_get
+-- One instance, for clients and tests.
+SELECT id, fsm, version, step, status, queue, priority, attempt, crashes, state::text AS state,
+       result::text AS result, last_error, awaits, await_deadline, parent_id, children_pending,
+       correlation_key, concurrency_key, rate_limit, weight, eligible_at, inserted_at,
+       updated_at
+FROM {schema}.instances WHERE id = %(id)s;
+
+-- name: instance_runnable_queues
+-- Queues that have runnable rows within the horizon (drain in tests).
+SELECT DISTINCT queue FROM {schema}.instances
+WHERE status = 'runnable' AND eligible_at <= now() + %(horizon)s::interval;

@@ -1,0 +1,18 @@
+-- name: machine_register_many
+-- Upsert the machines a worker knows, so producers can insert by name alone.
+INSERT INTO {schema}.machines (name, version, initial_step, queue, steps)
+SELECT m.name, m.version, m.initial_step, m.queue,
+       ARRAY(SELECT jsonb_array_elements_text(m.steps::jsonb))
+FROM unnest(%(names)s::text[], %(versions)s::int[], %(initials)s::text[], %(queues)s::text[],
+            %(steps)s::text[]) AS m(name, version, initial_step, queue, steps)
+ORDER BY m.name, m.version
+ON CONFLICT (name, version) DO UPDATE
+    SET initial_step = excluded.initial_step, queue = excluded.queue, steps = excluded.steps,
+        updated_at = now();
+
+-- name: instance_release_held
+-- Return held rows of machines this worker knows to runnable (after a deploy added them).
+UPDATE {schema}.instances
+SET status = 'runnable', eligible_at = now(), last_error = NULL, updated_at = now()
+WHERE status = 'held' AND fsm = ANY(%(fsms)s::text[])
+RETURNING id, queue;

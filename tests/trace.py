@@ -1,0 +1,51 @@
+"""Count what a connection really sends, from libpq's own protocol trace."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import pq
+
+
+@dataclass
+class Trace:
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def statements(self) -> int:
+        """Statements executed: simple queries (BEGIN/COMMIT) plus extended-protocol executes."""
+        return sum(
+            1
+            for ln in self.lines
+            if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tExecute\t" in ln)
+        )
+
+    @property
+    def round_trips(self) -> int:
+        return sum(1 for ln in self.lines if ln.startswith("B\t") and "\tReadyForQuery\t" in ln)
+
+    def sql(self) -> list[str]:
+        return [
+            ln
+            for ln in self.lines
+            if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tParse\t" in ln)
+        ]
+
+
+@contextmanager
+def traced(conn: Any) -> Iterator[Trace]:
+    """Record the protocol messages of ``conn`` (sync or async psycopg connection)."""
+    result = Trace()
+    with tempfile.TemporaryFile("w+") as f:
+        conn.pgconn.trace(f.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            yield result
+        finally:
+            conn.pgconn.untrace()
+            f.seek(0)
+            result.lines.extend(f.read().splitlines())
