@@ -48,4 +48,9 @@ def traced(conn: Any) -> Iterator[Trace]:
         finally:
             conn.pgconn.untrace()
             f.seek(0)
-            result.lines.extend(f.read().splitlines())
+            for line in f.read().splitlines():
+                # a message whose text spans lines (a multi-line statement) continues here
+                if result.lines and not line.startswith(("F\t", "B\t")):
+                    result.lines[-1] += "\n" + line
+                else:
+                    result.lines.append(line)

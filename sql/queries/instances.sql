@@ -304,3 +304,20 @@ FROM {schema}.instances WHERE id = %(id)s;
 -- Queues that have runnable rows within the horizon (drain in tests).
 SELECT DISTINCT queue FROM {schema}.instances
 WHERE status = 'runnable' AND eligible_at <= now() + %(horizon)s::interval;
+
+-- name: gc_select_ids
+-- A batch of terminal rows older than the retention, oldest first. A terminal child whose
+-- parent is still live is spared: the parent will read it in ctx.children.
+SELECT i.id FROM {schema}.instances AS i
+WHERE i.status IN ('done', 'failed', 'cancelled')
+  AND i.updated_at < now() - %(retention)s::interval
+  AND (i.parent_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {schema}.instances AS p
+        WHERE p.id = i.parent_id AND p.status NOT IN ('done', 'failed', 'cancelled')))
+ORDER BY i.updated_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: gc_delete_ids
+-- Delete the selected rows by primary key (their signals go with them).
+DELETE FROM {schema}.instances WHERE id = ANY(%(ids)s::bigint[]);

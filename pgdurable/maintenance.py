@@ -1,0 +1,36 @@
+"""Housekeeping sweeps. Each is safe with several nodes running it at once (SKIP LOCKED)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+
+from .queries import Queries
+
+
+async def gc(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    *,
+    retention: dt.timedelta,
+    batch: int = 1000,
+    max_batches: int = 100,
+) -> int:
+    """Delete terminal rows older than ``retention``, in batches by id; returns the count.
+
+    Terminal children of a live parent are spared. Each batch is its own short transaction:
+    select ids (SKIP LOCKED, so concurrent collectors split the work), delete by id.
+    """
+    total = 0
+    for _ in range(max_batches):
+        async with conn.transaction():
+            cur = await conn.execute(q["gc_select_ids"], {"retention": retention, "limit": batch})
+            ids = [row[0] for row in await cur.fetchall()]
+            if ids:
+                await conn.execute(q["gc_delete_ids"], {"ids": ids})
+        total += len(ids)
+        if len(ids) < batch:
+            break
+    return total

@@ -1,0 +1,85 @@
+"""The hot path's cost is asserted by what the connection really sends (libpq trace)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from pgdurable import Insert
+from pgdurable.engine import Engine
+from pgdurable.fsm import Registry
+
+from .machines import Counter, EmailArgs, send_email
+from .trace import traced
+
+
+def _claim_and_flush(dsn, schema, machines, queue, n, warm=False):
+    """Claim and flush a batch, tracing both. ``warm``: first claim and flush one row, so
+    the traced batch runs on already-prepared statements (one round trip each)."""
+
+    async def go():
+        engine = Engine(Registry(machines), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            if warm:
+                first = await engine.claim(conn, queue, 1)
+                await engine.flush(conn, [await engine.run(r) for r in first])
+            with traced(conn) as pick:
+                rows = await engine.claim(conn, queue, n)
+            results = [await engine.run(r) for r in rows]
+            with traced(conn) as fl:
+                report = await engine.flush(conn, results)
+            return rows, report, pick, fl
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("n", [3, 30])
+def test_pick_and_flush_statements_do_not_grow_with_batch(dsn, schema, client, n):
+    client.insert_many([Insert(send_email, EmailArgs(to=f"u{i}")) for i in range(n + 1)])
+    rows, report, pick, fl = _claim_and_flush(dsn, schema, [send_email], "email", n, warm=True)
+    assert len(rows) == n and len(report.committed) == n
+    assert pick.statements == 1, pick.sql()  # the claim, nothing else
+    assert pick.round_trips == 1
+    assert fl.statements == 3, fl.sql()  # BEGIN, one guarded UPDATE with riders, COMMIT
+    assert fl.round_trips == 3
+
+
+@pytest.mark.parametrize("n", [3, 30])
+def test_enriched_pick_is_three_statements(dsn, schema, client, db, n):
+    """Rows with inboxes and children cost two batched reads more, whatever N."""
+    ids = client.insert_many([Insert(Counter, Counter.State()) for _ in range(n)])
+    for iid in ids:
+        client.signal(iid, "hello", {"i": iid})
+        client.insert("counter", {"n": 0}, queue="elsewhere", version=1)
+    db.execute(
+        f'UPDATE "{schema}".instances SET parent_id = %s WHERE queue = %s AND id = %s',
+        [ids[0], "elsewhere", ids[-1] + 1],
+    )
+    rows, report, pick, _ = _claim_and_flush(dsn, schema, [Counter], "counting", n)
+    assert len(rows) == n
+    assert pick.statements == 3, pick.sql()
+    by_id = {r.id: r for r in rows}
+    assert [s.name for s in by_id[ids[0]].inbox] == ["hello"]
+    assert [c.id for c in by_id[ids[0]].children] == [ids[-1] + 1]
+    assert all(len(by_id[i].inbox) == 1 for i in ids)
+
+
+def test_empty_pick_is_one_statement(dsn, schema):
+    async def go():
+        engine = Engine(Registry([send_email]), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            with traced(conn) as t:
+                rows = await engine.claim(conn, "email", 10)
+            return rows, t
+
+    rows, t = asyncio.run(go())
+    assert rows == [] and t.statements == 1
+
+
+def test_insert_is_one_statement(dsn, schema, client):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with traced(conn) as t:
+            client.insert(send_email, {"to": "x"}, conn=conn)
+    assert t.statements == 1 and t.round_trips == 1
