@@ -111,6 +111,4 @@ async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[C
     if parent_ids:
         cur = await conn.execute(q["instance_children_many"], {"ids": parent_ids}, prepare=True)
         for parent_id, cid, fsm, status, state, result, error in await cur.fetchall():
-            by_id[parent_id].children.append(
-                ChildInfo(cid, fsm, status, _json(state), _json(result), error)
-            )
+            by_id[parent_id].children.append(ChildInfo(cid, fsm, status, _json(state), _json(result), error))

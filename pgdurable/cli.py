@@ -43,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply pending schema migrations (or --check them)")
     mig.add_argument("--dsn", help="database (default: $PGDURABLE_DSN)")
     mig.add_argument("--schema", default="pgdurable", help="schema name (default: pgdurable)")
-    mig.add_argument(
-        "--check", action="store_true", help="exit 1 if the database is behind; change nothing"
-    )
+    mig.add_argument("--check", action="store_true", help="exit 1 if the database is behind; change nothing")
     mig.set_defaults(func=cmd_migrate)
     return parser
 

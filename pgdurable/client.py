@@ -162,13 +162,9 @@ def _many_error(specs: Sequence[Insert], exc: psycopg.Error) -> Exception:
     return exc
 
 
-def _signal_params(
-    target: int | str, name: str, payload: Any, dedup_key: str | None
-) -> dict[str, Any]:
+def _signal_params(target: int | str, name: str, payload: Any, dedup_key: str | None) -> dict[str, Any]:
     if isinstance(target, bool) or not isinstance(target, int | str):
-        raise TypeError(
-            f"signal target must be an instance id or a correlation key, got {target!r}"
-        )
+        raise TypeError(f"signal target must be an instance id or a correlation key, got {target!r}")
     if not name:
         raise ValueError("signal name must not be empty")
     return {
@@ -187,11 +183,7 @@ def _signal_result(target: int | str, row: Sequence[Any] | None) -> int | None:
 
 
 def _spec(fsm: Any, state: Any, options: dict[str, Any]) -> Insert:
-    return (
-        fsm
-        if isinstance(fsm, Insert) and state is None and not options
-        else Insert(fsm, state, **options)
-    )
+    return fsm if isinstance(fsm, Insert) and state is None and not options else Insert(fsm, state, **options)
 
 
 class Client:
@@ -256,9 +248,7 @@ class Client:
                     rows = conn.execute(self.q["instance_insert_many"], params).fetchall()
             else:
                 with self._get_pool().connection() as c:
-                    rows = c.execute(
-                        self.q["instance_insert_many"], params, prepare=True
-                    ).fetchall()
+                    rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
             raise _many_error(specs, exc) from exc
         return _many_ids(order, rows)
@@ -327,9 +317,7 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _one(
-        self, name: str, params: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None
-    ) -> Any:
+    async def _one(self, name: str, params: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None) -> Any:
         if conn is not None:
             return await (await conn.execute(self.q[name], params)).fetchone()
         async with (await self._get_pool()).connection() as c:
@@ -357,9 +345,7 @@ class AsyncClient:
         try:
             if conn is not None:
                 async with conn.transaction():
-                    rows = await (
-                        await conn.execute(self.q["instance_insert_many"], params)
-                    ).fetchall()
+                    rows = await (await conn.execute(self.q["instance_insert_many"], params)).fetchall()
             else:
                 async with (await self._get_pool()).connection() as c:
                     cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
@@ -378,14 +364,10 @@ class AsyncClient:
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int | None:
         """See ``Client.signal``."""
-        row = await self._one(
-            "signal_deliver", _signal_params(target, name, payload, dedup_key), conn
-        )
+        row = await self._one("signal_deliver", _signal_params(target, name, payload, dedup_key), conn)
         return _signal_result(target, row)
 
-    async def get(
-        self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None
-    ) -> Instance | None:
+    async def get(self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None) -> Instance | None:
         row = await self._one("instance_get", {"id": iid}, conn)
         return None if row is None else _instance(row)
 

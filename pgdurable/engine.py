@@ -91,7 +91,5 @@ class Engine:
     async def run(self, row: Claimed) -> Result:
         return await self.executor.run(row)
 
-    async def flush(
-        self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result]
-    ) -> FlushReport:
+    async def flush(self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result]) -> FlushReport:
         return await flush(conn, self.q, self.worker_id, results)

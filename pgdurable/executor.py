@@ -86,9 +86,7 @@ class Executor:
                 if not known
                 else f"machine {row.fsm!r} has no version {row.version} here (known: {known})"
             )
-            return Result(
-                row, "hold", error=f"held: {what}; kept until a worker that knows it runs"
-            )
+            return Result(row, "hold", error=f"held: {what}; kept until a worker that knows it runs")
         cls, machine = found
         info = cls.__pgdurable__
         step_name = row.step or info.initial
@@ -120,9 +118,7 @@ class Executor:
             awaited=row.awaited,
             inbox=row.inbox,
             children=row.children,
-            log=logging.LoggerAdapter(
-                self._log, {"instance": row.id, "fsm": info.name, "step": step_name}
-            ),
+            log=logging.LoggerAdapter(self._log, {"instance": row.id, "fsm": info.name, "step": step_name}),
         )
         taken = [s.id for s in ctx.awaited]
         try:
@@ -160,9 +156,7 @@ class Executor:
             outcome = machine.handle(exc, ctx)
             return self._finish(row, info, step_name, outcome, taken, error=repr(exc))
         except Exception as handle_exc:  # noqa: BLE001 - a failing handler fails the instance
-            self._log.warning(
-                "handle() failed", extra={"event": "handle_failed", "instance": row.id}
-            )
+            self._log.warning("handle() failed", extra={"event": "handle_failed", "instance": row.id})
             reason = f"{exc!r}; then handle() failed: {handle_exc!r}"
             return self._finish(row, info, step_name, Stop(reason), taken)
 
@@ -196,11 +190,7 @@ def _step_name(info: MachineInfo, ref: Any, what: str) -> str:
 def _encode(info: MachineInfo, state: Any) -> str | None:
     if state is KEEP:
         return None
-    if (
-        info.state_type is not None
-        and not isinstance(state, info.state_type)
-        and not isinstance(state, dict)
-    ):
+    if info.state_type is not None and not isinstance(state, info.state_type) and not isinstance(state, dict):
         raise InvalidOutcome(
             f"state must be a {getattr(info.state_type, '__name__', info.state_type)} "
             f"or a dict, got {type(state).__name__}"
@@ -224,9 +214,7 @@ def _child(registry: Registry, spec: Any) -> InsertRow:
         if found is not None:
             spec = Insert(**{**_fields(spec), "fsm": found[0]})
         elif spec.queue is None:
-            raise InvalidOutcome(
-                f"child machine {spec.fsm!r} is unknown to this worker; give its queue"
-            )
+            raise InvalidOutcome(f"child machine {spec.fsm!r} is unknown to this worker; give its queue")
     try:
         return resolve(spec)
     except (TypeError, ValueError, msgspec.ValidationError) as exc:

@@ -60,9 +60,7 @@ async def flush(
             parked = [row[0] for row in await cur.fetchall()]
             report.committed.update(parked)
             if parked:
-                presented = [
-                    sid for r in parks if r.row.id in report.committed for sid in r.consume
-                ]
+                presented = [sid for r in parks if r.row.id in report.committed for sid in r.consume]
                 cur = await conn.execute(
                     q["instance_await_recheck_many"],
                     {"ids": parked, "presented": presented},
@@ -104,9 +102,7 @@ async def flush(
 
         taken = [sid for r in spawns if r.row.id in report.committed for sid in r.consume]
         if taken:
-            await conn.execute(
-                q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True
-            )
+            await conn.execute(q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True)
 
         if terminal_children:
             parents = sorted(terminal_children)

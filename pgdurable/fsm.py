@@ -72,9 +72,7 @@ class StepDef:
     timeout: float | None
 
 
-def step(
-    fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None
-) -> Any:
+def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
     ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
@@ -136,9 +134,7 @@ class FSM:
                 marker = getattr(value, "__pgdurable_step__", None)
                 if marker is not None:
                     initial, timeout = marker
-                    steps[attr] = StepDef(
-                        attr, value, inspect.iscoroutinefunction(value), initial, timeout
-                    )
+                    steps[attr] = StepDef(attr, value, inspect.iscoroutinefunction(value), initial, timeout)
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
         initials = [s.name for s in steps.values() if s.initial]

@@ -25,9 +25,7 @@ def sql_dir() -> Path:
 
 def check_schema_name(schema: str) -> str:
     if not _SCHEMA_NAME.match(schema):
-        raise ValueError(
-            f"schema name {schema!r} must be a plain identifier (letters, digits, underscore)"
-        )
+        raise ValueError(f"schema name {schema!r} must be a plain identifier (letters, digits, underscore)")
     return schema
 
 
@@ -42,9 +40,7 @@ def quote_literal(text: str) -> str:
 def render(text: str, schema: str) -> str:
     """Replace the schema markers of a SQL text."""
     check_schema_name(schema)
-    return text.replace("{schema}", quote_ident(schema)).replace(
-        "{schema_literal}", quote_literal(schema)
-    )
+    return text.replace("{schema}", quote_ident(schema)).replace("{schema_literal}", quote_literal(schema))
 
 
 def parse(text: str) -> dict[str, str]:

@@ -90,9 +90,7 @@ async def adrain(
                 if steps > max_steps:
                     raise DrainLimitExceeded(
                         f"drain ran {steps} steps (max_steps={max_steps}) and work remains: "
-                        + ", ".join(
-                            f"{r.row.fsm}#{r.row.id} at {r.step or r.row.step}" for r in results[:5]
-                        )
+                        + ", ".join(f"{r.row.fsm}#{r.row.id} at {r.step or r.row.step}" for r in results[:5])
                     )
             if progressed:
                 continue

@@ -92,7 +92,7 @@ def test_gc_spares_terminal_children_of_a_live_parent(dsn, schema, client, db):
     drain(dsn, ALL, schema=schema, queues=["parents"])  # spawn
     drain(dsn, ALL, schema=schema, queues=["kids"])  # the children finish, the parent wakes
     assert_status(client, iid, "runnable")  # joined, not yet run
-    db.execute(f'UPDATE "{schema}".instances SET updated_at = now() - interval \'2 days\'')
+    db.execute(f"UPDATE \"{schema}\".instances SET updated_at = now() - interval '2 days'")
 
     async def collect():
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -101,5 +101,5 @@ def test_gc_spares_terminal_children_of_a_live_parent(dsn, schema, client, db):
     assert asyncio.run(collect()) == 0  # the children wait for their live parent
     drain(dsn, ALL, schema=schema)
     assert_done(client, iid)
-    db.execute(f'UPDATE "{schema}".instances SET updated_at = now() - interval \'2 days\'')
+    db.execute(f"UPDATE \"{schema}\".instances SET updated_at = now() - interval '2 days'")
     assert asyncio.run(collect()) == 3

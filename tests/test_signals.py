@@ -108,9 +108,7 @@ def test_timeout_wakes_into_then_with_nothing(dsn, schema, client):
     assert_done(client, iid, {"timed_out": True, "attempt": 0, "inbox": []})
 
 
-def test_pack_accumulates_without_consuming_and_progress_consumes_exactly_handed(
-    dsn, schema, client, db
-):
+def test_pack_accumulates_without_consuming_and_progress_consumes_exactly_handed(dsn, schema, client, db):
     iid = client.insert(Pack, {"want": 3})
     drain(dsn, ALL, schema=schema)
     for n in range(3):
@@ -129,6 +127,7 @@ def test_progress_consumes_only_handed_ids_latecomers_survive(dsn, schema, clien
     iid = client.insert(Pack, {"want": 1})
     drain(dsn, ALL, schema=schema)
     client.signal(iid, "item", {"n": 1})
+
     # claim the woken row, then let a latecomer arrive before its Next is flushed
     async def go():
         engine = Engine(Registry(ALL), schema=schema)
