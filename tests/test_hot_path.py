@@ -79,7 +79,6 @@ def test_empty_pick_is_one_statement(dsn, schema):
 
 
 def test_insert_is_one_statement(dsn, schema, client):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        with traced(conn) as t:
-            client.insert(send_email, {"to": "x"}, conn=conn)
+    with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as t:
+        client.insert(send_email, {"to": "x"}, conn=conn)
     assert t.statements == 1 and t.round_trips == 1

@@ -235,7 +235,8 @@ def test_stale_outcome_after_reclaim_changes_nothing(dsn, schema, client, db):
             _, stale_spawn = await _claim_run(engine, conn, "parents")  # spawner: Spawn
             # what the reaper does to an expired lease
             db.execute(
-                f"UPDATE {t} SET status = 'runnable', locked_by = NULL, lease_token = NULL WHERE status = 'executing'"
+                f"UPDATE {t} SET status = 'runnable', locked_by = NULL, lease_token = NULL"
+                " WHERE status = 'executing'"
             )
             # the same worker claims them again: new fencing tokens
             for q in ("pay", "kids", "parents"):
