@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,13 +195,15 @@ class Client:
         self._dsn = dsn
         self._max = max_connections
         self._pool: ConnectionPool | None = None
+        self._opening = threading.Lock()
 
     def _get_pool(self) -> ConnectionPool:
-        if self._pool is None:
-            self._pool = ConnectionPool(
-                self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=True
-            )
-        return self._pool
+        with self._opening:  # concurrent first calls from threads must not open two pools
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=True
+                )
+            return self._pool
 
     def close(self) -> None:
         if self._pool is not None:
@@ -297,13 +300,20 @@ class AsyncClient:
         self._dsn = dsn
         self._max = max_connections
         self._pool: AsyncConnectionPool | None = None
+        self._opening: asyncio.Lock | None = None
 
     async def _get_pool(self) -> AsyncConnectionPool:
-        if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=False
-            )
-            await self._pool.open()
+        if self._pool is not None:
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # concurrent first calls must not open two pools
+            if self._pool is None:
+                pool = AsyncConnectionPool(
+                    self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=False
+                )
+                await pool.open()
+                self._pool = pool
         return self._pool
 
     async def close(self) -> None:
