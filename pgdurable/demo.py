@@ -101,7 +101,9 @@ async def run(dsn: str, orders: int) -> None:
                     iid = await client.insert(Order, {"order": made, "items": random.randint(1, 3)})
                     print(f"inserted order {made} as #{iid}", flush=True)
                     await paid.put(iid)
-                await conn.execute(engine.q["instance_await_expire"], {"horizon": dt.timedelta(0), "limit": 100})
+                await conn.execute(
+                    engine.q["instance_await_expire"], {"horizon": dt.timedelta(0), "limit": 100}
+                )
                 busy = False
                 for queue in ("orders", "packing"):
                     rows = await engine.claim(conn, queue, 20)
@@ -110,9 +112,7 @@ async def run(dsn: str, orders: int) -> None:
                         results = await asyncio.gather(*(engine.run(r) for r in rows))
                         await engine.flush(conn, results)
                 if made >= orders and not busy:
-                    cur = await conn.execute(
-                        "SELECT status, count(*) FROM pgdurable.instances WHERE fsm = 'order' GROUP BY 1 ORDER BY 1"
-                    )
+                    cur = await conn.execute(engine.q["instance_count_by_status"], {"fsm": "order"})
                     counts = dict(await cur.fetchall())
                     if not set(counts) - {"done", "failed"}:
                         print(f"all orders settled: {counts}", flush=True)

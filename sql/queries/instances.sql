@@ -321,3 +321,7 @@ FOR UPDATE SKIP LOCKED;
 -- name: gc_delete_ids
 -- Delete the selected rows by primary key (their signals go with them).
 DELETE FROM {schema}.instances WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: instance_count_by_status
+-- How many instances of one machine are in each status.
+SELECT status, count(*) FROM {schema}.instances WHERE fsm = %(fsm)s GROUP BY status ORDER BY status;
