@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -147,9 +148,8 @@ def test_insert_by_name_without_queue_for_unregistered_machine_raises(client, db
 
 def test_insert_many_is_one_statement(dsn, schema, client):
     specs = [Insert("batchy", {"i": i}, queue="q", correlation_key=f"k{3 - i}") for i in range(4)]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        with traced(conn) as trace:
-            ids = client.insert_many(specs, conn=conn)
+    with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
+        ids = client.insert_many(specs, conn=conn)
     executes = [ln for ln in trace.lines if ln.startswith("F\t") and "\tExecute\t" in ln]
     assert len(executes) == 1
     text = "\n".join(trace.lines)
@@ -161,9 +161,7 @@ def test_insert_many_ids_in_input_order(client):
     # keys in no particular order, with None keys in between; "B" < "a" in "C" collation but
     # not in most linguistic collations, and non-ASCII keys sort by code point
     keys = ["b", None, "a", "B", None, "é", "A", "\U0001f600", "z", None]
-    specs = [
-        Insert("batchy", {"i": i}, queue="q", correlation_key=k) for i, k in enumerate(keys)
-    ]
+    specs = [Insert("batchy", {"i": i}, queue="q", correlation_key=k) for i, k in enumerate(keys)]
     ids = client.insert_many(specs)
     assert len(ids) == len(keys) and len(set(ids)) == len(keys)
     for i, iid in enumerate(ids):
@@ -173,9 +171,7 @@ def test_insert_many_ids_in_input_order(client):
     # rows were inserted in key order (so the id order differs from the input order and the
     # mapping back to input positions is really exercised)
     by_id = sorted(range(len(keys)), key=lambda i: ids[i])
-    expected = sorted(
-        range(len(keys)), key=lambda i: (keys[i] is None, (keys[i] or "").encode(), i)
-    )
+    expected = sorted(range(len(keys)), key=lambda i: (keys[i] is None, (keys[i] or "").encode(), i))
     assert by_id == expected
     assert by_id != list(range(len(keys)))
 
@@ -294,9 +290,7 @@ def test_scope_with_done_keeps_key_reserved(dsn, schema, client):
 def test_empty_scope_means_no_dedup(client):
     a = client.insert("batchy", queue="q", correlation_key="same", correlation_scope=[])
     b = client.insert("batchy", queue="q", correlation_key="same", correlation_scope=[])
-    c, d = client.insert_many(
-        [Insert("batchy", queue="q", correlation_key="same", correlation_scope=[])] * 2
-    )
+    c, d = client.insert_many([Insert("batchy", queue="q", correlation_key="same", correlation_scope=[])] * 2)
     assert len({a, b, c, d}) == 4
     assert all(must_get(client, i).correlation_key == "same" for i in (a, b, c, d))
 
@@ -310,10 +304,9 @@ def test_empty_scope_means_no_dedup(client):
 def test_scope_excluding_runnable_does_not_wedge_the_flush(dsn, schema, client):
     ids = []
     for _ in range(2):
-        try:
+        # refusing such a scope (or the second insert) up front would be fine
+        with contextlib.suppress(ValueError, DuplicateInstance):
             ids.append(client.insert(QuickDone, correlation_key="k", correlation_scope=["done"]))
-        except (ValueError, DuplicateInstance):
-            pass  # refusing such a scope (or the second insert) up front would be fine
     drain(dsn, [QuickDone], schema=schema)  # raised UniqueViolation from the flush
     assert [must_get(client, i).status for i in ids] != ["executing"] * len(ids)
 
@@ -358,9 +351,7 @@ STYLES = ["block", "implicit", "first"]
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
 def test_transactional_insert(dsn, schema, client, db, style, commit):
-    iid = _in_transaction(
-        dsn, style, commit, lambda c: client.insert("batchy", queue="q", conn=c)
-    )
+    iid = _in_transaction(dsn, style, commit, lambda c: client.insert("batchy", queue="q", conn=c))
     assert (client.get(iid) is not None) is commit
     assert count(db, schema) == (1 if commit else 0)
 
@@ -424,9 +415,7 @@ def _async_insert_many(dsn: str, schema: str, style: str, commit: bool, n: int) 
 
     async def main() -> list[int]:
         async with AsyncClient(dsn, schema=schema) as ac:
-            return await _async_in_transaction(
-                dsn, style, commit, lambda c: ac.insert_many(specs, conn=c)
-            )
+            return await _async_in_transaction(dsn, style, commit, lambda c: ac.insert_many(specs, conn=c))
 
     return asyncio.run(main())
 
@@ -644,9 +633,7 @@ def test_client_import_is_light():
         f"print(json.dumps([m for m in {forbidden!r} if m in sys.modules]))\n"
         "print(json.dumps('pgdurable.client' in sys.modules and 'psycopg' in sys.modules))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     loaded, sane = proc.stdout.splitlines()
     assert json.loads(sane) is True
@@ -747,8 +734,8 @@ def test_lower_priority_value_runs_first(dsn, schema, client):
     priorities += [1, -4]
     drain(dsn, [Recorder], schema=schema, batch=1)
     expected = [iid for _, iid in sorted(zip(priorities, ids, strict=True))]
-    assert RUN_ORDER == expected
-    assert RUN_ORDER != ids
+    assert expected == RUN_ORDER
+    assert ids != RUN_ORDER
 
 
 def test_equal_priority_runs_in_eligible_order(dsn, schema, client):
@@ -757,4 +744,4 @@ def test_equal_priority_runs_in_eligible_order(dsn, schema, client):
     offsets = [5, 1, 9, 3]
     ids = [client.insert(Recorder, schedule_at=base + dt.timedelta(seconds=o)) for o in offsets]
     drain(dsn, [Recorder], schema=schema, batch=1, collapse_time=False)
-    assert RUN_ORDER == [iid for _, iid in sorted(zip(offsets, ids, strict=True))]
+    assert [iid for _, iid in sorted(zip(offsets, ids, strict=True))] == RUN_ORDER
