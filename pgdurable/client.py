@@ -14,13 +14,14 @@ import asyncio
 import datetime as dt
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from .errors import DuplicateInstance, NoTarget, UnknownMachine
@@ -84,6 +85,7 @@ class Busy:
 
 
 WaitResult = Done | Failed | Busy
+T = TypeVar("T")
 
 
 def _json(raw: str | None) -> Any:
@@ -161,6 +163,37 @@ def _many_error(specs: Sequence[Insert], exc: psycopg.Error) -> Exception:
             "was given; start a worker that runs them or pass queue="
         )
     return exc
+
+
+def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T]) -> T:
+    """Run one statement on the caller's connection without spoiling their transaction.
+
+    Inside their open transaction: in a savepoint, so a refused batch leaves it usable.
+    Otherwise the statement is atomic on its own; if it opened an implicit transaction and
+    fails, that transaction held nothing else and is rolled back.
+    """
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        with conn.transaction():
+            return run()
+    try:
+        return run()
+    except psycopg.Error:
+        if not conn.autocommit:
+            conn.rollback()
+        raise
+
+
+async def _in_caller_txn_async(conn: psycopg.AsyncConnection[Any], run: Callable[[], Awaitable[T]]) -> T:
+    """See ``_in_caller_txn``."""
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        async with conn.transaction():
+            return await run()
+    try:
+        return await run()
+    except psycopg.Error:
+        if not conn.autocommit:
+            await conn.rollback()
+        raise
 
 
 def _signal_params(target: int | str, name: str, payload: Any, dedup_key: str | None) -> dict[str, Any]:
@@ -247,8 +280,9 @@ class Client:
         params, order = _many_params(specs)
         try:
             if conn is not None:
-                with conn.transaction():  # a savepoint: a refused batch leaves yours usable
-                    rows = conn.execute(self.q["instance_insert_many"], params).fetchall()
+                rows = _in_caller_txn(
+                    conn, lambda: conn.execute(self.q["instance_insert_many"], params).fetchall()
+                )
             else:
                 with self._get_pool().connection() as c:
                     rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
@@ -354,8 +388,11 @@ class AsyncClient:
         params, order = _many_params(specs)
         try:
             if conn is not None:
-                async with conn.transaction():
-                    rows = await (await conn.execute(self.q["instance_insert_many"], params)).fetchall()
+
+                async def run() -> list[Any]:
+                    return await (await conn.execute(self.q["instance_insert_many"], params)).fetchall()
+
+                rows = await _in_caller_txn_async(conn, run)
             else:
                 async with (await self._get_pool()).connection() as c:
                     cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)

@@ -67,7 +67,10 @@ class Engine:
                 "steps": [encode_json(list(m.steps)) for m in machines],
             },
         )
-        cur = await conn.execute(self.q["instance_release_held"], {"fsms": self.registry.names()})
+        cur = await conn.execute(
+            self.q["instance_release_held"],
+            {"fsms": [m.name for m in machines], "versions": [m.version for m in machines]},
+        )
         return [row[0] for row in await cur.fetchall()]
 
     async def claim(

@@ -28,6 +28,10 @@ class InvalidOutcome(PgdurableError):
     """A step returned something that is not a valid outcome; routed like an exception."""
 
 
+class StepTimeout(PgdurableError, TimeoutError):
+    """A step ran past its declared timeout; routed to handle() like any step error."""
+
+
 class StateDecodeError(PgdurableError):
     """A stored state no longer decodes into the machine's State; names the field."""
 

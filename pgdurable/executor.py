@@ -18,7 +18,7 @@ from typing import Any, assert_never
 import msgspec
 
 from .claim import Claimed
-from .errors import InvalidOutcome, StateDecodeError
+from .errors import InvalidOutcome, StateDecodeError, StepTimeout
 from .fsm import FSM, Context, Registry, StepDef, decode_state
 from .outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from .spec import InsertRow, MachineInfo, encode_json, limit_key, resolve, seconds
@@ -128,17 +128,18 @@ class Executor:
             return self._handle(machine, row, info, step_name, ctx, exc, taken)
 
     async def _call(self, machine: FSM, sdef: StepDef, ctx: Context) -> Any:
-        if sdef.is_async:
-            coro = sdef.fn(machine, ctx)
-            if sdef.timeout is None:
-                return await coro
-            async with asyncio.timeout(sdef.timeout):
-                return await coro
-        fut = self._run_sync(sdef.fn, machine, ctx)
+        # A sync step runs in a thread, which cannot be interrupted: past the deadline its
+        # result is discarded. An async step is cancelled at the deadline.
+        work = sdef.fn(machine, ctx) if sdef.is_async else self._run_sync(sdef.fn, machine, ctx)
         if sdef.timeout is None:
-            return await fut
-        # A thread cannot be interrupted: past the deadline its result is discarded.
-        return await asyncio.wait_for(fut, sdef.timeout)
+            return await work
+        try:
+            async with asyncio.timeout(sdef.timeout) as deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():  # ours, not a TimeoutError raised by the step itself
+                raise StepTimeout(f"step {sdef.name!r} timed out after {sdef.timeout} s") from None
+            raise
 
     def _handle(
         self,
@@ -150,8 +151,6 @@ class Executor:
         exc: BaseException,
         taken: list[int],
     ) -> Result:
-        if isinstance(exc, TimeoutError):
-            exc = TimeoutError(f"step {step_name!r} timed out")
         try:
             outcome = machine.handle(exc, ctx)
             return self._finish(row, info, step_name, outcome, taken, error=repr(exc))
@@ -190,11 +189,13 @@ def _step_name(info: MachineInfo, ref: Any, what: str) -> str:
 def _encode(info: MachineInfo, state: Any) -> str | None:
     if state is KEEP:
         return None
-    if info.state_type is not None and not isinstance(state, info.state_type) and not isinstance(state, dict):
-        raise InvalidOutcome(
-            f"state must be a {getattr(info.state_type, '__name__', info.state_type)} "
-            f"or a dict, got {type(state).__name__}"
-        )
+    if info.state_type is not None and not isinstance(state, info.state_type):
+        # A dict (or anything else) must fit the State type now, not fail the next step.
+        try:
+            state = msgspec.convert(state, info.state_type, strict=False)
+        except msgspec.ValidationError as exc:
+            name = getattr(info.state_type, "__name__", info.state_type)
+            raise InvalidOutcome(f"state does not fit {name}: {exc}") from exc
     try:
         return encode_json(state)
     except (TypeError, msgspec.EncodeError) as exc:

@@ -45,7 +45,10 @@ def current(conn: psycopg.Connection[Any], schema: str = "pgdurable") -> int:
     """The schema's applied version (0 when pgdurable was never installed there)."""
     q = for_schema(schema)
     ledger = f"{quote_ident(schema)}.migrations"
-    row = conn.execute(q["schema_version"], {"ledger": ledger}).fetchone()
+    present = conn.execute(q["schema_ledger_exists"], {"ledger": ledger}).fetchone()
+    if not present or not present[0]:
+        return 0
+    row = conn.execute(q["schema_version"]).fetchone()
     return int(row[0]) if row else 0
 
 

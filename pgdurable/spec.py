@@ -152,6 +152,14 @@ def resolve(spec: Insert) -> InsertRow:
     bad = [s for s in scope if s not in STATUSES]
     if bad:
         raise ValueError(f"correlation_scope has unknown statuses {bad}; known: {list(STATUSES)}")
+    if scope and not set(LIVE_STATUSES) <= set(scope):
+        # The key must be occupied from the insert on: a scope that starts counting later
+        # would let two instances share the key until one of them enters the scope, and
+        # that transition could then never commit.
+        raise ValueError(
+            f"correlation_scope must be empty or contain every live status {list(LIVE_STATUSES)}"
+            f" (plus any terminal ones that should keep the key reserved); got {scope}"
+        )
     return InsertRow(
         fsm=name,
         version=version,

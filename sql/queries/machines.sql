@@ -11,8 +11,10 @@ ON CONFLICT (name, version) DO UPDATE
         updated_at = now();
 
 -- name: instance_release_held
--- Return held rows of machines this worker knows to runnable (after a deploy added them).
-UPDATE {schema}.instances
+-- Return to runnable the held rows whose machine and version this worker knows (after a
+-- deploy added them); rows without a pinned version need only the name.
+UPDATE {schema}.instances AS i
 SET status = 'runnable', eligible_at = now(), last_error = NULL, updated_at = now()
-WHERE status = 'held' AND fsm = ANY(%(fsms)s::text[])
-RETURNING id, queue;
+FROM unnest(%(fsms)s::text[], %(versions)s::int[]) AS k(fsm, version)
+WHERE i.status = 'held' AND i.fsm = k.fsm AND (i.version IS NULL OR i.version = k.version)
+RETURNING i.id, i.queue;

@@ -11,10 +11,13 @@ CREATE TABLE IF NOT EXISTS {schema}.migrations (
 -- Serialise concurrent migrators of one schema for the rest of the transaction.
 SELECT pg_advisory_xact_lock(hashtext('pgdurable.migrate'), hashtext(%(schema)s));
 
+-- name: schema_ledger_exists
+-- Whether the migration ledger exists (a never-migrated schema has none).
+SELECT to_regclass(%(ledger)s) IS NOT NULL AS present;
+
 -- name: schema_version
--- The newest applied migration, 0 when the ledger is missing or empty.
-SELECT CASE WHEN to_regclass(%(ledger)s) IS NULL THEN 0
-            ELSE (SELECT COALESCE(max(version), 0) FROM {schema}.migrations) END AS version;
+-- The newest applied migration (0 when the ledger is empty).
+SELECT COALESCE(max(version), 0) AS version FROM {schema}.migrations;
 
 -- name: schema_record
 -- Record one applied migration.
