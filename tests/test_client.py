@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -22,6 +21,7 @@ from pgdurable import FSM, Done, DuplicateInstance, Insert, Registry, UnknownMac
 from pgdurable.client import AsyncClient, Busy, Client, Failed, Instance
 from pgdurable.engine import Engine
 from pgdurable.errors import NoTarget
+from pgdurable.spec import LIVE_STATUSES
 from pgdurable.testing import drain
 
 from .machines import Boom, Counter
@@ -231,6 +231,26 @@ def test_insert_many_refused_leaves_callers_transaction_usable(dsn, schema, clie
     assert count(db, schema) == 3
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["idle-txn", "autocommit"])
+def test_insert_many_refused_as_first_statement_leaves_connection_usable(dsn, schema, client, db, autocommit):
+    client.insert("batchy", queue="q", correlation_key="taken")
+    with psycopg.connect(dsn, autocommit=autocommit) as conn:
+        with pytest.raises(DuplicateInstance):
+            client.insert_many(
+                [
+                    Insert("batchy", queue="q", correlation_key="x"),
+                    Insert("batchy", queue="q", correlation_key="taken"),
+                ],
+                conn=conn,
+            )
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        [after] = client.insert_many([Insert("batchy", queue="q", correlation_key="x")], conn=conn)
+        if not autocommit:
+            conn.commit()
+    assert must_get(client, after).correlation_key == "x"
+    assert count(db, schema) == 2
+
+
 # --------------------------------------------------------------------------- 3. duplicate
 
 
@@ -277,7 +297,7 @@ def test_default_scope_frees_key_once_done(dsn, schema, client):
 
 
 def test_scope_with_done_keeps_key_reserved(dsn, schema, client):
-    scope = ["runnable", "executing", "done"]
+    scope = [*LIVE_STATUSES, "done"]
     first = client.insert(QuickDone, correlation_key="once", correlation_scope=scope)
     drain(dsn, [QuickDone], schema=schema)
     assert must_get(client, first).status == "done"
@@ -295,20 +315,33 @@ def test_empty_scope_means_no_dedup(client):
     assert all(must_get(client, i).correlation_key == "same" for i in (a, b, c, d))
 
 
-@pytest.mark.xfail(
-    reason="a scope without 'runnable' lets two rows share a key until both reach a scoped "
-    "status; the flush of the second then hits instances_correlation and the whole flush "
-    "fails, leaving rows stuck 'executing'",
-    strict=True,
+@pytest.mark.parametrize(
+    "scope",
+    [["done"], ["runnable"], ["runnable", "executing", "done"], [s for s in LIVE_STATUSES if s != "held"]],
+    ids=["done-only", "runnable-only", "partial-live", "all-live-but-held"],
 )
-def test_scope_excluding_runnable_does_not_wedge_the_flush(dsn, schema, client):
-    ids = []
-    for _ in range(2):
-        # refusing such a scope (or the second insert) up front would be fine
-        with contextlib.suppress(ValueError, DuplicateInstance):
-            ids.append(client.insert(QuickDone, correlation_key="k", correlation_scope=["done"]))
-    drain(dsn, [QuickDone], schema=schema)  # raised UniqueViolation from the flush
-    assert [must_get(client, i).status for i in ids] != ["executing"] * len(ids)
+def test_scope_must_cover_every_live_status(dsn, schema, client, db, scope):
+    """A scope that starts counting after the insert would let two rows share a key until
+    both enter it, and that transition could then never commit (it used to wedge the
+    flush with a UniqueViolation, leaving rows stuck 'executing'): refused up front."""
+    with pytest.raises(ValueError, match="correlation_scope"):
+        client.insert(QuickDone, correlation_key="k", correlation_scope=scope)
+    with pytest.raises(ValueError, match="correlation_scope"):
+        client.insert_many([Insert(QuickDone, correlation_key="k", correlation_scope=scope)])
+    assert count(db, schema) == 0
+
+
+def test_scope_of_live_and_terminal_statuses_flushes_cleanly(dsn, schema, client):
+    """The regression behind the rule above: with a valid scope the second insert is refused
+    and draining never trips over the correlation index."""
+    scope = [*LIVE_STATUSES, "done"]
+    first = client.insert(QuickDone, correlation_key="k", correlation_scope=scope)
+    with pytest.raises(DuplicateInstance):
+        client.insert(QuickDone, correlation_key="k", correlation_scope=scope)
+    other = client.insert(QuickDone, correlation_key="other", correlation_scope=scope)
+    tally = drain(dsn, [QuickDone], schema=schema)
+    assert tally.done == 2
+    assert [must_get(client, i).status for i in (first, other)] == ["done", "done"]
 
 
 # --------------------------------------------------------------------------- 5. transactions
@@ -339,12 +372,6 @@ def _in_transaction(dsn: str, style: str, commit: bool, work: Callable[[Any], An
         return out
 
 
-_FIRST_BUG = pytest.mark.xfail(
-    reason="insert_many(conn=) on an idle non-autocommit connection opens its own outer "
-    "transaction (conn.transaction() issues BEGIN/COMMIT) and commits the batch, so the "
-    "caller's rollback cannot undo it",
-    strict=True,
-)
 STYLES = ["block", "implicit", "first"]
 
 
@@ -356,10 +383,7 @@ def test_transactional_insert(dsn, schema, client, db, style, commit):
     assert count(db, schema) == (1 if commit else 0)
 
 
-@pytest.mark.parametrize(
-    "style",
-    ["block", "implicit", pytest.param("first", marks=_FIRST_BUG)],
-)
+@pytest.mark.parametrize("style", STYLES)
 def test_transactional_insert_many_rollback(dsn, schema, client, db, style):
     specs = [Insert("batchy", {"i": i}, queue="q") for i in range(3)]
     ids = _in_transaction(dsn, style, False, lambda c: client.insert_many(specs, conn=c))
@@ -368,10 +392,7 @@ def test_transactional_insert_many_rollback(dsn, schema, client, db, style):
     assert all(client.get(i) is None for i in ids)
 
 
-@pytest.mark.parametrize(
-    "style",
-    ["block", "implicit", pytest.param("first", marks=_FIRST_BUG)],
-)
+@pytest.mark.parametrize("style", STYLES)
 def test_transactional_insert_many_commit(dsn, schema, client, db, style):
     specs = [Insert("batchy", {"i": i}, queue="q") for i in range(3)]
     ids = _in_transaction(dsn, style, True, lambda c: client.insert_many(specs, conn=c))
@@ -420,10 +441,7 @@ def _async_insert_many(dsn: str, schema: str, style: str, commit: bool, n: int) 
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "style",
-    ["block", "implicit", pytest.param("first", marks=_FIRST_BUG)],
-)
+@pytest.mark.parametrize("style", STYLES)
 def test_async_transactional_insert_many_rollback(dsn, schema, client, db, style):
     ids = _async_insert_many(dsn, schema, style, False, 2)
     assert len(ids) == 2
@@ -431,10 +449,7 @@ def test_async_transactional_insert_many_rollback(dsn, schema, client, db, style
     assert all(client.get(i) is None for i in ids)
 
 
-@pytest.mark.parametrize(
-    "style",
-    ["block", "implicit", pytest.param("first", marks=_FIRST_BUG)],
-)
+@pytest.mark.parametrize("style", STYLES)
 def test_async_transactional_insert_many_commit(dsn, schema, client, db, style):
     ids = _async_insert_many(dsn, schema, style, True, 2)
     assert [must_get(client, i).state for i in ids] == [{"i": 0}, {"i": 1}]

@@ -105,12 +105,6 @@ def test_cli_check_behind_after_partial_ledger(dsn, schema):
     assert f"pgdurable migrate --schema {schema}" in res.stderr
 
 
-@pytest.mark.xfail(
-    reason="schema_version references <schema>.migrations inside a CASE guarded by "
-    "to_regclass, but the relation is resolved at parse time, so current() raises "
-    "UndefinedTable on a never-migrated schema and --check crashes with a traceback",
-    strict=True,
-)
 def test_cli_check_fresh_schema_is_behind(dsn, fresh_schema):
     res = cli("migrate", "--dsn", dsn, "--schema", fresh_schema, "--check")
     assert res.returncode == 1
@@ -121,11 +115,6 @@ def test_cli_check_fresh_schema_is_behind(dsn, fresh_schema):
     assert not schema_exists(dsn, fresh_schema)  # --check changes nothing
 
 
-@pytest.mark.xfail(
-    reason="same cause as test_cli_check_fresh_schema_is_behind: current() fails with "
-    "UndefinedTable instead of returning 0 when the ledger does not exist",
-    strict=True,
-)
 def test_current_is_zero_on_fresh_schema(dsn, fresh_schema):
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert migrations.current(conn, fresh_schema) == 0
