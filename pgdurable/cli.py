@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (PgdurableError, psycopg.OperationalError) as exc:
+    except (PgdurableError, ValueError, psycopg.OperationalError) as exc:
         print(f"pgdurable: {exc}", file=sys.stderr)
         return 2
 
