@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -37,6 +38,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from .supervisor import supervise
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+    return supervise(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgdurable", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--schema", default="pgdurable", help="schema name (default: pgdurable)")
     mig.add_argument("--check", action="store_true", help="exit 1 if the database is behind; change nothing")
     mig.set_defaults(func=cmd_migrate)
+    sup = sub.add_parser("supervise", help="run the workers of a config file (one per host)")
+    sup.add_argument("config", help="the TOML config file")
+    sup.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sup.set_defaults(func=cmd_supervise)
     return parser
 
 

@@ -30,6 +30,20 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def registration(registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parameters of machine_register_many and instance_release_held for a registry."""
+    infos = [m.__pgdurable__ for m in registry.machines()]
+    machines = {
+        "names": [m.name for m in infos],
+        "versions": [m.version for m in infos],
+        "initials": [m.initial for m in infos],
+        "queues": [m.queue for m in infos],
+        "steps": [encode_json(list(m.steps)) for m in infos],
+    }
+    held = {"fsms": machines["names"], "versions": machines["versions"]}
+    return machines, held
+
+
 class Engine:
     """Claim / run / flush for the machines of one registry on one schema."""
 
@@ -54,23 +68,11 @@ class Engine:
 
         Returns the ids of released held rows.
         """
-        machines = [m.__pgdurable__ for m in self.registry.machines()]
-        if not machines:
+        machines, held = registration(self.registry)
+        if not machines["names"]:
             return []
-        await conn.execute(
-            self.q["machine_register_many"],
-            {
-                "names": [m.name for m in machines],
-                "versions": [m.version for m in machines],
-                "initials": [m.initial for m in machines],
-                "queues": [m.queue for m in machines],
-                "steps": [encode_json(list(m.steps)) for m in machines],
-            },
-        )
-        cur = await conn.execute(
-            self.q["instance_release_held"],
-            {"fsms": [m.name for m in machines], "versions": [m.version for m in machines]},
-        )
+        await conn.execute(self.q["machine_register_many"], machines)
+        cur = await conn.execute(self.q["instance_release_held"], held)
         return [row[0] for row in await cur.fetchall()]
 
     async def claim(

@@ -10,8 +10,8 @@ import psycopg
 from .queries import Queries
 
 
-async def gc(
-    conn: psycopg.AsyncConnection[Any],
+def gc(
+    conn: psycopg.Connection[Any],
     q: Queries,
     *,
     retention: dt.timedelta,
@@ -25,11 +25,12 @@ async def gc(
     """
     total = 0
     for _ in range(max_batches):
-        async with conn.transaction():
-            cur = await conn.execute(q["gc_select_ids"], {"retention": retention, "limit": batch})
-            ids = [row[0] for row in await cur.fetchall()]
+        with conn.transaction():
+            ids = [
+                row[0] for row in conn.execute(q["gc_select_ids"], {"retention": retention, "limit": batch})
+            ]
             if ids:
-                await conn.execute(q["gc_delete_ids"], {"ids": ids})
+                conn.execute(q["gc_delete_ids"], {"ids": ids})
         total += len(ids)
         if len(ids) < batch:
             break

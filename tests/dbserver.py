@@ -58,7 +58,5 @@ def _path_server(initdb: str, pg_ctl: str) -> Iterator[str]:
     try:
         yield f"postgresql://postgres@/postgres?host={sock}"
     finally:
-        subprocess.run(
-            [pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True
-        )
+        subprocess.run([pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(data, ignore_errors=True)

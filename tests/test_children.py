@@ -94,12 +94,11 @@ def test_gc_spares_terminal_children_of_a_live_parent(dsn, schema, client, db):
     assert_status(client, iid, "runnable")  # joined, not yet run
     db.execute(f"UPDATE \"{schema}\".instances SET updated_at = now() - interval '2 days'")
 
-    async def collect():
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            return await gc(conn, for_schema(schema), retention=dt.timedelta(days=1))
+    def collect():
+        return gc(db, for_schema(schema), retention=dt.timedelta(days=1))
 
-    assert asyncio.run(collect()) == 0  # the children wait for their live parent
+    assert collect() == 0  # the children wait for their live parent
     drain(dsn, ALL, schema=schema)
     assert_done(client, iid)
     db.execute(f"UPDATE \"{schema}\".instances SET updated_at = now() - interval '2 days'")
-    assert asyncio.run(collect()) == 3
+    assert collect() == 3

@@ -19,9 +19,7 @@ class Trace:
     def statements(self) -> int:
         """Statements executed: simple queries (BEGIN/COMMIT) plus extended-protocol executes."""
         return sum(
-            1
-            for ln in self.lines
-            if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tExecute\t" in ln)
+            1 for ln in self.lines if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tExecute\t" in ln)
         )
 
     @property
@@ -29,11 +27,7 @@ class Trace:
         return sum(1 for ln in self.lines if ln.startswith("B\t") and "\tReadyForQuery\t" in ln)
 
     def sql(self) -> list[str]:
-        return [
-            ln
-            for ln in self.lines
-            if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tParse\t" in ln)
-        ]
+        return [ln for ln in self.lines if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tParse\t" in ln)]
 
 
 @contextmanager

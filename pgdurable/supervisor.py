@@ -1,0 +1,438 @@
+"""``pgdurable supervise config.toml``: one per host. Forks per-queue workers, replaces the
+ones that die (returning their rows at once), runs the maintenance sweeps, talks to systemd.
+
+The supervisor itself is a plain synchronous loop: no event loop, no threads, and no
+connection open while it forks, so every worker starts clean. Its database work (reclaims,
+sweeps) runs on short-lived connections. Workers report over a pipe, one JSON line a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import setproctitle
+
+from . import config as config_mod
+from . import maintenance, migrations
+from .config import Config
+from .engine import registration
+from .errors import PgdurableError
+from .fsm import Registry
+from .queries import for_schema
+from .systemd import Notifier
+
+log = logging.getLogger("pgdurable.supervisor")
+
+RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Child:
+    queue: str
+    index: int
+    pid: int
+    worker_id: str
+    fd: int
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    last_report: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    buf: bytes = b""
+
+
+@dataclass
+class Slot:
+    """A (queue, index) position that should always have a worker."""
+
+    queue: str
+    index: int
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, *, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.host = socket.gethostname()
+        self.node = f"{self.host}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.notifier = notifier or Notifier()
+        self.children: dict[int, Child] = {}
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.generation = 0
+        self.stopping = False
+        self.sel = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._embedded: Any = None
+        self.dsn = ""
+        self.registry = Registry()
+        self._next_sweep = 0.0
+        self._next_gc = 0.0
+        self._next_status = 0.0
+        self._ready = False
+
+    # -- start -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Import the user modules, resolve the database, check the schema — before forking."""
+        sys.path.insert(0, str(self.cfg.base_dir))
+        self.registry = Registry.from_modules(self.cfg.runtime.modules)
+        dsn = self.cfg.dsn()
+        if dsn is None:
+            from .embedded import start
+
+            data = Path(self.cfg.database.data_dir)
+            if not data.is_absolute():
+                data = self.cfg.base_dir / data
+            log.info("starting the embedded PostgreSQL in %s", data)
+            self._embedded = start(data, cleanup="stop")
+            dsn = str(self._embedded.get_uri())
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                migrations.migrate(conn, self.cfg.database.schema)
+        self.dsn = dsn
+        q = for_schema(self.cfg.database.schema)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrations.check(conn, self.cfg.database.schema)
+            machines, held = registration(self.registry)
+            if machines["names"]:
+                with conn.transaction():
+                    conn.execute(q["machine_register_many"], machines)
+                    conn.execute(q["instance_release_held"], held)
+        unknown = sorted(set(self.cfg.queues) - set(self.registry.queues()))
+        if unknown:
+            log.warning("queues %s run no machine of the configured modules", unknown)
+
+    def run(self) -> int:
+        self.prepare()
+        self._install_signals()
+        self._reclaim_dead_incarnations()
+        self._spawn_all()
+        setproctitle.setproctitle(f"pgdurable: supervisor {self.cfg.path}")
+        try:
+            while True:
+                self._tick()
+                if self.stopping and not self.children:
+                    break
+        finally:
+            self.notifier.send("STOPPING=1")
+            self.notifier.close()
+        log.info("supervisor stopped", extra={"event": "stopped"})
+        return 0
+
+    # -- signals ---------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        os.set_blocking(r, False)
+        self._sigpipe = r
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(r, selectors.EVENT_READ, "signal")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._sigpipe, 4096)
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self._begin_stop()
+            elif sig == signal.SIGHUP and not self.stopping:
+                self._reload()
+
+    # -- workers ---------------------------------------------------------------------------
+    def _spawn_all(self) -> None:
+        self.generation += 1
+        self.slots = {
+            (name, i): Slot(name, i) for name, q in self.cfg.queues.items() for i in range(q.processes)
+        }
+        for slot in self.slots.values():
+            self._spawn(slot)
+
+    def _spawn(self, slot: Slot) -> None:
+        r, w = os.pipe()
+        parent_pid = os.getpid()
+        worker_id = f"{self.node}/{slot.queue}/{slot.index}"
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of ours is open but the pipe
+            os.close(r)
+            code = 1
+            try:
+                from .worker_main import worker_main
+
+                code = worker_main(
+                    self.cfg,
+                    self.dsn,
+                    slot.queue,
+                    slot.index,
+                    self.registry,
+                    f"{worker_id}/{os.getpid()}",
+                    w,
+                    parent_pid,
+                )
+            except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
+                logging.getLogger("pgdurable.worker").exception("worker crashed")
+            finally:
+                os._exit(code)
+        os.close(w)
+        os.set_blocking(r, False)
+        child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation)
+        self.children[pid] = child
+        self.sel.register(r, selectors.EVENT_READ, pid)
+        log.info("worker started", extra={"event": "worker_started", "queue": slot.queue, "pid": pid})
+
+    def _read_reports(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is None:
+            return
+        try:
+            data = os.read(child.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(child.fd)
+            os.close(child.fd)
+            child.fd = -1
+            return
+        child.buf += data
+        *lines, child.buf = child.buf.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                child.last_report = json.loads(line)
+                child.last_seen = time.monotonic()
+        if not self._ready and self._all_reported():
+            self._ready = True
+            self.notifier.send("READY=1", f"STATUS={self._status()}")
+
+    def _all_reported(self) -> bool:
+        return bool(self.children) and all(c.last_report for c in self.children.values())
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.fd >= 0:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(child.fd)
+                os.close(child.fd)
+            code = os.waitstatus_to_exitcode(status)
+            graceful = code == 0 and (self.stopping or child.generation != self.generation)
+            if not graceful:
+                log.warning(
+                    "worker %s of queue %s died (exit %s)",
+                    pid,
+                    child.queue,
+                    code,
+                    extra={"event": "worker_died"},
+                )
+            # Whatever it still held goes back now, not when its leases expire.
+            self._reclaim(workers=[child.worker_id])
+            slot = self.slots.get((child.queue, child.index))
+            if slot is not None and not self.stopping and child.generation == self.generation:
+                alive = time.monotonic() - child.started
+                slot.failures = 0 if alive > 60 else slot.failures + 1
+                slot.restart_at = (
+                    time.monotonic() + RESTART_BACKOFF[min(slot.failures, len(RESTART_BACKOFF) - 1)]
+                )
+
+    def _restart_due(self) -> None:
+        if self.stopping:
+            return
+        running = {(c.queue, c.index) for c in self.children.values() if c.generation == self.generation}
+        now = time.monotonic()
+        for key, slot in self.slots.items():
+            if key not in running and slot.restart_at <= now:
+                self._spawn(slot)
+
+    # -- stop and reload -------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        log.info("draining", extra={"event": "draining"})
+        self.stopping = True
+        self.notifier.send("STOPPING=1")
+        self._stop_deadline = time.monotonic() + self.cfg.runtime.drain_timeout + 10
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    def _reload(self) -> None:
+        try:
+            cfg = config_mod.load(self.cfg.path)
+        except PgdurableError as exc:
+            log.error("reload refused: %s", exc, extra={"event": "reload_refused"})
+            return
+        if cfg.runtime.modules != self.cfg.runtime.modules or cfg.database != self.cfg.database:
+            log.error(
+                "reload refused: database and modules need a restart", extra={"event": "reload_refused"}
+            )
+            return
+        log.info("reloading", extra={"event": "reload"})
+        old = list(self.children.values())
+        self.cfg = cfg
+        self._spawn_all()  # new generation first, then the old one drains
+        for child in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _tick(self) -> None:
+        timeout = 0.5
+        for key, _ in self.sel.select(timeout):
+            if key.data == "signal":
+                self._handle_signals()
+            else:
+                self._read_reports(key.data)
+        self._handle_signals()
+        self._reap()
+        self._restart_due()
+        now = time.monotonic()
+        if self.stopping:
+            if now > self._stop_deadline:
+                for child in self.children.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+            return
+        if self.cfg.maintenance.enabled:
+            self._maintenance(now)
+        if now >= self._next_status:
+            self._next_status = now + 1.0
+            self._status_and_watchdog()
+
+    def _maintenance(self, now: float) -> None:
+        try:
+            if now >= self._next_sweep:
+                self._next_sweep = now + self.cfg.maintenance.interval
+                self._reclaim(expired=True)
+                self._expire_awaits()
+            if now >= self._next_gc:
+                self._next_gc = now + self.cfg.maintenance.gc_interval
+                self._gc()
+        except psycopg.Error as exc:
+            log.warning("maintenance failed: %r", exc, extra={"event": "maintenance_failed"})
+
+    # -- database work (short connections) -------------------------------------------------
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+
+    def _reclaim(self, *, workers: list[str] = (), nodes: list[str] = (), expired: bool = False) -> int:  # type: ignore[assignment]
+        q = for_schema(self.cfg.database.schema)
+        machines = [m.__pgdurable__ for m in self.registry.machines()]
+        limits = {m.__pgdurable__.name: m.max_crashes for m in self.registry.machines()}
+        params = {
+            "workers": list(workers),
+            "nodes": list(nodes),
+            "expired": expired,
+            "fsms": [m.name for m in machines],
+            "versions": [m.version for m in machines],
+            "max_crashes": [limits[m.name] for m in machines],
+            "default_max": self.cfg.runtime.max_crashes,
+        }
+        try:
+            with self._connect() as conn, conn.transaction():
+                rows = conn.execute(q["instance_reclaim"], params).fetchall()
+                parents: dict[int, int] = {}
+                for _rid, status, parent_id, _n in rows:
+                    if status == "failed" and parent_id is not None:
+                        parents[parent_id] = parents.get(parent_id, 0) + 1
+                if parents:
+                    ids = sorted(parents)
+                    conn.execute(
+                        q["instance_join_parents_many"], {"parents": ids, "counts": [parents[p] for p in ids]}
+                    )
+        except psycopg.Error as exc:
+            log.warning("reclaim failed: %r", exc, extra={"event": "reclaim_failed"})
+            return 0
+        if rows:
+            log.info("reclaimed %d rows", len(rows), extra={"event": "reclaimed"})
+        return len(rows)
+
+    def _reclaim_dead_incarnations(self) -> None:
+        """Rows held by a previous supervisor of this host whose process is gone."""
+        q = for_schema(self.cfg.database.schema)
+        with self._connect() as conn:
+            nodes = [r[0] for r in conn.execute(q["instance_node_owners"], {"host": self.host})]
+        dead = [n for n in nodes if n != self.node and not _alive(int(n.split(":")[-2]))]
+        if dead:
+            self._reclaim(nodes=dead)
+
+    def _expire_awaits(self) -> None:
+        q = for_schema(self.cfg.database.schema)
+        with self._connect() as conn:
+            while (
+                len(conn.execute(q["instance_await_expire"], {"horizon": "0", "limit": 1000}).fetchall())
+                == 1000
+            ):
+                pass
+
+    def _gc(self) -> None:
+        with self._connect() as conn:
+            deleted = maintenance.gc(
+                conn,
+                for_schema(self.cfg.database.schema),
+                retention=dt.timedelta(seconds=self.cfg.maintenance.retention),
+                batch=self.cfg.maintenance.gc_batch,
+            )
+        if deleted:
+            log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
+
+    # -- health ----------------------------------------------------------------------------
+    def _status(self) -> str:
+        busy = sum(int(c.last_report.get("busy", 0)) for c in self.children.values())
+        cap = sum(int(c.last_report.get("concurrency", 0)) for c in self.children.values())
+        steps = sum(int(c.last_report.get("steps", 0)) for c in self.children.values())
+        return f"{len(self.children)} workers, busy {busy}/{cap}, {steps} steps"
+
+    def _healthy(self) -> bool:
+        now = time.monotonic()
+        expected = len(self.slots)
+        current = [c for c in self.children.values() if c.generation == self.generation]
+        return (
+            len(current) == expected
+            and all(now - c.last_seen < 10 for c in current)
+            and all(c.last_report.get("listening") for c in current)
+        )
+
+    def _status_and_watchdog(self) -> None:
+        status = self._status()
+        setproctitle.setproctitle(f"pgdurable: supervisor {self.cfg.path} {status}")
+        lines = [f"STATUS={status}"]
+        if self._ready and self._healthy():
+            lines.append("WATCHDOG=1")
+        self.notifier.send(*lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def supervise(path: str) -> int:
+    cfg = config_mod.load(path)
+    return Supervisor(cfg).run()

@@ -1,0 +1,46 @@
+"""sd_notify over $NOTIFY_SOCKET, without a dependency. A no-op outside systemd."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class Notifier:
+    def __init__(self, address: str | None = None):
+        addr = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        if addr and addr.startswith("@"):
+            addr = "\0" + addr[1:]  # abstract namespace
+        self._addr = addr or None
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._addr is not None
+
+    def send(self, *lines: str) -> None:
+        """Send ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``… (errors ignored)."""
+        if self._addr is None:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(lines).encode(), self._addr)
+        except OSError:
+            pass
+
+    def watchdog_interval(self) -> float | None:
+        """Half the watchdog timeout systemd asked for, in seconds (None: no watchdog)."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2_000_000
+        except ValueError:
+            return None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

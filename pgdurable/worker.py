@@ -1,0 +1,378 @@
+"""A worker process: one queue, one event loop, its own pool; claim → run → group commit.
+
+Components, each with start/stop: the listener (LISTEN on the queue's channel, dedicated
+connection, reconnect with backoff), the feeder (claims batches sized to free slots plus
+prefetch and starts steps), the flusher (commits the outcomes that wait together in one
+transaction), and the heartbeat (one statement extends every lease held, then a report to
+the supervisor over the pipe).
+
+Stopping (SIGTERM): stop claiming, give the prefetched rows back, let in-flight steps finish
+within the drain timeout, cancel and give back what is left, flush, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import setproctitle
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from .claim import Claimed
+from .config import Config, Queue
+from .engine import Engine
+from .executor import Executor, Result
+from .fsm import Registry
+
+log = logging.getLogger("pgdurable.worker")
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    stale: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    listener_ok: bool = False
+    listener_seen: float = 0.0
+
+
+@dataclass
+class _Pending:
+    result: Result
+    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Flusher:
+    """Group commit: outcomes submitted while a flush runs are committed together next."""
+
+    def __init__(self, engine: Engine, pool: AsyncConnectionPool, stats: Stats):
+        self._engine, self._pool, self._stats = engine, pool, stats
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="flusher")
+
+    async def submit(self, result: Result) -> bool:
+        """Wait until the outcome is durable; False when it was stale (claim lost)."""
+        item = _Pending(result)
+        self._queue.append(item)
+        self._wake.set()
+        return await item.done
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                async with self._pool.connection() as conn:
+                    report = await self._engine.flush(conn, [p.result for p in batch])
+            except Exception as exc:  # noqa: BLE001 - rows stay executing; recovery reclaims them
+                self._stats.errors += 1
+                self._stats.last_error = f"flush failed: {exc!r}"
+                log.exception("flush failed", extra={"event": "flush_failed"})
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                continue
+            for p in batch:
+                stale = p.result.row.id in report.stale
+                self._stats.stale += stale
+                if not p.done.done():
+                    p.done.set_result(not stale)
+
+    async def stop(self) -> None:
+        """Flush what is waiting, then stop (safe twice or before start)."""
+        if self._task is None:
+            return
+        while self._queue:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+
+class Listener:
+    """LISTEN on the queue's channel on a dedicated autocommit connection; sets ``wake``."""
+
+    def __init__(self, dsn: str, channel: str, wake: asyncio.Event, stats: Stats, probe_every: float):
+        self._dsn, self._channel, self._wake, self._stats = dsn, channel, wake, stats
+        self._probe_every = probe_every
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="listener")
+
+    async def _loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    # LISTEN takes no parameters; the channel is quoted as an identifier.
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    self._mark_alive()
+                    self._wake.set()  # anything may have arrived while we were not listening
+                    backoff = 0.1
+                    while True:
+                        async for _ in conn.notifies(timeout=self._probe_every):
+                            self._wake.set()
+                        await conn.execute("SELECT 1")  # liveness probe of this very connection
+                        self._mark_alive()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect with backoff
+                self._stats.listener_ok = False
+                log.warning(
+                    "listener lost: %r; reconnecting in %.1fs", exc, backoff, extra={"event": "listener_lost"}
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _mark_alive(self) -> None:
+        self._stats.listener_ok = True
+        self._stats.listener_seen = time.monotonic()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._stats.listener_ok = False
+
+
+class Worker:
+    """The composition root of one worker process."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dsn: str,
+        queue: str,
+        index: int,
+        registry: Registry,
+        worker_id: str,
+        report_fd: int | None,
+    ):
+        self.cfg, self.dsn, self.queue_name, self.index = cfg, dsn, queue, index
+        self.q: Queue = cfg.queues[queue]
+        self.report_fd = report_fd
+        self.stats = Stats()
+        self._threads = ThreadPoolExecutor(max_workers=self.q.concurrency, thread_name_prefix=f"step-{queue}")
+
+        def run_sync(fn: Any, *args: Any) -> asyncio.Future[Any]:
+            return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+        self.engine = Engine(
+            registry,
+            schema=cfg.database.schema,
+            worker_id=worker_id,
+            lease=dt.timedelta(seconds=cfg.runtime.lease),
+            executor=Executor(registry, run_sync=run_sync, logger=log),
+        )
+        self.buffer: list[Claimed] = []
+        self.in_flight: dict[int, tuple[Claimed, asyncio.Task[None]]] = {}
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        pool = AsyncConnectionPool(self.dsn, min_size=2, max_size=4, kwargs={"autocommit": True}, open=False)
+        await pool.open(wait=True, timeout=30)
+        self.pool = pool
+        async with pool.connection() as conn:
+            cur = await conn.execute(self.engine.q["queue_channel"], {"queue": self.queue_name})
+            row = await cur.fetchone()
+            assert row is not None
+            channel = str(row[0])
+        self.flusher = Flusher(self.engine, pool, self.stats)
+        self.listener = Listener(
+            self.dsn, channel, self.wake, self.stats, probe_every=self.cfg.runtime.heartbeat
+        )
+        self.flusher.start()
+        self.listener.start()
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await self._feed()
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await self.listener.stop()
+            await self.flusher.stop()
+            await pool.close()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        return 0
+
+    # -- feeder ----------------------------------------------------------------------------
+    async def _feed(self) -> None:
+        q = self.q
+        min_demand = max(1, (q.concurrency + q.prefetch) // 4)
+        while not self.stopping.is_set():
+            demand = min(q.concurrency + q.prefetch - len(self.in_flight) - len(self.buffer), q.batch)
+            idle = not self.in_flight and not self.buffer
+            claimed = 0
+            if demand > 0 and (demand >= min_demand or idle):
+                self.wake.clear()
+                rows = await self._claim(demand)
+                claimed = len(rows)
+                self.buffer.extend(rows)
+            self._start_from_buffer()
+            if claimed and claimed == demand:
+                continue  # there may be more right away
+            timeout = self.cfg.runtime.poll_ceiling
+            if not self.in_flight and not self.buffer:
+                timeout = await self._idle_timeout()
+            await self._wait(timeout)
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        try:
+            async with self.pool.connection() as conn:
+                return await self.engine.claim(conn, self.queue_name, limit)
+        except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
+            self.stats.errors += 1
+            self.stats.last_error = f"claim failed: {exc!r}"
+            log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
+            await asyncio.sleep(1.0)
+            return []
+
+    async def _idle_timeout(self) -> float:
+        """Sleep until the queue's earliest future row is due, at most the poll ceiling."""
+        ceiling = self.cfg.runtime.poll_ceiling
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    self.engine.q["instance_next_eligible"], {"queue": self.queue_name}, prepare=True
+                )
+                row = await cur.fetchone()
+        except Exception:  # noqa: BLE001
+            return min(ceiling, 1.0)
+        wait = row[0] if row else None
+        if wait is None:
+            return ceiling
+        return max(0.0, min(ceiling, float(wait) + 0.001))
+
+    async def _wait(self, timeout: float) -> None:
+        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def _start_from_buffer(self) -> None:
+        while self.buffer and len(self.in_flight) < self.q.concurrency and not self.stopping.is_set():
+            row = self.buffer.pop(0)
+            task = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
+            self.in_flight[row.id] = (row, task)
+
+    async def _run_one(self, row: Claimed) -> None:
+        try:
+            result = await self.engine.run(row)
+            await self.flusher.submit(result)
+            self.stats.steps += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the row stays executing; recovery reclaims it
+            self.stats.errors += 1
+            self.stats.last_error = repr(exc)
+        finally:
+            self.in_flight.pop(row.id, None)
+            self.wake.set()
+
+    # -- stopping --------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        await self._release(self.buffer)
+        self.buffer = []
+        if self.in_flight:
+            tasks = [t for _, t in self.in_flight.values()]
+            await asyncio.wait(tasks, timeout=self.cfg.runtime.drain_timeout)
+        leftover = [row for row, _ in self.in_flight.values()]
+        for _, task in list(self.in_flight.values()):
+            task.cancel()
+        await self._release(leftover)
+
+    async def _release(self, rows: list[Claimed]) -> None:
+        if not rows:
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                self.engine.q["instance_release_many"],
+                {
+                    "worker": self.engine.worker_id,
+                    "ids": [r.id for r in rows],
+                    "tokens": [r.token for r in rows],
+                },
+            )
+
+    # -- heartbeat -------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        """Report every second; extend every held lease every ``heartbeat`` seconds."""
+        last_extend = time.monotonic()
+        while True:
+            held = [r.id for r in self.buffer] + list(self.in_flight)
+            if held and time.monotonic() - last_extend >= self.cfg.runtime.heartbeat:
+                last_extend = time.monotonic()
+                try:
+                    async with self.pool.connection() as conn:
+                        await conn.execute(
+                            self.engine.q["instance_lease_extend_many"],
+                            {"worker": self.engine.worker_id, "ids": held, "lease": self.engine.lease},
+                            prepare=True,
+                        )
+                except Exception as exc:  # noqa: BLE001
+                    self.stats.errors += 1
+                    self.stats.last_error = f"heartbeat failed: {exc!r}"
+            self.report(held=len(held))
+            setproctitle.setproctitle(
+                f"pgdurable: worker {self.queue_name} {self.index + 1}/{self.q.processes} "
+                f"busy {len(self.in_flight)}/{self.q.concurrency}"
+            )
+            await asyncio.sleep(1.0)
+
+    def report(self, **extra: Any) -> None:
+        """One JSON line to the supervisor: alive, load, held rows, errors, listener health."""
+        if self.report_fd is None:
+            return
+        listener_fresh = time.monotonic() - self.stats.listener_seen < 3 * self.cfg.runtime.heartbeat + 5
+        msg = {
+            "pid": os.getpid(),
+            "worker": self.engine.worker_id,
+            "queue": self.queue_name,
+            "busy": len(self.in_flight),
+            "buffered": len(self.buffer),
+            "concurrency": self.q.concurrency,
+            "steps": self.stats.steps,
+            "stale": self.stats.stale,
+            "errors": self.stats.errors,
+            "last_error": self.stats.last_error,
+            "listening": self.stats.listener_ok and listener_fresh,
+            **extra,
+        }
+        try:
+            os.write(self.report_fd, (json.dumps(msg) + "\n").encode())
+        except OSError:
+            self.stopping.set()  # the supervisor is gone: stop

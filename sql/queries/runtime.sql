@@ -1,0 +1,73 @@
+-- name: instance_lease_extend_many
+-- Heartbeat: extend the lease of every row this worker holds, in one statement. Rows being
+-- written right now are skipped this round rather than waited for.
+UPDATE {schema}.instances AS i
+SET lease_expires_at = now() + %(lease)s::interval
+WHERE i.id IN (
+    SELECT id FROM {schema}.instances
+    WHERE id = ANY(%(ids)s::bigint[]) AND locked_by = %(worker)s AND status = 'executing'
+    ORDER BY id
+    FOR NO KEY UPDATE SKIP LOCKED)
+RETURNING i.id;
+
+-- name: instance_release_many
+-- Give claimed rows that never started back to runnable (graceful stop, shutdown of a
+-- prefetch buffer): attempt, crashes and eligible_at untouched.
+UPDATE {schema}.instances AS i
+SET status = 'runnable', locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+    concurrency_shard = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token)
+WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+  AND i.status = 'executing'
+RETURNING i.id, pg_notify({schema}.notify_channel(i.queue), '')::text AS notified;
+
+-- name: instance_next_eligible
+-- Seconds until the earliest runnable row of a queue becomes due (NULL: none), so an idle
+-- worker sleeps exactly that long.
+SELECT EXTRACT(EPOCH FROM (min(eligible_at) - now()))::float8 AS wait
+FROM {schema}.instances
+WHERE status = 'runnable' AND queue = %(queue)s;
+
+-- name: instance_reclaim
+-- Return executing rows to runnable because their worker died: rows of the given workers,
+-- rows of dead supervisor incarnations (owner prefix), and, when asked, rows whose lease
+-- expired. Each reclaim counts as a crash of the step; the instance fails once it reaches
+-- its machine's max_crashes. Ordered SKIP LOCKED: safe with several supervisors at once.
+WITH victims AS (
+    SELECT id, fsm, version FROM {schema}.instances
+    WHERE status = 'executing'
+      AND (locked_by = ANY(%(workers)s::text[])
+        OR split_part(locked_by, '/', 1) = ANY(%(nodes)s::text[])
+        OR (%(expired)s AND lease_expires_at < now()))
+    ORDER BY id
+    FOR NO KEY UPDATE SKIP LOCKED
+), limits AS (
+    SELECT * FROM unnest(%(fsms)s::text[], %(versions)s::int[], %(max_crashes)s::int[])
+        AS l(fsm, version, max_crashes)
+)
+UPDATE {schema}.instances AS i
+SET crashes = i.crashes + 1,
+    status = CASE WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
+                  THEN 'failed' ELSE 'runnable' END,
+    last_error = CASE WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
+                      THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
+                      ELSE format('reclaimed from %%s (worker died or lease expired) in step %%s',
+                                  i.locked_by, i.step) END,
+    eligible_at = now(), locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+    concurrency_shard = NULL, updated_at = now()
+FROM victims AS v
+LEFT JOIN limits AS l ON l.fsm = v.fsm AND l.version = v.version
+WHERE i.id = v.id
+RETURNING i.id, i.status, i.parent_id,
+          CASE WHEN i.status = 'runnable'
+               THEN pg_notify({schema}.notify_channel(i.queue), '')::text END AS notified;
+
+-- name: instance_node_owners
+-- The supervisor incarnations (owner prefixes) on a host that hold executing rows.
+SELECT DISTINCT split_part(locked_by, '/', 1) AS node
+FROM {schema}.instances
+WHERE status = 'executing' AND left(locked_by, length(%(host)s) + 1) = %(host)s || ':';
+
+-- name: queue_channel
+-- The NOTIFY channel a queue's workers LISTEN on.
+SELECT {schema}.notify_channel(%(queue)s) AS channel;
