@@ -1,0 +1,52 @@
+"""Machines run by real supervisors in tests/test_runtime.py (imported by module name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgdurable import job
+
+
+def _record(args: dict, what: str) -> None:
+    """Append a run record to the test's side table (its own connection, not the engine's)."""
+    dsn = os.environ["RUNTIME_TEST_DSN"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO runtime_runs (tag, what, pid, at) VALUES (%s, %s, %s, clock_timestamp())",
+            [args["tag"], what, os.getpid()],
+        )
+
+
+@job(queue="rt", max_attempts=1)
+def sleepy(args: dict, ctx):
+    """Sleeps args['sleep'] seconds, recording start and end."""
+    _record(args, "start")
+    time.sleep(args.get("sleep", 0))
+    _record(args, "end")
+    return {"pid": os.getpid(), "started": time.time()}
+
+
+@job(queue="rt", max_attempts=1)
+def once_blocking(args: dict, ctx):
+    """The first run marks a file and blocks (to be killed); later runs finish at once."""
+    marker = Path(args["marker"])
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(600)
+    return {"crash_free_run_pid": os.getpid()}
+
+
+@job(queue="rt", max_attempts=5)
+def suicide(args: dict, ctx):
+    """Kills its own worker every time."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@job(queue="rt")
+def stamp(args: dict, ctx):
+    return {"started": time.time()}

@@ -1,0 +1,152 @@
+"""Run a real `pgdurable supervise` in a subprocess, with a NOTIFY_SOCKET to listen on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = """
+[database]
+dsn = "{dsn}"
+schema = "{schema}"
+
+[runtime]
+modules = ["tests.runtime_machines"]
+lease = {lease}
+heartbeat = {heartbeat}
+poll_ceiling = {poll_ceiling}
+drain_timeout = {drain_timeout}
+max_crashes = 3
+
+[maintenance]
+interval = 1
+gc_interval = 3600
+
+[queues.rt]
+processes = {processes}
+concurrency = {concurrency}
+prefetch = {prefetch}
+batch = 20
+"""
+
+
+class Supervised:
+    def __init__(self, tmp: Path, dsn: str, schema: str, name: str = "sup", **settings: object):
+        opts = {
+            "lease": 60,
+            "heartbeat": 2,
+            "poll_ceiling": 60,
+            "drain_timeout": 10,
+            "processes": 2,
+            "concurrency": 4,
+            "prefetch": 4,
+        }
+        opts.update(settings)
+        self.config = tmp / f"{name}.toml"
+        self.config.write_text(BASE.format(dsn=dsn.replace('"', '\\"'), schema=schema, **opts))
+        self.sock_path = tmp / f"{name}.notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.log = tmp / f"{name}.log"
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(self.sock_path),
+            "PYTHONPATH": str(ROOT),
+            "RUNTIME_TEST_DSN": dsn,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgdurable", "supervise", str(self.config)],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+            start_new_session=True,
+        )
+
+    def wait_for(self, message: str, timeout: float = 30.0) -> None:
+        if self.sock.fileno() < 0:  # closed after stop(): only what was collected counts
+            assert any(message in m for m in self.messages), f"no {message!r}: {self.messages}"
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(message in m for m in self.messages):
+                return
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                if self.proc.poll() is not None and not any(message in m for m in self.messages):
+                    raise AssertionError(
+                        f"supervisor exited {self.proc.returncode}:\n{self.log.read_text()}"
+                    ) from None
+        raise AssertionError(f"no {message!r} from the supervisor within {timeout}s:\n{self.log.read_text()}")
+
+    def ready(self) -> Supervised:
+        self.wait_for("READY=1")
+        return self
+
+    def workers(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in children.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def _collect(self) -> None:
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().splitlines())
+            except (BlockingIOError, OSError):
+                return
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._collect()
+        if self.proc.poll() is None:
+            with_group = os.getpgid(self.proc.pid)
+            os.killpg(with_group, signal.SIGKILL)
+            self.proc.wait(10)
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,164 @@
+"""The runtime with real processes and real signals: supervisors, workers, kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pgdurable import Insert
+
+from .supervised import ROOT, Supervised, alive, wait_until
+
+
+@pytest.fixture
+def runs(db, schema):
+    db.execute("CREATE TABLE IF NOT EXISTS runtime_runs (tag text, what text, pid int, at timestamptz)")
+    db.execute("TRUNCATE runtime_runs")
+    yield
+    db.execute("DROP TABLE IF EXISTS runtime_runs")
+
+
+@pytest.fixture
+def sups(tmp_path):
+    started: list[Supervised] = []
+    yield started
+    for s in started:
+        s.close()
+
+
+def start(sups, tmp_path, dsn, schema, **kw) -> Supervised:
+    s = Supervised(tmp_path, dsn, schema, name=f"sup{len(sups)}", **kw)
+    sups.append(s)
+    return s.ready()
+
+
+def statuses(db, schema):
+    return dict(db.execute(f'SELECT status, count(*) FROM "{schema}".instances GROUP BY 1').fetchall())
+
+
+def test_kill_9_worker_mid_step_reruns_at_once(dsn, schema, client, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, lease=120)
+    marker = tmp_path / "marker"
+    iid = client.insert("once_blocking", {"marker": str(marker)})
+    victim = int(wait_until(lambda: marker.exists() and marker.read_text(), what="the step to start"))
+    assert victim in sup.workers()
+    t = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    res = client.wait(iid, timeout=30)
+    took = time.monotonic() - t
+    assert res.result["crash_free_run_pid"] != victim
+    assert took < 60, "re-ran only after the lease expired"  # lease is 120 s
+    inst = client.get(iid)
+    assert (inst.status, inst.attempt) == ("done", 0)  # a crash is not an attempt
+    wait_until(lambda: len(sup.workers()) == 1, what="a replacement worker")
+    assert sup.stop() == 0
+
+
+def test_step_that_kills_its_worker_fails_after_max_crashes(dsn, schema, client, sups, tmp_path):
+    start(sups, tmp_path, dsn, schema, processes=1)
+    bad = client.insert("suicide", {})
+    good = [client.insert("stamp", {}) for _ in range(5)]
+    res = client.wait(bad, timeout=60)
+    assert res.status == "failed" and res.error == "worker died 3 times in step perform"
+    for iid in good:
+        assert client.wait(iid, timeout=30).result["started"] > 0  # the rest kept flowing
+    assert sups[0].stop() == 0
+
+
+def test_sigterm_during_load_drains(dsn, schema, client, db, sups, tmp_path, runs):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, concurrency=2, prefetch=4, drain_timeout=20)
+    client.insert_many([Insert("sleepy", {"tag": f"j{i}", "sleep": 0.5}) for i in range(12)])
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM runtime_runs WHERE what = 'start'").fetchone()[0] >= 2,
+        what="steps to start",
+    )
+    code = sup.stop()
+    sup.wait_for("STOPPING=1", timeout=1)
+    assert code == 0
+    counts = statuses(db, schema)
+    assert counts.get("executing", 0) == 0  # prefetched rows went back, in-flight ones finished
+    started = {t for (t,) in db.execute("SELECT tag FROM runtime_runs WHERE what = 'start'")}
+    ended = {t for (t,) in db.execute("SELECT tag FROM runtime_runs WHERE what = 'end'")}
+    assert started == ended  # every step that started also finished
+    assert counts.get("done", 0) == len(started) and counts.get("runnable", 0) == 12 - len(started)
+
+
+def test_kill_9_supervisor_workers_exit_and_next_supervisor_recovers(
+    dsn, schema, client, db, sups, tmp_path, runs
+):
+    sup = start(sups, tmp_path, dsn, schema, processes=2, concurrency=2, drain_timeout=1)
+    ids = client.insert_many([Insert("sleepy", {"tag": f"k{i}", "sleep": 0.3}) for i in range(20)])
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM runtime_runs").fetchone()[0] >= 2, what="work to start"
+    )
+    workers = sup.workers()
+    assert len(workers) == 2
+    sup.kill()  # SIGKILL the supervisor only
+    wait_until(lambda: not any(alive(p) for p in workers), timeout=30, what="orphaned workers to exit")
+    start(sups, tmp_path, dsn, schema, processes=2, concurrency=2)
+    for iid in ids:
+        assert client.wait(iid, timeout=60).__class__.__name__ == "Done"
+    assert statuses(db, schema) == {"done": 20}
+
+
+def test_restarted_supervisor_reclaims_rows_of_its_dead_incarnation(dsn, schema, client, db, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, lease=300)
+    marker = tmp_path / "marker"
+    iid = client.insert("once_blocking", {"marker": str(marker)})
+    wait_until(marker.exists, what="the step to start")
+    os.killpg(os.getpgid(sup.proc.pid), signal.SIGKILL)  # the whole host's pgdurable dies at once
+    sup.proc.wait(10)
+    assert client.get(iid).status == "executing"  # lease of 300 s still running
+    start(sups, tmp_path, dsn, schema, processes=1, lease=300)
+    res = client.wait(iid, timeout=30)  # well before the lease: reclaimed at start
+    assert res.__class__.__name__ == "Done"
+
+
+def test_two_supervisors_share_a_backlog_without_double_execution(
+    dsn, schema, client, db, sups, tmp_path, runs
+):
+    start(sups, tmp_path, dsn, schema, processes=2, concurrency=3)
+    start(sups, tmp_path, dsn, schema, processes=2, concurrency=3)
+    ids = client.insert_many([Insert("sleepy", {"tag": f"t{i}", "sleep": 0.02}) for i in range(200)])
+    for iid in ids:
+        client.wait(iid, timeout=60)
+    assert statuses(db, schema) == {"done": 200}
+    per_tag = db.execute(
+        "SELECT tag, count(*) FILTER (WHERE what = 'start') FROM runtime_runs GROUP BY tag"
+    ).fetchall()
+    assert len(per_tag) == 200 and all(n == 1 for _, n in per_tag)  # each step ran exactly once
+    pids = {p for (p,) in db.execute("SELECT DISTINCT pid FROM runtime_runs")}
+    workers = set(sups[0].workers()) | set(sups[1].workers())
+    assert pids <= workers and pids & set(sups[0].workers()) and pids & set(sups[1].workers())
+
+
+def test_idle_worker_wakes_on_notify_and_delayed_job_starts_on_time(dsn, schema, client, sups, tmp_path):
+    start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60)
+    time.sleep(1.0)  # let the worker go idle on its 60 s poll ceiling
+    t = time.time()
+    now = client.insert("stamp", {})
+    started = client.wait(now, timeout=20).result["started"]
+    assert started - t < 10  # woken by the notification, not the 60 s poll
+    t = time.time()
+    later = client.insert("stamp", {}, schedule_in=2)
+    started = client.wait(later, timeout=30).result["started"]
+    assert 2.0 <= started - t < 10  # not before it is due, and not at the next 60 s poll
+
+
+def test_bad_config_names_the_key(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[runtime]\nlease = "long"\n[queues.q]\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "supervise", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "runtime.lease" in out.stderr and str(cfg) in out.stderr
