@@ -11,6 +11,7 @@ differ only in how they talk to the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -128,7 +129,7 @@ def _insert_params(spec: Insert) -> dict[str, Any]:
 
 def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
     assert row is not None
-    iid, known, _notified = row
+    iid, known, _queue, _notified = row
     if not known:
         raise UnknownMachine(
             f"machine {params['fsm']!r} is not registered by any worker of this schema and no "
@@ -139,14 +140,14 @@ def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
     return int(iid)
 
 
-def _many_params(specs: Sequence[Insert]) -> tuple[dict[str, Any], list[int]]:
+def _many_params(specs: Sequence[Insert], *, notify: bool) -> tuple[dict[str, Any], list[int]]:
     rows = [resolve(s) for s in specs]
-    return batch_params(rows), insertion_order(rows)
+    return {**batch_params(rows), "notify": notify}, insertion_order(rows)
 
 
 def _many_ids(order: list[int], rows: Sequence[Sequence[Any]]) -> list[int]:
     ids = [0] * len(order)
-    for position, (iid,) in zip(order, rows, strict=True):
+    for position, (iid, _queue) in zip(order, rows, strict=True):
         ids[position] = int(iid)
     return ids
 
@@ -196,7 +197,9 @@ async def _in_caller_txn_async(conn: psycopg.AsyncConnection[Any], run: Callable
         raise
 
 
-def _signal_params(target: int | str, name: str, payload: Any, dedup_key: str | None) -> dict[str, Any]:
+def _signal_params(
+    target: int | str, name: str, payload: Any, dedup_key: str | None, *, notify: bool
+) -> dict[str, Any]:
     if isinstance(target, bool) or not isinstance(target, int | str):
         raise TypeError(f"signal target must be an instance id or a correlation key, got {target!r}")
     if not name:
@@ -207,6 +210,7 @@ def _signal_params(target: int | str, name: str, payload: Any, dedup_key: str | 
         "name": name,
         "payload": encode_json({} if payload is None else payload),
         "dedup_key": dedup_key,
+        "notify": notify,
     }
 
 
@@ -220,6 +224,94 @@ def _spec(fsm: Any, state: Any, options: dict[str, Any]) -> Insert:
     return fsm if isinstance(fsm, Insert) and state is None and not options else Insert(fsm, state, **options)
 
 
+class _Emitter:
+    """Notifies queues after the producer's commit, off its path, coalesced.
+
+    NOTIFY inside a committing transaction serialises commits cluster-wide (measured in
+    bench/notify.py, see docs/performance.md). So inserts and signals made on the client's
+    own connections leave it out, and this thread sends one statement for every queue that
+    became due while the previous one was being sent. Best effort: correctness never
+    depends on a notification.
+    """
+
+    def __init__(self, client: Client):
+        self._client = client
+        self._pending: set[str] = set()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, queue: str) -> None:
+        with self._cv:
+            self._pending.add(queue)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pgdurable-notify", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                queues, self._pending = sorted(self._pending), set()
+            with contextlib.suppress(psycopg.Error), self._client._get_pool().connection() as c:
+                c.execute(self._client.q["queue_notify_many"], {"queues": queues}, prepare=True)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+class _AsyncEmitter:
+    """``_Emitter`` for the asyncio client: one task instead of a thread."""
+
+    def __init__(self, client: AsyncClient):
+        self._client = client
+        self._pending: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, queue: str) -> None:
+        self._pending.add(queue)
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
+        self._wake.set()
+
+    async def _run(self, wake: asyncio.Event) -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if not self._pending:
+                continue
+            queues, self._pending = sorted(self._pending), set()
+            with contextlib.suppress(psycopg.Error):
+                async with (await self._client._get_pool()).connection() as c:
+                    await c.execute(self._client.q["queue_notify_many"], {"queues": queues}, prepare=True)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            if self._pending and self._wake is not None:
+                self._wake.set()
+                await asyncio.sleep(0)
+                for _ in range(100):
+                    if not self._pending:
+                        break
+                    await asyncio.sleep(0.01)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class Client:
     """Synchronous client over a small connection pool (opened on first use)."""
 
@@ -229,6 +321,7 @@ class Client:
         self._max = max_connections
         self._pool: ConnectionPool | None = None
         self._opening = threading.Lock()
+        self._emitter = _Emitter(self)
 
     def _get_pool(self) -> ConnectionPool:
         with self._opening:  # concurrent first calls from threads must not open two pools
@@ -239,6 +332,7 @@ class Client:
             return self._pool
 
     def close(self) -> None:
+        self._emitter.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -269,7 +363,12 @@ class Client:
         caller's transaction) and UnknownMachine for an unregistered name without queue.
         """
         params = _insert_params(_spec(fsm, state, options))
-        return _insert_result(params, self._one("instance_insert_one", params, conn))
+        params["notify"] = conn is not None  # in the caller's transaction: fires at its commit
+        row = self._one("instance_insert_one", params, conn)
+        iid = _insert_result(params, row)
+        if conn is None:
+            self._emitter.add(row[2])
+        return iid
 
     def insert_many(
         self, specs: Sequence[Insert], *, conn: psycopg.Connection[Any] | None = None
@@ -277,7 +376,7 @@ class Client:
         """Insert a batch in one statement; ids in the order given. All or nothing."""
         if not specs:
             return []
-        params, order = _many_params(specs)
+        params, order = _many_params(specs, notify=conn is not None)
         try:
             if conn is not None:
                 rows = _in_caller_txn(
@@ -286,6 +385,8 @@ class Client:
             else:
                 with self._get_pool().connection() as c:
                     rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
+                for queue in {r[1] for r in rows}:
+                    self._emitter.add(queue)
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
             raise _many_error(specs, exc) from exc
         return _many_ids(order, rows)
@@ -304,8 +405,12 @@ class Client:
         Returns the stored signal's id, or None when ``dedup_key`` was already delivered.
         Raises NoTarget when the target is unknown or finished.
         """
-        row = self._one("signal_deliver", _signal_params(target, name, payload, dedup_key), conn)
-        return _signal_result(target, row)
+        params = _signal_params(target, name, payload, dedup_key, notify=conn is not None)
+        row = self._one("signal_deliver", params, conn)
+        result = _signal_result(target, row)
+        if conn is None and row[2] == "runnable":
+            self._emitter.add(row[3])
+        return result
 
     def get(self, iid: int, *, conn: psycopg.Connection[Any] | None = None) -> Instance | None:
         row = self._one("instance_get", {"id": iid}, conn)
@@ -335,6 +440,7 @@ class AsyncClient:
         self._max = max_connections
         self._pool: AsyncConnectionPool | None = None
         self._opening: asyncio.Lock | None = None
+        self._emitter = _AsyncEmitter(self)
 
     async def _get_pool(self) -> AsyncConnectionPool:
         if self._pool is not None:
@@ -351,6 +457,7 @@ class AsyncClient:
         return self._pool
 
     async def close(self) -> None:
+        await self._emitter.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -377,7 +484,12 @@ class AsyncClient:
     ) -> int:
         """See ``Client.insert``."""
         params = _insert_params(_spec(fsm, state, options))
-        return _insert_result(params, await self._one("instance_insert_one", params, conn))
+        params["notify"] = conn is not None
+        row = await self._one("instance_insert_one", params, conn)
+        iid = _insert_result(params, row)
+        if conn is None:
+            self._emitter.add(row[2])
+        return iid
 
     async def insert_many(
         self, specs: Sequence[Insert], *, conn: psycopg.AsyncConnection[Any] | None = None
@@ -385,7 +497,7 @@ class AsyncClient:
         """See ``Client.insert_many``."""
         if not specs:
             return []
-        params, order = _many_params(specs)
+        params, order = _many_params(specs, notify=conn is not None)
         try:
             if conn is not None:
 
@@ -397,6 +509,8 @@ class AsyncClient:
                 async with (await self._get_pool()).connection() as c:
                     cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
                     rows = await cur.fetchall()
+                for queue in {r[1] for r in rows}:
+                    self._emitter.add(queue)
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
             raise _many_error(specs, exc) from exc
         return _many_ids(order, rows)
@@ -411,8 +525,12 @@ class AsyncClient:
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int | None:
         """See ``Client.signal``."""
-        row = await self._one("signal_deliver", _signal_params(target, name, payload, dedup_key), conn)
-        return _signal_result(target, row)
+        params = _signal_params(target, name, payload, dedup_key, notify=conn is not None)
+        row = await self._one("signal_deliver", params, conn)
+        result = _signal_result(target, row)
+        if conn is None and row[2] == "runnable":
+            self._emitter.add(row[3])
+        return result
 
     async def get(self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None) -> Instance | None:
         row = await self._one("instance_get", {"id": iid}, conn)

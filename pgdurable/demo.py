@@ -3,26 +3,31 @@
 Orders reserve stock (the warehouse is flaky, so some steps retry), wait for a payment
 signal (some never pay and time out), fan out a packing child per item, and finish. A fake
 payment service signals most orders. Everything goes through the real claim / run / flush
-path; stop with Ctrl-C and start again: unfinished orders resume where they were.
+path of a real supervisor and its worker processes (examples/demo.toml); stop with
+Ctrl-C and start again: unfinished orders resume where they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import psycopg
 
-from . import migrations
+from . import config, migrations
 from .client import AsyncClient
-from .engine import Engine
-from .fsm import FSM, Context, Registry, step
+from .fsm import FSM, Context, step
 from .outcomes import Await, Done, Next, Retry, Spawn, Stop
 from .spec import Child
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
 
 def say(ctx: Context, text: str) -> None:
@@ -84,62 +89,59 @@ async def payments(client: AsyncClient, ids: asyncio.Queue[int]) -> None:
             await client.signal(iid, "paid", {"amount": random.randint(10, 99)}, dedup_key=f"pay-{iid}")
 
 
-async def run(dsn: str, orders: int) -> None:
-    engine = Engine(Registry([Order, Pack]), schema="pgdurable")
+async def produce(dsn: str, orders: int, supervisor: subprocess.Popen[bytes]) -> None:
+    """Insert orders one by one, pay most of them, and report until all are settled."""
     paid: asyncio.Queue[int] = asyncio.Queue()
-    async with (
-        AsyncClient(dsn) as client,
-        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
-    ):
-        await engine.register(conn)
+    async with AsyncClient(dsn) as client:
         service = asyncio.create_task(payments(client, paid))
-        made = 0
+        q = client.q
         try:
-            while True:
-                if made < orders:
-                    made += 1
-                    iid = await client.insert(Order, {"order": made, "items": random.randint(1, 3)})
-                    print(f"inserted order {made} as #{iid}", flush=True)
-                    await paid.put(iid)
-                await conn.execute(
-                    engine.q["instance_await_expire"], {"horizon": dt.timedelta(0), "limit": 100}
-                )
-                busy = False
-                for queue in ("orders", "packing"):
-                    rows = await engine.claim(conn, queue, 20)
-                    if rows:
-                        busy = True
-                        results = await asyncio.gather(*(engine.run(r) for r in rows))
-                        await engine.flush(conn, results)
-                if made >= orders and not busy:
-                    cur = await conn.execute(engine.q["instance_count_by_status"], {"fsm": "order"})
+            for n in range(1, orders + 1):
+                iid = await client.insert(Order, {"order": n, "items": random.randint(1, 3)})
+                print(f"inserted order {n} as #{iid}", flush=True)
+                await paid.put(iid)
+                await asyncio.sleep(0.4)
+            while supervisor.poll() is None:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    cur = await conn.execute(q["instance_count_by_status"], {"fsm": "order"})
                     counts = dict(await cur.fetchall())
-                    if not set(counts) - {"done", "failed"}:
-                        print(f"all orders settled: {counts}", flush=True)
-                        return
-                await asyncio.sleep(0.3 if not busy else 0)
+                if not set(counts) - {"done", "failed"}:
+                    print(f"all {orders} orders settled: {counts}", flush=True)
+                    return
+                await asyncio.sleep(1.0)
         finally:
             service.cancel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pgdurable.demo")
-    parser.add_argument("--dsn", help="use this database instead of the embedded one")
     parser.add_argument("--orders", type=int, default=12)
-    parser.add_argument("--data", default=".pgdurable/demo", help="embedded data directory")
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="the supervisor's config")
+    parser.add_argument("--keep-running", action="store_true", help="do not stop when all orders settled")
     args = parser.parse_args()
-    dsn = args.dsn
-    if dsn is None:
+    cfg = config.load(args.config)
+    dsn = cfg.dsn()
+    if dsn is None:  # the embedded server, shared with the supervisor (same data directory)
         from .embedded import start
 
-        print(f"starting the embedded PostgreSQL in {Path(args.data).resolve()} ...", flush=True)
-        dsn = start(args.data).get_uri()
+        data = Path(cfg.database.data_dir)
+        data = data if data.is_absolute() else cfg.base_dir / data
+        print(f"starting the embedded PostgreSQL in {data.resolve()} ...", flush=True)
+        dsn = start(data).get_uri()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        migrations.migrate(conn)
+        migrations.migrate(conn, cfg.database.schema)
+    print(f"starting: pgdurable supervise {args.config}", flush=True)
+    supervisor = subprocess.Popen([sys.executable, "-m", "pgdurable", "supervise", args.config])
     try:
-        asyncio.run(run(dsn, args.orders))
+        asyncio.run(produce(dsn, args.orders, supervisor))
+        if args.keep_running:
+            supervisor.wait()
     except KeyboardInterrupt:
-        print("\nstopped; unfinished orders resume on the next run", flush=True)
+        print("\nCtrl-C: the supervisor drains its workers; unfinished orders resume next run", flush=True)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait()
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def test_park_while_delivery_transaction_is_open(dsn, schema, client, db):
                         "name": "paid",
                         "payload": '{"n": 3}',
                         "dedup_key": None,
+                        "notify": True,
                     },
                 )
 
@@ -203,7 +204,14 @@ def test_signal_holds_row_while_timeout_sweeps(dsn, schema, client):
     with psycopg.connect(dsn) as deliverer, psycopg.connect(dsn, autocommit=True) as expirer:
         deliverer.execute(
             engine.q["signal_deliver"],
-            {"target_id": iid, "target_key": None, "name": "paid", "payload": '{"n": 5}', "dedup_key": None},
+            {
+                "target_id": iid,
+                "target_key": None,
+                "name": "paid",
+                "payload": '{"n": 5}',
+                "dedup_key": None,
+                "notify": True,
+            },
         )
         assert (
             expirer.execute(

@@ -1,7 +1,9 @@
 -- name: instance_insert_one
 -- Insert one instance, resolving version, initial step and queue from the machines table when
--- the producer left them out. Returns id (NULL when the correlation key is occupied) and
--- whether the machine could be resolved at all.
+-- the producer left them out. Returns id (NULL when the correlation key is occupied), whether
+-- the machine could be resolved at all, and the queue. NOTIFY rides this transaction only
+-- when asked (an insert inside a caller's transaction); otherwise the client notifies
+-- after the commit, coalesced (see docs/performance.md).
 WITH c AS (
     SELECT %(fsm)s::text AS fsm,
            COALESCE(%(version)s::int, m.version) AS version,
@@ -26,7 +28,8 @@ WITH c AS (
 )
 SELECT (SELECT id FROM ins) AS id,
        (SELECT queue IS NOT NULL FROM c) AS known,
-       (SELECT pg_notify({schema}.notify_channel(queue), '') FROM ins) AS notified;
+       (SELECT queue FROM ins) AS queue,
+       (SELECT pg_notify({schema}.notify_channel(queue), '') FROM ins WHERE %(notify)s) AS notified;
 
 -- name: instance_insert_many
 -- Insert a batch in one statement (parallel arrays). Rows are inserted in correlation-key
@@ -59,9 +62,9 @@ WITH c AS (
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.ord
     RETURNING id, queue
 )
-SELECT ins.id
+SELECT ins.id, ins.queue
 FROM ins, (SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
-           FROM (SELECT DISTINCT queue FROM ins) AS d(q)) AS notified
+           FROM (SELECT DISTINCT queue FROM ins WHERE %(notify)s) AS d(q)) AS notified
 ORDER BY ins.id;
 
 -- name: instance_claim
@@ -325,3 +328,7 @@ DELETE FROM {schema}.instances WHERE id = ANY(%(ids)s::bigint[]);
 -- name: instance_count_by_status
 -- How many instances of one machine are in each status.
 SELECT status, count(*) FROM {schema}.instances WHERE fsm = %(fsm)s GROUP BY status ORDER BY status;
+
+-- name: queue_notify_many
+-- Wake the listeners of the given queues (the client's coalesced, after-commit notify).
+SELECT count(pg_notify({schema}.notify_channel(q), '')) FROM unnest(%(queues)s::text[]) AS q;

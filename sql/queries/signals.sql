@@ -29,8 +29,8 @@ WITH target AS (
     ON CONFLICT (target_id, dedup_key) DO NOTHING
     RETURNING id
 )
-SELECT w.id AS target_id, (SELECT id FROM ins) AS signal_id, w.status,
-       CASE WHEN w.status = 'runnable'
+SELECT w.id AS target_id, (SELECT id FROM ins) AS signal_id, w.status, w.queue,
+       CASE WHEN w.status = 'runnable' AND %(notify)s
             THEN pg_notify({schema}.notify_channel(w.queue), '')::text END AS notified
 FROM wake AS w;
 
