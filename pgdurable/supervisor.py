@@ -410,7 +410,7 @@ class Supervisor:
         current = [c for c in self.children.values() if c.generation == self.generation]
         return (
             len(current) == expected
-            and all(now - c.last_seen < 10 for c in current)
+            and all(now - c.last_seen < max(5.0, 2 * self.cfg.runtime.heartbeat) for c in current)
             and all(c.last_report.get("listening") for c in current)
         )
 

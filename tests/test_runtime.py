@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -162,3 +163,52 @@ def test_bad_config_names_the_key(tmp_path):
     )
     assert out.returncode != 0
     assert "runtime.lease" in out.stderr and str(cfg) in out.stderr
+
+
+def test_sighup_reloads_and_replaces_workers_without_losing_work(
+    dsn, schema, client, db, sups, tmp_path, runs
+):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, concurrency=2)
+    old = sup.workers()
+    ids = client.insert_many([Insert("sleepy", {"tag": f"h{i}", "sleep": 0.2}) for i in range(20)])
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM runtime_runs").fetchone()[0] >= 2, what="work to start"
+    )
+    sup.config.write_text(sup.config.read_text().replace("processes = 1", "processes = 2"))
+    sup.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(set(sup.workers()) - set(old)) == 2, what="two new workers")
+    wait_until(lambda: not any(alive(p) for p in old), what="the old worker to drain and exit")
+    for iid in ids:
+        assert client.wait(iid, timeout=60).__class__.__name__ == "Done"
+    per_tag = db.execute(
+        "SELECT tag, count(*) FILTER (WHERE what = 'start') FROM runtime_runs GROUP BY tag"
+    ).fetchall()
+    assert len(per_tag) == 20 and all(n == 1 for _, n in per_tag)
+    assert sup.stop() == 0
+
+
+def test_watchdog_only_while_workers_report(dsn, schema, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, heartbeat=1)
+    sup.messages.clear()
+    sup.wait_for("WATCHDOG=1", timeout=10)
+    (worker,) = sup.workers()
+    os.kill(worker, signal.SIGSTOP)  # alive but silent: a fleet that stopped consuming
+    try:
+        time.sleep(6)  # past the 5 s report deadline
+        sup.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # discard what was sent before the deadline passed
+                sup.sock.recv(4096)
+        sup.sock.settimeout(0.2)
+        sup.messages.clear()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                sup.messages.extend(sup.sock.recv(4096).decode().splitlines())
+        assert any(m.startswith("STATUS=") for m in sup.messages)
+        assert "WATCHDOG=1" not in sup.messages
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    sup.messages.clear()
+    sup.wait_for("WATCHDOG=1", timeout=10)
+    assert sup.stop() == 0
