@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ def start(data_dir: str | Path, *, cleanup: str | None = "stop") -> Any:
     None leaves it running.
     """
     try:
-        import pgserver
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ConfigError(
             "no dsn given and the embedded PostgreSQL is not installed; "
@@ -23,4 +27,7 @@ def start(data_dir: str | Path, *, cleanup: str | None = "stop") -> Any:
         ) from exc
     path = Path(data_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return pgserver.get_server(path, cleanup_mode=cleanup)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pgserver.get_server(path, cleanup_mode=cleanup)

@@ -212,3 +212,21 @@ def test_watchdog_only_while_workers_report(dsn, schema, sups, tmp_path):
     sup.messages.clear()
     sup.wait_for("WATCHDOG=1", timeout=10)
     assert sup.stop() == 0
+
+
+def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
+    """The README's demo command, on a data directory of its own."""
+    pytest.importorskip("pgserver")
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text((ROOT / "examples" / "demo.toml").read_text().replace("../.pgdurable/demo", "data"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pgdurable.demo", "--orders", "3", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all 3 orders settled" in out.stdout
+    assert "worker started" in out.stdout and "supervisor stopped" in out.stdout
+    assert "reserve" in out.stdout and "await_payment" in out.stdout
