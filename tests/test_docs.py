@@ -37,3 +37,26 @@ def test_examples_run(server_dsn, path):
                 value.close()
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+TOML = re.compile(r"^```toml\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("path", [f for f in FILES if TOML.search(f.read_text())], ids=lambda p: p.name)
+def test_config_examples_are_valid(path):
+    """Every complete config shown in the docs (one with queues) passes validation."""
+    import tomllib
+
+    from pgdurable.config import parse
+
+    for block in TOML.findall(path.read_text()):
+        data = tomllib.loads(block)
+        if "queues" in data:
+            parse(data, path.name)
+
+
+def test_shipped_configs_are_valid():
+    from pgdurable.config import load
+
+    for cfg in [ROOT / "systemd" / "config.toml", ROOT / "examples" / "demo.toml"]:
+        assert load(cfg).queues
