@@ -123,7 +123,7 @@ def _positive(cfg: Config) -> None:
         ]
     for key, value, ok in checks:
         if not ok:
-            expected = "a value below runtime.lease" if key == "runtime.heartbeat" else "a positive value"
+            expected = "a positive value" + (" below runtime.lease" if key == "runtime.heartbeat" else "")
             raise ConfigError(f"expected {expected}, got {value!r}", file=cfg.path, key=key)
     try:
         check_schema_name(cfg.database.schema)
@@ -158,7 +158,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
             )
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
-    if not isinstance(raw_queues, dict) or not raw_queues:
+    if not isinstance(raw_queues, dict):
+        raise ConfigError("expected a table of [queues.NAME] tables", file=path, key="queues")
+    if not raw_queues:
         raise ConfigError("no queues configured: add a [queues.NAME] table", file=path, key="queues")
     queues = {name: _convert(q, Queue, f"queues.{name}", path) for name, q in raw_queues.items()}
     cfg = Config(queues=queues, path=path, **parts)

@@ -26,7 +26,6 @@ from .fsm import FSM, Context, step
 from .outcomes import Await, Done, Next, Retry, Spawn, Stop
 from .spec import Child
 
-
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
 

@@ -107,7 +107,8 @@ class FSM:
 
     __pgdurable__: ClassVar[MachineInfo]
     __pgdurable_steps__: ClassVar[dict[str, StepDef]]
-    max_crashes: ClassVar[int] = 3
+    #: Reclaims of one step (its worker died) before the instance fails; None: the config's.
+    max_crashes: ClassVar[int | None] = None
 
     def __init_subclass__(
         cls,
@@ -127,6 +128,8 @@ class FSM:
         if not queue:
             raise DefinitionError(f"{cls.__name__}: queue must not be empty")
         if max_crashes is not None:
+            if not isinstance(max_crashes, int) or max_crashes < 1:
+                raise DefinitionError(f"{cls.__name__}: max_crashes must be a positive integer")
             cls.max_crashes = max_crashes
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from .systemd import Notifier
 log = logging.getLogger("pgdurable.supervisor")
 
 RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Child:
     last_report: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     buf: bytes = b""
+    running: set[int] = field(default_factory=set)  # started steps, as last reported
 
 
 @dataclass
@@ -137,7 +140,7 @@ class Supervisor:
         os.set_blocking(r, False)
         self._sigpipe = r
         signal.set_wakeup_fd(w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in _HANDLED:
             signal.signal(sig, self._on_signal)
         self.sel.register(r, selectors.EVENT_READ, "signal")
 
@@ -167,6 +170,9 @@ class Supervisor:
         r, w = os.pipe()
         parent_pid = os.getpid()
         worker_id = f"{self.node}/{slot.queue}/{slot.index}"
+        # Signals stay blocked across the fork until the child installed its own handlers,
+        # so a SIGTERM in between is delivered to the worker's handler, not lost.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         pid = os.fork()
         if pid == 0:  # the child: nothing of ours is open but the pipe
             os.close(r)
@@ -183,17 +189,19 @@ class Supervisor:
                     f"{worker_id}/{os.getpid()}",
                     w,
                     parent_pid,
+                    old_mask,
                 )
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
                 logging.getLogger("pgdurable.worker").exception("worker crashed")
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(w)
         os.set_blocking(r, False)
         child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation)
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
-        log.info("worker started", extra={"event": "worker_started", "queue": slot.queue, "pid": pid})
+        log.info("worker %s started for queue %s", pid, slot.queue, extra={"event": "worker_started"})
 
     def _read_reports(self, pid: int) -> None:
         child = self.children.get(pid)
@@ -213,9 +221,13 @@ class Supervisor:
         child.buf += data
         *lines, child.buf = child.buf.split(b"\n")
         for line in lines:
+            if line.startswith(b"s "):  # a step is about to start
+                child.running.add(int(line[2:]))
+                continue
             with contextlib.suppress(ValueError):
                 child.last_report = json.loads(line)
                 child.last_seen = time.monotonic()
+                child.running = set(child.last_report.get("running", ()))
         if not self._ready and self._all_reported():
             self._ready = True
             self.notifier.send("READY=1", f"STATUS={self._status()}")
@@ -234,6 +246,13 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            while child.fd >= 0:  # what it wrote before dying (its last step starts)
+                before = child.fd, len(child.buf), len(child.running)
+                self.children[pid] = child
+                self._read_reports(pid)
+                self.children.pop(pid, None)
+                if (child.fd, len(child.buf), len(child.running)) == before:
+                    break
             if child.fd >= 0:
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(child.fd)
@@ -248,8 +267,9 @@ class Supervisor:
                     code,
                     extra={"event": "worker_died"},
                 )
-            # Whatever it still held goes back now, not when its leases expire.
-            self._reclaim(workers=[child.worker_id])
+            # Whatever it still held goes back now, not when its leases expire; a crash is
+            # counted only for the steps it had started, not for its prefetched rows.
+            self._reclaim(workers=[child.worker_id], crashed=sorted(child.running))
             slot = self.slots.get((child.queue, child.index))
             if slot is not None and not self.stopping and child.generation == self.generation:
                 alive = time.monotonic() - child.started
@@ -334,19 +354,33 @@ class Supervisor:
 
     # -- database work (short connections) -------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        # Bounded: the supervisor's loop also feeds systemd's watchdog.
+        return psycopg.connect(
+            self.dsn, autocommit=True, connect_timeout=10, options="-c statement_timeout=10000"
+        )
 
-    def _reclaim(self, *, workers: list[str] = (), nodes: list[str] = (), expired: bool = False) -> int:  # type: ignore[assignment]
+    def _reclaim(
+        self,
+        *,
+        workers: Sequence[str] = (),
+        nodes: Sequence[str] = (),
+        expired: bool = False,
+        crashed: Sequence[int] | None = None,
+    ) -> int:
+        """Return rows of dead owners to runnable. ``crashed``: the ids whose step had started
+        (a crash counts only for them); None counts a crash for every reclaimed row."""
+
         q = for_schema(self.cfg.database.schema)
-        machines = [m.__pgdurable__ for m in self.registry.machines()]
-        limits = {m.__pgdurable__.name: m.max_crashes for m in self.registry.machines()}
+        own = [m for m in self.registry.machines() if m.max_crashes is not None]
         params = {
             "workers": list(workers),
             "nodes": list(nodes),
             "expired": expired,
-            "fsms": [m.name for m in machines],
-            "versions": [m.version for m in machines],
-            "max_crashes": [limits[m.name] for m in machines],
+            "count_all": crashed is None,
+            "crashed": list(crashed or ()),
+            "fsms": [m.__pgdurable__.name for m in own],
+            "versions": [m.__pgdurable__.version for m in own],
+            "max_crashes": [m.max_crashes for m in own],
             "default_max": self.cfg.runtime.max_crashes,
         }
         try:
@@ -373,7 +407,7 @@ class Supervisor:
         q = for_schema(self.cfg.database.schema)
         with self._connect() as conn:
             nodes = [r[0] for r in conn.execute(q["instance_node_owners"], {"host": self.host})]
-        dead = [n for n in nodes if n != self.node and not _alive(int(n.split(":")[-2]))]
+        dead = [n for n in nodes if n != self.node and not _supervisor_alive(int(n.split(":")[-2]))]
         if dead:
             self._reclaim(nodes=dead)
 
@@ -393,6 +427,7 @@ class Supervisor:
                 for_schema(self.cfg.database.schema),
                 retention=dt.timedelta(seconds=self.cfg.maintenance.retention),
                 batch=self.cfg.maintenance.gc_batch,
+                max_batches=10,  # the rest next time: keep the loop responsive
             )
         if deleted:
             log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
@@ -423,14 +458,24 @@ class Supervisor:
         self.notifier.send(*lines)
 
 
-def _alive(pid: int) -> bool:
+def _supervisor_alive(pid: int) -> bool:
+    """Whether a pgdurable supervisor still runs as ``pid`` on this host.
+
+    Our own pid means a previous incarnation that had the same pid (a container's pid 1);
+    a live pid running something else was reused.
+    """
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return b"pgdurable" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: assume alive, the reaper is the floor
 
 
 def supervise(path: str) -> int:

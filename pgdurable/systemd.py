@@ -29,17 +29,6 @@ class Notifier:
         except OSError:
             pass
 
-    def watchdog_interval(self) -> float | None:
-        """Half the watchdog timeout systemd asked for, in seconds (None: no watchdog)."""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return None
-        try:
-            return int(usec) / 2_000_000
-        except ValueError:
-            return None
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

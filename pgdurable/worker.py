@@ -194,11 +194,13 @@ class Worker:
         self.in_flight: dict[int, tuple[Claimed, asyncio.Task[None]]] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        self._solo: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         pool = AsyncConnectionPool(self.dsn, min_size=2, max_size=4, kwargs={"autocommit": True}, open=False)
         await pool.open(wait=True, timeout=30)
         self.pool = pool
@@ -230,7 +232,7 @@ class Worker:
     # -- feeder ----------------------------------------------------------------------------
     async def _feed(self) -> None:
         q = self.q
-        min_demand = max(1, (q.concurrency + q.prefetch) // 4)
+        min_demand = max(1, min(q.batch, (q.concurrency + q.prefetch) // 4))
         while not self.stopping.is_set():
             demand = min(q.concurrency + q.prefetch - len(self.in_flight) - len(self.buffer), q.batch)
             idle = not self.in_flight and not self.buffer
@@ -285,11 +287,22 @@ class Worker:
 
     def _start_from_buffer(self) -> None:
         while self.buffer and len(self.in_flight) < self.q.concurrency and not self.stopping.is_set():
+            if self._solo is not None:
+                return  # a suspect runs alone
+            if self.buffer[0].crashes > 0:
+                # Its worker died during this step before: run it alone, so that if it kills
+                # this process too, no innocent neighbour is blamed for the crash.
+                if self.in_flight:
+                    return
+                self._solo = self.buffer[0].id
             row = self.buffer.pop(0)
             task = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
             self.in_flight[row.id] = (row, task)
 
     async def _run_one(self, row: Claimed) -> None:
+        # Tell the supervisor before the step runs: if this process dies now, this row's
+        # step is the suspect and counts a crash; the other rows held are innocent.
+        self._send(b"s %d\n" % row.id)
         try:
             result = await self.engine.run(row)
             await self.flusher.submit(result)
@@ -301,6 +314,8 @@ class Worker:
             self.stats.last_error = repr(exc)
         finally:
             self.in_flight.pop(row.id, None)
+            if self._solo == row.id:
+                self._solo = None
             self.wake.set()
 
     # -- stopping --------------------------------------------------------------------------
@@ -370,9 +385,17 @@ class Worker:
             "errors": self.stats.errors,
             "last_error": self.stats.last_error,
             "listening": self.stats.listener_ok and listener_fresh,
+            "running": list(self.in_flight),
             **extra,
         }
+        self._send((json.dumps(msg) + "\n").encode())
+
+    def _send(self, data: bytes) -> None:
+        if self.report_fd is None:
+            return
         try:
-            os.write(self.report_fd, (json.dumps(msg) + "\n").encode())
+            os.write(self.report_fd, data)
+        except BlockingIOError:
+            pass  # the supervisor is behind: a report may be dropped, never block the loop
         except OSError:
             self.stopping.set()  # the supervisor is gone: stop

@@ -39,7 +39,9 @@ def worker_main(
     worker_id: str,
     report_fd: int,
     parent_pid: int,
+    signal_mask: set[signal.Signals],
 ) -> int:
+    # Entered with the supervisor's signals blocked (see Supervisor._spawn).
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe is not ours
     for sig in (signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -47,7 +49,11 @@ def worker_main(
     # SIGTERM so that a drain is orderly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Everything but SIGTERM back to normal; SIGTERM stays blocked (pending, not lost) until
+    # the event loop has its graceful-stop handler (Worker.run).
+    signal.pthread_sigmask(signal.SIG_SETMASK, set(signal_mask) | {signal.SIGTERM})
     _die_with_parent(parent_pid)
+    os.set_blocking(report_fd, False)  # reports never block the event loop
     q = cfg.queues[queue]
     setproctitle.setproctitle(f"pgdurable: worker {queue} {index + 1}/{q.processes}")
     logging.getLogger("pgdurable.worker").debug("worker %s starting", worker_id)

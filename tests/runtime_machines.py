@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgdurable import job
+from pgdurable import FSM, Await, Done, job, step
 
 
 def _record(args: dict, what: str) -> None:
@@ -50,3 +50,13 @@ def suicide(args: dict, ctx):
 @job(queue="rt")
 def stamp(args: dict, ctx):
     return {"started": time.time()}
+
+
+class Waiter(FSM, name="waiter", queue="rt"):
+    @step(initial=True)
+    def start(self, ctx):
+        return Await("never", then=self.after, timeout=ctx.state["timeout"])
+
+    @step
+    def after(self, ctx):
+        return Done({"timed_out": not ctx.awaited, "at": time.time()})

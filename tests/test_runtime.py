@@ -60,14 +60,17 @@ def test_kill_9_worker_mid_step_reruns_at_once(dsn, schema, client, sups, tmp_pa
     assert sup.stop() == 0
 
 
-def test_step_that_kills_its_worker_fails_after_max_crashes(dsn, schema, client, sups, tmp_path):
-    start(sups, tmp_path, dsn, schema, processes=1)
+def test_step_that_kills_its_worker_fails_after_max_crashes(dsn, schema, client, sups, tmp_path, runs):
+    """Only the culprit fails: neighbours that were running or prefetched in the dying
+    worker go back without being blamed, and the rest of the queue keeps flowing."""
+    start(sups, tmp_path, dsn, schema, processes=1, concurrency=4, prefetch=4)
+    good = client.insert_many([Insert("sleepy", {"tag": f"g{i}", "sleep": 0.3}) for i in range(6)])
     bad = client.insert("suicide", {})
-    good = [client.insert("stamp", {}) for _ in range(5)]
+    later = [client.insert("stamp", {}) for _ in range(5)]
     res = client.wait(bad, timeout=60)
     assert res.status == "failed" and res.error == "worker died 3 times in step perform"
-    for iid in good:
-        assert client.wait(iid, timeout=30).result["started"] > 0  # the rest kept flowing
+    for iid in good + later:
+        assert client.wait(iid, timeout=30).__class__.__name__ == "Done"
     assert sups[0].stop() == 0
 
 
@@ -228,5 +231,14 @@ def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all 3 orders settled" in out.stdout
-    assert "worker started" in out.stdout and "supervisor stopped" in out.stdout
+    assert "started for queue orders" in out.stdout and "supervisor stopped" in out.stdout
     assert "reserve" in out.stdout and "await_payment" in out.stdout
+
+
+def test_await_timeout_fires_promptly_on_an_idle_queue(dsn, schema, client, sups, tmp_path):
+    """The deadline sweep notifies: no wait for the 60 s poll ceiling."""
+    start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60)
+    iid = client.insert("waiter", {"timeout": 1})
+    t = time.time()
+    res = client.wait(iid, timeout=30)
+    assert res.result["timed_out"] and res.result["at"] - t < 10

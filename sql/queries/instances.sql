@@ -293,7 +293,7 @@ WHERE i.id IN (
     WHERE status = 'awaiting_signal' AND await_deadline <= now() + %(horizon)s::interval
     ORDER BY await_deadline LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED)
-RETURNING i.id, i.queue;
+RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text AS notified;
 
 -- name: instance_get
 -- One instance, for clients and tests.

@@ -31,10 +31,13 @@ WHERE status = 'runnable' AND queue = %(queue)s;
 -- name: instance_reclaim
 -- Return executing rows to runnable because their worker died: rows of the given workers,
 -- rows of dead supervisor incarnations (owner prefix), and, when asked, rows whose lease
--- expired. Each reclaim counts as a crash of the step; the instance fails once it reaches
--- its machine's max_crashes. Ordered SKIP LOCKED: safe with several supervisors at once.
+-- expired. A reclaim counts as a crash of the step only for rows whose step had started
+-- (``crashed`` ids, or every row when ``count_all``: nobody knows better); rows that were
+-- merely prefetched go back untouched. Past its machine's max_crashes the instance fails.
+-- Ordered SKIP LOCKED: safe with several supervisors at once.
 WITH victims AS (
-    SELECT id, fsm, version FROM {schema}.instances
+    SELECT id, fsm, version, (%(count_all)s OR id = ANY(%(crashed)s::bigint[])) AS crashed
+    FROM {schema}.instances
     WHERE status = 'executing'
       AND (locked_by = ANY(%(workers)s::text[])
         OR split_part(locked_by, '/', 1) = ANY(%(nodes)s::text[])
@@ -46,13 +49,15 @@ WITH victims AS (
         AS l(fsm, version, max_crashes)
 )
 UPDATE {schema}.instances AS i
-SET crashes = i.crashes + 1,
-    status = CASE WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
+SET crashes = i.crashes + v.crashed::int,
+    status = CASE WHEN v.crashed AND i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
                   THEN 'failed' ELSE 'runnable' END,
-    last_error = CASE WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
-                      THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
-                      ELSE format('reclaimed from %%s (worker died or lease expired) in step %%s',
-                                  i.locked_by, i.step) END,
+    last_error = CASE
+        WHEN NOT v.crashed THEN i.last_error
+        WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
+            THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
+        ELSE format('reclaimed from %%s (worker died or lease expired) in step %%s',
+                    i.locked_by, i.step) END,
     eligible_at = now(), locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
     concurrency_shard = NULL, updated_at = now()
 FROM victims AS v
