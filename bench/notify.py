@@ -83,22 +83,31 @@ def main() -> None:
     with psycopg.connect(args.dsn, autocommit=True) as conn:
         migrations.migrate(conn, schema)
     try:
-        in_txn = [client_producers(args.dsn, schema, args.producers, args.seconds, True) for _ in range(args.rounds)]
-        after = [client_producers(args.dsn, schema, args.producers, args.seconds, False) for _ in range(args.rounds)]
+        in_txn = [
+            client_producers(args.dsn, schema, args.producers, args.seconds, True) for _ in range(args.rounds)
+        ]
+        after = [
+            client_producers(args.dsn, schema, args.producers, args.seconds, False)
+            for _ in range(args.rounds)
+        ]
     finally:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     c_in, c_after = sorted(in_txn)[len(in_txn) // 2], sorted(after)[len(after) // 2]
     table = f"bench_notify_{secrets.token_hex(3)}"
     with psycopg.connect(args.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload text)")
+        conn.execute(
+            f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload text)"
+        )
         listener = psycopg.connect(args.dsn, autocommit=True)
         listener.execute("LISTEN bench_notify_q")  # a listener, as in production
         try:
             plain, notify, after = [], [], []
             for _ in range(args.rounds):  # interleaved, so drift hits all alike
                 plain.append(producers(args.dsn, INSERT.format(t=table), args.producers, args.seconds))
-                notify.append(producers(args.dsn, INSERT_NOTIFY.format(t=table), args.producers, args.seconds))
+                notify.append(
+                    producers(args.dsn, INSERT_NOTIFY.format(t=table), args.producers, args.seconds)
+                )
                 after.append(
                     producers(args.dsn, INSERT.format(t=table), args.producers, args.seconds, NOTIFY_AFTER)
                 )

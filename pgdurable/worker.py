@@ -114,8 +114,10 @@ class Flusher:
 class Listener:
     """LISTEN on the queue's channel on a dedicated autocommit connection; sets ``wake``."""
 
-    def __init__(self, dsn: str, channel: str, wake: asyncio.Event, stats: Stats, probe_every: float):
-        self._dsn, self._channel, self._wake, self._stats = dsn, channel, wake, stats
+    def __init__(
+        self, dsn: str, queue: str, channel: str, wake: asyncio.Event, stats: Stats, probe_every: float
+    ):
+        self._dsn, self._queue, self._channel, self._wake, self._stats = dsn, queue, channel, wake, stats
         self._probe_every = probe_every
         self._task: asyncio.Task[None] | None = None
 
@@ -127,7 +129,9 @@ class Listener:
         backoff = 0.1
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, application_name=f"pgdurable listener {self._queue}"
+                ) as conn:
                     # LISTEN takes no parameters; the channel is quoted as an identifier.
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                     self._mark_alive()
@@ -201,7 +205,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        pool = AsyncConnectionPool(self.dsn, min_size=2, max_size=4, kwargs={"autocommit": True}, open=False)
+        pool = AsyncConnectionPool(
+            self.dsn,
+            min_size=2,
+            max_size=4,
+            kwargs={"autocommit": True, "application_name": f"pgdurable worker {self.queue_name}"},
+            open=False,
+        )
         await pool.open(wait=True, timeout=30)
         self.pool = pool
         async with pool.connection() as conn:
@@ -211,7 +221,7 @@ class Worker:
             channel = str(row[0])
         self.flusher = Flusher(self.engine, pool, self.stats)
         self.listener = Listener(
-            self.dsn, channel, self.wake, self.stats, probe_every=self.cfg.runtime.heartbeat
+            self.dsn, self.queue_name, channel, self.wake, self.stats, probe_every=self.cfg.runtime.heartbeat
         )
         self.flusher.start()
         self.listener.start()

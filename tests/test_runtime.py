@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +243,62 @@ def test_await_timeout_fires_promptly_on_an_idle_queue(dsn, schema, client, sups
     t = time.time()
     res = client.wait(iid, timeout=30)
     assert res.result["timed_out"] and res.result["at"] - t < 10
+
+
+def test_supervisor_refuses_to_start_on_a_schema_that_is_behind(dsn, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[database]\ndsn = "{dsn}"\nschema = "never_migrated"\n'
+        '[runtime]\nmodules = ["tests.runtime_machines"]\n[queues.rt]\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "supervise", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "1 migration behind" in out.stderr and "pgdurable migrate" in out.stderr
+
+
+def test_reaper_returns_rows_whose_lease_expired(dsn, schema, client, db, sups, tmp_path):
+    """A worker that stops heartbeating (frozen, or its host gone) loses its rows to the
+    reaper of any node; a crash is counted and its late outcome would be fenced off."""
+    sup = start(sups, tmp_path, dsn, schema, processes=1, lease=2, heartbeat=1)
+    marker = tmp_path / "marker"
+    iid = client.insert("once_blocking", {"marker": str(marker)})
+    wait_until(marker.exists, what="the step to start")
+    (worker,) = sup.workers()
+    os.kill(worker, signal.SIGSTOP)  # alive, holding the row, no more heartbeats
+    try:
+        inst = wait_until(
+            lambda: (i := client.get(iid)).status != "executing" and i, timeout=30, what="the reaper"
+        )
+        assert inst.crashes == 1 and "lease expired" in inst.last_error
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_listener_reconnects_after_its_connection_is_killed(dsn, schema, client, db, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60, heartbeat=1)
+    (worker,) = sup.workers()
+    title = Path(f"/proc/{worker}/cmdline").read_bytes()
+    assert title.startswith(b"pgdurable: worker rt 1/1")  # process titles say role and queue
+
+    def listener_pids():
+        return {
+            pid
+            for (pid,) in db.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgdurable listener rt'"
+                " AND datname = current_database() AND state IS NOT NULL"
+            )
+        }
+
+    (old,) = wait_until(listener_pids, what="the listener")
+    db.execute("SELECT pg_terminate_backend(%s)", [old])
+    wait_until(lambda: (pids := listener_pids()) and old not in pids, what="a new listener connection")
+    time.sleep(1.0)
+    t = time.time()
+    res = client.wait(client.insert("stamp", {}), timeout=20)
+    assert res.result["started"] - t < 10  # woken by a notification again, not the 60 s poll
