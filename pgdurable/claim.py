@@ -43,7 +43,9 @@ class Claimed:
     parent_id: int | None
     has_inbox: bool
     has_children: bool
+    gated: bool
     token: int = 0
+    shard: int | None = None  # the gate slot's shard once admitted
     inbox: list[Signal] = field(default_factory=list)
     children: list[ChildInfo] = field(default_factory=list)
 
@@ -70,8 +72,12 @@ async def claim(
     token: int,
     lease: dt.timedelta,
     horizon: dt.timedelta = dt.timedelta(0),
+    gates: dict[str, Any] | None = None,
 ) -> list[Claimed]:
-    """Claim up to ``limit`` rows of ``queue`` (autocommit connection) and enrich them."""
+    """Claim up to ``limit`` rows of ``queue`` (autocommit connection).
+
+    ``gates``: the configured gate names and limits (``Limits.claim_params()``).
+    """
     if limit <= 0:
         return []
     params = {
@@ -81,6 +87,7 @@ async def claim(
         "token": token,
         "lease": lease,
         "horizon": horizon,
+        **(gates or {"gates": [], "gate_limits": []}),
     }
     for attempt in range(CLAIM_RETRIES):
         try:
@@ -95,7 +102,6 @@ async def claim(
                 return []
     claimed = [Claimed(*row, token=token) for row in rows]
     claimed.sort(key=lambda c: (c.priority, c.eligible_at, c.id))
-    await enrich(conn, q, claimed)
     return claimed
 
 

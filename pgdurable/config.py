@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigError
+from .limits import Limits
 from .queries import check_schema_name
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -80,6 +81,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     maintenance: Maintenance = Maintenance()
     queues: dict[str, Queue] = {}
     path: str = ""
+    limits: Limits = Limits()
 
     @property
     def base_dir(self) -> Path:
@@ -151,11 +153,14 @@ def _convert(value: Any, typ: type[Any], key: str, path: str) -> Any:
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Validate a decoded TOML document."""
     sections: dict[str, type[Any]] = {"database": Database, "runtime": Runtime, "maintenance": Maintenance}
+    known = [*sections, "queues", "concurrency_limits", "rate_limits"]
     for key in data:
-        if key not in sections and key != "queues":
-            raise ConfigError(
-                f"unknown section (expected one of {[*sections, 'queues']})", file=path, key=key
-            )
+        if key not in known:
+            raise ConfigError(f"unknown section (expected one of {known})", file=path, key=key)
+    for key in ("concurrency_limits", "rate_limits"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ConfigError("expected a table", file=path, key=key)
+    limits = Limits.parse(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
     if not isinstance(raw_queues, dict):
@@ -163,7 +168,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     if not raw_queues:
         raise ConfigError("no queues configured: add a [queues.NAME] table", file=path, key="queues")
     queues = {name: _convert(q, Queue, f"queues.{name}", path) for name, q in raw_queues.items()}
-    cfg = Config(queues=queues, path=path, **parts)
+    cfg = Config(queues=queues, path=path, limits=limits, **parts)
     _positive(cfg)
     return cfg
 

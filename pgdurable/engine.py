@@ -17,9 +17,10 @@ from typing import Any
 
 import psycopg
 
-from .claim import Claimed, claim
+from .claim import Claimed, claim, enrich
 from .executor import Executor, Result
 from .flusher import FlushReport, flush
+from .limits import Limits, admit, needs_admission
 from .fsm import Registry
 from .queries import Queries, for_schema
 from .spec import encode_json
@@ -55,12 +56,15 @@ class Engine:
         worker_id: str | None = None,
         lease: dt.timedelta = dt.timedelta(seconds=60),
         executor: Executor | None = None,
+        limits: Limits | None = None,
     ):
         self.registry = registry
         self.q: Queries = for_schema(schema)
         self.worker_id = worker_id or new_worker_id()
         self.lease = lease
-        self.executor = executor or Executor(registry)
+        self.limits = limits or Limits()
+        self.executor = executor or Executor(registry, limits=self.limits)
+        self._gates = self.limits.claim_params()
         self._tokens = itertools.count(1)
 
     async def register(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
@@ -82,7 +86,8 @@ class Engine:
         limit: int,
         horizon: dt.timedelta = dt.timedelta(0),
     ) -> list[Claimed]:
-        return await claim(
+        """Claim, admit (only rows with limits), and enrich a batch."""
+        rows = await claim(
             conn,
             self.q,
             queue=queue,
@@ -91,10 +96,23 @@ class Engine:
             token=next(self._tokens),
             lease=self.lease,
             horizon=horizon,
+            gates=self._gates,
         )
+        if needs_admission(rows):
+            rows = await admit(conn, self.q, self.worker_id, rows, self.limits)
+        await enrich(conn, self.q, rows)
+        return rows
 
     async def run(self, row: Claimed) -> Result:
         return await self.executor.run(row)
 
     async def flush(self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result]) -> FlushReport:
         return await flush(conn, self.q, self.worker_id, results)
+
+    async def release(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Claimed]) -> None:
+        """Give claimed rows that will not run back to runnable (and their gate slots)."""
+        if rows:
+            await conn.execute(
+                self.q["instance_release_many"],
+                {"worker": self.worker_id, "ids": [r.id for r in rows], "tokens": [r.token for r in rows]},
+            )

@@ -20,6 +20,7 @@ import msgspec
 from .claim import Claimed
 from .errors import InvalidOutcome, StateDecodeError, StepTimeout
 from .fsm import FSM, Context, Registry, StepDef, decode_state
+from .limits import Limits
 from .outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from .spec import InsertRow, MachineInfo, encode_json, limit_key, resolve, seconds
 
@@ -72,8 +73,10 @@ class Executor:
         *,
         run_sync: Callable[..., Any] | None = None,
         logger: logging.Logger | None = None,
+        limits: Limits | None = None,
     ):
         self.registry = registry
+        self.limits = limits or Limits()
         self._run_sync = run_sync or asyncio.to_thread
         self._log = logger or log
 
@@ -174,7 +177,7 @@ class Executor:
                 f"step {step_name!r} returned {outcome!r}; expected one of "
                 "Next, Retry, Await, Spawn, Done, Stop"
             )
-        return prepare(self.registry, row, info, step_name, outcome, taken, error)
+        return prepare(self.registry, row, info, step_name, outcome, taken, error, self.limits)
 
 
 def _step_name(info: MachineInfo, ref: Any, what: str) -> str:
@@ -234,6 +237,7 @@ def prepare(
     outcome: Outcome,
     taken: list[int],
     error: str | None = None,
+    limits: Limits | None = None,
 ) -> Result:
     """The one validation boundary: an outcome becomes absolute column values or raises."""
     base = {"version": info.version, "step": step_name}
@@ -249,6 +253,10 @@ def prepare(
                 new_key = None if ckey is KEEP else limit_key(ckey, "concurrency_key")  # type: ignore[arg-type]
             except (TypeError, ValueError) as exc:
                 raise InvalidOutcome(str(exc)) from exc
+            if rate is not None:
+                problem = (limits or Limits()).check_rate(rate, float(outcome.weight))
+                if problem is not None:  # loud now, instead of a row that never starts
+                    raise InvalidOutcome(f"Next({target!r}, rate_limit={rate!r}): {problem}")
             return Result(
                 row,
                 "next",

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from .executor import Result
+from .limits import credits
 from .queries import Queries
 from .spec import batch_params, encode_json
 
@@ -103,6 +104,11 @@ async def flush(
         taken = [sid for r in spawns if r.row.id in report.committed for sid in r.consume]
         if taken:
             await conn.execute(q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True)
+
+        # Every committed outcome takes its row out of executing: give back its gate slot.
+        gate = credits([r.row for r in results if r.row.id in report.committed])
+        if gate is not None:
+            await conn.execute(q["gate_slots_credit_many"], gate, prepare=True)
 
         if terminal_children:
             parents = sorted(terminal_children)

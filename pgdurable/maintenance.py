@@ -35,3 +35,22 @@ def gc(
         if len(ids) < batch:
             break
     return total
+
+
+def limits(conn: psycopg.Connection[Any], q: Queries) -> tuple[int, int]:
+    """Repair gate counters from the executing truth and prune idle counters and buckets.
+
+    Returns (counters repaired, rows pruned). Counters only drift when a transaction that
+    should have credited a slot could not run at all; this is the safety net.
+    """
+    with conn.transaction():
+        locked = conn.execute(q["gate_slots_lock_all"]).fetchall()
+        repaired = 0
+        if locked:
+            rows = conn.execute(
+                q["gate_slots_reconcile_many"],
+                {"keys": [k for k, _ in locked], "shards": [s for _, s in locked]},
+            ).fetchall()
+            repaired = len(rows)
+    pruned = conn.execute(q["gate_slots_prune"]).rowcount + conn.execute(q["rate_buckets_prune"]).rowcount
+    return repaired, pruned

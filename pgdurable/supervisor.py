@@ -387,7 +387,7 @@ class Supervisor:
             with self._connect() as conn, conn.transaction():
                 rows = conn.execute(q["instance_reclaim"], params).fetchall()
                 parents: dict[int, int] = {}
-                for _rid, status, parent_id, _n in rows:
+                for _rid, status, parent_id, *_ in rows:
                     if status == "failed" and parent_id is not None:
                         parents[parent_id] = parents.get(parent_id, 0) + 1
                 if parents:
@@ -421,16 +421,20 @@ class Supervisor:
                 pass
 
     def _gc(self) -> None:
+        q = for_schema(self.cfg.database.schema)
         with self._connect() as conn:
             deleted = maintenance.gc(
                 conn,
-                for_schema(self.cfg.database.schema),
+                q,
                 retention=dt.timedelta(seconds=self.cfg.maintenance.retention),
                 batch=self.cfg.maintenance.gc_batch,
                 max_batches=10,  # the rest next time: keep the loop responsive
             )
+            repaired, pruned = maintenance.limits(conn, q)
         if deleted:
             log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
+        if repaired:
+            log.warning("gc repaired %d gate counters", repaired, extra={"event": "gate_repaired"})
 
     # -- health ----------------------------------------------------------------------------
     def _status(self) -> str:

@@ -21,6 +21,7 @@ from .client import Client, Instance
 from .engine import Engine
 from .errors import DrainLimitExceeded
 from .fsm import FSM, Registry
+from .limits import Limits
 
 #: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
 COLLAPSED = dt.timedelta(days=365 * 100)
@@ -62,9 +63,11 @@ async def adrain(
     collapse_time: bool = True,
     max_steps: int = 10_000,
     batch: int = 100,
+    limits: Limits | None = None,
 ) -> Tally:
-    """Async ``drain``."""
-    engine = Engine(_registry(machines), schema=schema)
+    """Async ``drain``. ``limits``: the concurrency gates and rate limits to apply (as a
+    supervisor's config would; ``Limits.parse(concurrency_limits=..., rate_limits=...)``)."""
+    engine = Engine(_registry(machines), schema=schema, limits=limits)
     horizon = COLLAPSED if collapse_time else dt.timedelta(0)
     counts: Counter[str] = Counter()
     steps = 0

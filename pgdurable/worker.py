@@ -192,7 +192,8 @@ class Worker:
             schema=cfg.database.schema,
             worker_id=worker_id,
             lease=dt.timedelta(seconds=cfg.runtime.lease),
-            executor=Executor(registry, run_sync=run_sync, logger=log),
+            executor=Executor(registry, run_sync=run_sync, logger=log, limits=cfg.limits),
+            limits=cfg.limits,
         )
         self.buffer: list[Claimed] = []
         self.in_flight: dict[int, tuple[Claimed, asyncio.Task[None]]] = {}
@@ -341,17 +342,9 @@ class Worker:
         await self._release(leftover)
 
     async def _release(self, rows: list[Claimed]) -> None:
-        if not rows:
-            return
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                self.engine.q["instance_release_many"],
-                {
-                    "worker": self.engine.worker_id,
-                    "ids": [r.id for r in rows],
-                    "tokens": [r.token for r in rows],
-                },
-            )
+        if rows:
+            async with self.pool.connection() as conn:
+                await self.engine.release(conn, rows)
 
     # -- heartbeat -------------------------------------------------------------------------
     async def _heartbeat(self) -> None:

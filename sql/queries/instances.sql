@@ -69,17 +69,24 @@ ORDER BY ins.id;
 
 -- name: instance_claim
 -- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then
--- eligible_at order. Rows whose unconfigured concurrency key is executing elsewhere are
--- skipped before the LIMIT, and of several candidates sharing a key only the first is taken.
+-- eligible_at order. A row whose concurrency key is unconfigured (K = 1) and executing
+-- elsewhere is skipped before the LIMIT (an indexed probe per candidate), and of several
+-- candidates sharing such a key only the first is taken. Keys of a configured gate
+-- (%(gates)s, with their limits) skip the probe, are taken at most `limit` per key, and get
+-- a provisional shard (-1) that admission replaces by the slot's shard.
 -- has_inbox / has_children tell the caller which rows need enrichment.
 WITH candidates AS (
-    SELECT i.id, i.concurrency_key, i.priority, i.eligible_at
+    SELECT i.id, i.concurrency_key, i.priority, i.eligible_at,
+           CASE WHEN i.concurrency_name = ANY(%(gates)s::text[])
+                THEN (SELECT g.lim FROM unnest(%(gates)s::text[], %(gate_limits)s::int[]) AS g(name, lim)
+                      WHERE g.name = i.concurrency_name) END AS gate_limit
     FROM {schema}.instances AS i
     LEFT JOIN LATERAL (
         SELECT 1 AS busy FROM {schema}.instances AS e
         WHERE e.concurrency_key = i.concurrency_key AND e.status = 'executing'
           AND e.concurrency_key IS NOT NULL AND e.concurrency_shard IS NULL
         LIMIT 1) AS b ON i.concurrency_key IS NOT NULL
+                     AND NOT (i.concurrency_name = ANY(%(gates)s::text[]))
     WHERE i.status = 'runnable' AND i.queue = %(queue)s
       AND i.eligible_at <= now() + %(horizon)s::interval
       AND b.busy IS NULL
@@ -87,23 +94,25 @@ WITH candidates AS (
     LIMIT %(limit)s
     FOR NO KEY UPDATE OF i SKIP LOCKED
 ), winners AS (
-    SELECT id FROM (
-        SELECT id, concurrency_key,
+    SELECT id, gate_limit IS NOT NULL AS gated FROM (
+        SELECT id, concurrency_key, gate_limit,
                row_number() OVER (PARTITION BY concurrency_key
                                   ORDER BY priority, eligible_at, id) AS rn
         FROM candidates) AS ranked
-    WHERE concurrency_key IS NULL OR rn = 1
+    WHERE concurrency_key IS NULL OR rn <= COALESCE(gate_limit, 1)
 )
 UPDATE {schema}.instances AS i
 SET status = 'executing', locked_by = %(worker)s, lease_token = %(token)s,
-    lease_expires_at = now() + %(lease)s::interval, updated_at = now()
+    lease_expires_at = now() + %(lease)s::interval, updated_at = now(),
+    concurrency_shard = CASE WHEN w.gated THEN -1 END
 FROM winners AS w
 WHERE i.id = w.id
 RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.crashes,
           i.queue, i.priority, i.eligible_at, i.awaits, i.correlation_key, i.concurrency_key,
           i.rate_limit, i.weight, i.parent_id,
           EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
-          EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children;
+          EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children,
+          w.gated;
 
 -- name: instance_children_many
 -- Every child of the given parents (any status), for ctx.children.

@@ -11,15 +11,28 @@ WHERE i.id IN (
 RETURNING i.id;
 
 -- name: instance_release_many
--- Give claimed rows that never started back to runnable (graceful stop, shutdown of a
--- prefetch buffer): attempt, crashes and eligible_at untouched.
-UPDATE {schema}.instances AS i
-SET status = 'runnable', locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
-    concurrency_shard = NULL, updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token)
-WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
-  AND i.status = 'executing'
-RETURNING i.id, pg_notify({schema}.notify_channel(i.queue), '')::text AS notified;
+-- Give claimed rows back to runnable (graceful stop, a prefetch buffer, steps cancelled at
+-- the drain deadline): attempt, crashes and eligible_at untouched; gate slots credited.
+WITH released AS (
+    UPDATE {schema}.instances AS i
+    SET status = 'runnable', locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+        concurrency_shard = NULL, updated_at = now()
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token),
+         {schema}.instances AS prev
+    WHERE i.id = u.id AND prev.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+      AND i.status = 'executing'
+    RETURNING i.id, i.queue, prev.concurrency_key AS key, prev.concurrency_shard AS shard
+), credited AS (
+    UPDATE {schema}.gate_slots AS g
+    SET available = LEAST(g.capacity, g.available + c.n)
+    FROM (SELECT key, shard, count(*)::int AS n FROM released WHERE shard >= 0
+          GROUP BY key, shard ORDER BY key, shard) AS c
+    WHERE g.key = c.key AND g.shard = c.shard
+    RETURNING 1
+)
+SELECT r.id, pg_notify({schema}.notify_channel(r.queue), '')::text AS notified,
+       (SELECT count(*) FROM credited) AS credited
+FROM released AS r;
 
 -- name: instance_next_eligible
 -- Seconds until the earliest runnable row of a queue becomes due (NULL: none), so an idle
@@ -36,7 +49,8 @@ WHERE status = 'runnable' AND queue = %(queue)s;
 -- merely prefetched go back untouched. Past its machine's max_crashes the instance fails.
 -- Ordered SKIP LOCKED: safe with several supervisors at once.
 WITH victims AS (
-    SELECT id, fsm, version, (%(count_all)s OR id = ANY(%(crashed)s::bigint[])) AS crashed
+    SELECT id, fsm, version, concurrency_key, concurrency_shard,
+           (%(count_all)s OR id = ANY(%(crashed)s::bigint[])) AS crashed
     FROM {schema}.instances
     WHERE status = 'executing'
       AND (locked_by = ANY(%(workers)s::text[])
@@ -47,7 +61,7 @@ WITH victims AS (
 ), limits AS (
     SELECT * FROM unnest(%(fsms)s::text[], %(versions)s::int[], %(max_crashes)s::int[])
         AS l(fsm, version, max_crashes)
-)
+), reclaimed AS (
 UPDATE {schema}.instances AS i
 SET crashes = i.crashes + v.crashed::int,
     status = CASE WHEN v.crashed AND i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
@@ -63,9 +77,20 @@ SET crashes = i.crashes + v.crashed::int,
 FROM victims AS v
 LEFT JOIN limits AS l ON l.fsm = v.fsm AND l.version = v.version
 WHERE i.id = v.id
-RETURNING i.id, i.status, i.parent_id,
-          CASE WHEN i.status = 'runnable'
-               THEN pg_notify({schema}.notify_channel(i.queue), '')::text END AS notified;
+RETURNING i.id, i.status, i.parent_id, i.queue, v.concurrency_key AS key, v.concurrency_shard AS shard
+), credited AS (
+    UPDATE {schema}.gate_slots AS g
+    SET available = LEAST(g.capacity, g.available + c.n)
+    FROM (SELECT key, shard, count(*)::int AS n FROM reclaimed WHERE shard >= 0
+          GROUP BY key, shard ORDER BY key, shard) AS c
+    WHERE g.key = c.key AND g.shard = c.shard
+    RETURNING 1
+)
+SELECT r.id, r.status, r.parent_id,
+       CASE WHEN r.status = 'runnable'
+            THEN pg_notify({schema}.notify_channel(r.queue), '')::text END AS notified,
+       (SELECT count(*) FROM credited) AS credited
+FROM reclaimed AS r;
 
 -- name: instance_node_owners
 -- The supervisor incarnations (owner prefixes) on a host that hold executing rows.
