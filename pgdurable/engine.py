@@ -20,8 +20,8 @@ import psycopg
 from .claim import Claimed, claim, enrich
 from .executor import Executor, Result
 from .flusher import FlushReport, flush
-from .limits import Limits, admit, needs_admission
 from .fsm import Registry
+from .limits import Limits, admit, needs_admission
 from .queries import Queries, for_schema
 from .spec import encode_json
 
