@@ -66,6 +66,7 @@ class Engine:
         self.executor = executor or Executor(registry, limits=self.limits)
         self._gates = self.limits.claim_params()
         self._tokens = itertools.count(1)
+        self.last_claimed = 0
 
     async def register(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
         """Publish the known machines (for inserts by name) and release rows held for them.
@@ -87,6 +88,7 @@ class Engine:
         horizon: dt.timedelta = dt.timedelta(0),
     ) -> list[Claimed]:
         """Claim, admit (only rows with limits), and enrich a batch."""
+        self.last_claimed = 0
         rows = await claim(
             conn,
             self.q,
@@ -98,6 +100,7 @@ class Engine:
             horizon=horizon,
             gates=self._gates,
         )
+        self.last_claimed = len(rows)  # before admission: denied rows were claimed too
         if needs_admission(rows):
             rows = await admit(conn, self.q, self.worker_id, rows, self.limits)
         await enrich(conn, self.q, rows)

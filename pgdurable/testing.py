@@ -83,6 +83,10 @@ async def adrain(
             for queue in names:
                 rows = await engine.claim(conn, queue, batch, horizon)
                 if not rows:
+                    # Rows denied by a limit were deferred into the future: with real time,
+                    # claim again (work behind them may be due); with collapsed time they
+                    # would only be claimed and denied again.
+                    progressed = progressed or (engine.last_claimed > 0 and not collapse_time)
                     continue
                 progressed = True
                 results = [await engine.run(row) for row in rows]

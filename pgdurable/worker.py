@@ -251,7 +251,7 @@ class Worker:
             if demand > 0 and (demand >= min_demand or idle):
                 self.wake.clear()
                 rows = await self._claim(demand)
-                claimed = len(rows)
+                claimed = self.engine.last_claimed  # admitted or deferred by a limit
                 self.buffer.extend(rows)
             self._start_from_buffer()
             if claimed and claimed == demand:
