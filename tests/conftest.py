@@ -13,6 +13,7 @@ from pgdurable import migrations
 from pgdurable.client import Client
 
 from .dbserver import throwaway_server
+from .supervised import Supervised
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +62,19 @@ def client(dsn: str, schema: str) -> Iterator[Client]:
 def db(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def runs(db, schema):
+    db.execute("CREATE TABLE IF NOT EXISTS runtime_runs (tag text, what text, pid int, at timestamptz)")
+    db.execute("TRUNCATE runtime_runs")
+    yield
+    db.execute("DROP TABLE IF EXISTS runtime_runs")
+
+
+@pytest.fixture
+def sups(tmp_path):
+    started: list[Supervised] = []
+    yield started
+    for s in started:
+        s.close()

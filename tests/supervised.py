@@ -38,7 +38,9 @@ batch = 20
 
 
 class Supervised:
-    def __init__(self, tmp: Path, dsn: str, schema: str, name: str = "sup", **settings: object):
+    def __init__(
+        self, tmp: Path, dsn: str, schema: str, name: str = "sup", extra: str = "", **settings: object
+    ):
         opts = {
             "lease": 60,
             "heartbeat": 2,
@@ -50,7 +52,7 @@ class Supervised:
         }
         opts.update(settings)
         self.config = tmp / f"{name}.toml"
-        self.config.write_text(BASE.format(dsn=dsn.replace('"', '\\"'), schema=schema, **opts))
+        self.config.write_text(BASE.format(dsn=dsn.replace('"', '\\"'), schema=schema, **opts) + extra)
         self.sock_path = tmp / f"{name}.notify"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
@@ -150,3 +152,9 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(sups, tmp_path, dsn, schema, **kw) -> Supervised:
+    s = Supervised(tmp_path, dsn, schema, name=f"sup{len(sups)}", **kw)
+    sups.append(s)
+    return s.ready()

@@ -15,29 +15,7 @@ import pytest
 from pgdurable import Insert
 from pgdurable.migrations import latest
 
-from .supervised import ROOT, Supervised, alive, wait_until
-
-
-@pytest.fixture
-def runs(db, schema):
-    db.execute("CREATE TABLE IF NOT EXISTS runtime_runs (tag text, what text, pid int, at timestamptz)")
-    db.execute("TRUNCATE runtime_runs")
-    yield
-    db.execute("DROP TABLE IF EXISTS runtime_runs")
-
-
-@pytest.fixture
-def sups(tmp_path):
-    started: list[Supervised] = []
-    yield started
-    for s in started:
-        s.close()
-
-
-def start(sups, tmp_path, dsn, schema, **kw) -> Supervised:
-    s = Supervised(tmp_path, dsn, schema, name=f"sup{len(sups)}", **kw)
-    sups.append(s)
-    return s.ready()
+from .supervised import ROOT, alive, start, wait_until
 
 
 def statuses(db, schema):
