@@ -37,6 +37,13 @@ def max_overlap(db, prefix: str) -> dict[str, int]:
     return dict(peak)
 
 
+def taken(db, schema) -> int:
+    """Slots held right now over all gate counters (GC may prune idle shards: re-created full)."""
+    return db.execute(f'SELECT COALESCE(sum(capacity - available), 0) FROM "{schema}".gate_slots').fetchone()[
+        0
+    ]
+
+
 class Sampler(threading.Thread):
     """Samples slot holders and K=1 executors per key while a run goes on."""
 
@@ -91,7 +98,7 @@ def test_keys_and_gates_hold_across_processes_and_supervisors(dsn, schema, clien
     ).fetchall()
     overlapping = any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in intervals for b in intervals)
     assert overlapping
-    assert db.execute(f'SELECT sum(available) FROM "{schema}".gate_slots').fetchone()[0] == 3 + 0  # back full
+    assert taken(db, schema) == 0  # every slot given back
     for s in sups:
         assert s.stop() == 0
 
@@ -122,10 +129,10 @@ def test_gate_counters_true_after_kill_9_mid_step(dsn, schema, client, db, sups,
     marker = tmp_path / "marker"
     iid = client.insert("once_blocking", {"marker": str(marker)}, concurrency_key="gate:k")
     victim = int(wait_until(lambda: marker.exists() and marker.read_text(), what="the step to start"))
-    assert db.execute(f'SELECT sum(available) FROM "{schema}".gate_slots').fetchone()[0] == 2
+    assert taken(db, schema) == 1
     os.kill(victim, signal.SIGKILL)
     assert client.wait(iid, timeout=30).__class__.__name__ == "Done"
-    assert db.execute(f'SELECT sum(available), sum(capacity) FROM "{schema}".gate_slots').fetchone() == (3, 3)
+    assert taken(db, schema) == 0
     repaired, _ = maintenance.limits(db, for_schema(schema))
     assert repaired == 0  # the reclaim credited the slot itself; nothing left to repair
     assert sup.stop() == 0
