@@ -67,6 +67,7 @@ class Engine:
         self._gates = self.limits.claim_params()
         self._tokens = itertools.count(1)
         self.last_claimed = 0
+        self.limit_errors = 0  # rows held because their limit is misconfigured
 
     async def register(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
         """Publish the known machines (for inserts by name) and release rows held for them.
@@ -102,7 +103,9 @@ class Engine:
         )
         self.last_claimed = len(rows)  # before admission: denied rows were claimed too
         if needs_admission(rows):
-            rows = await admit(conn, self.q, self.worker_id, rows, self.limits)
+            verdicts = await admit(conn, self.q, self.worker_id, rows, self.limits)
+            self.limit_errors += len(verdicts.held)  # reported by workers as a metric
+            rows = verdicts.admitted
         await enrich(conn, self.q, rows)
         return rows
 

@@ -238,10 +238,8 @@ def decide(
 
 async def admit(
     conn: psycopg.AsyncConnection[Any], q: Queries, worker: str, rows: list[Claimed], limits: Limits
-) -> list[Claimed]:
-    """Run admission for freshly claimed rows; returns the rows that may run now."""
-    if not needs_admission(rows):
-        return rows
+) -> Verdicts:
+    """Run admission for freshly claimed rows; ``.admitted`` may run now."""
     gated_keys = sorted({r.concurrency_key for r in rows if r.gated and r.concurrency_key})
     rate_keys = sorted({r.rate_limit for r in rows if r.rate_limit and limits.rate_for(r.rate_limit)})
     async with conn.transaction():
@@ -291,10 +289,10 @@ async def admit(
             prepare=True,
         )
     for row, reason in v.held:
-        log.error("instance %s held: %s", row.id, reason, extra={"event": "limit_misconfigured"})
+        log.error("instance %s %s", row.id, reason, extra={"event": "limit_misconfigured"})
     for row in v.admitted:
         row.shard = v.shard.get(row.id)
-    return v.admitted
+    return v
 
 
 def _gate_shards(keys: list[str], limits: Limits) -> dict[str, list[Any]]:

@@ -441,7 +441,9 @@ class Supervisor:
         busy = sum(int(c.last_report.get("busy", 0)) for c in self.children.values())
         cap = sum(int(c.last_report.get("concurrency", 0)) for c in self.children.values())
         steps = sum(int(c.last_report.get("steps", 0)) for c in self.children.values())
-        return f"{len(self.children)} workers, busy {busy}/{cap}, {steps} steps"
+        held = sum(int(c.last_report.get("limit_errors", 0)) for c in self.children.values())
+        status = f"{len(self.children)} workers, busy {busy}/{cap}, {steps} steps"
+        return status + (f", {held} held by misconfigured limits" if held else "")
 
     def _healthy(self) -> bool:
         now = time.monotonic()

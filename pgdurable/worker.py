@@ -386,6 +386,7 @@ class Worker:
             "steps": self.stats.steps,
             "stale": self.stats.stale,
             "errors": self.stats.errors,
+            "limit_errors": self.engine.limit_errors,
             "last_error": self.stats.last_error,
             "listening": self.stats.listener_ok and listener_fresh,
             "running": list(self.in_flight),

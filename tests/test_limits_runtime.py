@@ -154,3 +154,13 @@ def test_gate_limit_change_by_reload_while_rows_run(dsn, schema, client, db, sup
         f'SELECT available, capacity FROM "{schema}".gate_slots WHERE key = %s', ["cfg:1"]
     ).fetchone() == (2, 2)
     assert sup.stop() == 0
+
+
+def test_misconfigured_limit_is_held_logged_and_counted(dsn, schema, client, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=1, extra=LIMITS)
+    iid = client.insert("stamp", {}, rate_limit="nope")
+    wait_until(lambda: client.get(iid).status == "held", what="the row to be held")
+    assert "rate limit 'nope' is not configured" in client.get(iid).last_error
+    sup.wait_for("1 held by misconfigured limits", timeout=10)  # in systemd's STATUS
+    assert sup.stop() == 0
+    assert f"instance {iid} held: rate limit 'nope' is not configured" in sup.log.read_text()
