@@ -83,7 +83,9 @@ class SupervisorFleet:
                     return
             except TimeoutError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"supervisor exited {self.proc.returncode}: {self.log.read_text()}")
+                    raise RuntimeError(
+                        f"supervisor exited {self.proc.returncode}: {self.log.read_text()}"
+                    ) from None
         raise RuntimeError(f"no READY=1 within {timeout} s: {self.log.read_text()}")
 
     async def ready(self, timeout: float = 60.0) -> SupervisorFleet:

@@ -112,8 +112,10 @@ class Engine:
     async def run(self, row: Claimed) -> Result:
         return await self.executor.run(row)
 
-    async def flush(self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result]) -> FlushReport:
-        return await flush(conn, self.q, self.worker_id, results)
+    async def flush(
+        self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result], quiet_queue: str | None = None
+    ) -> FlushReport:
+        return await flush(conn, self.q, self.worker_id, results, quiet_queue)
 
     async def release(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Claimed]) -> None:
         """Give claimed rows that will not run back to runnable (and their gate slots)."""

@@ -34,19 +34,35 @@ class FlushReport:
 
 
 async def flush(
-    conn: psycopg.AsyncConnection[Any], q: Queries, worker: str, results: Sequence[Result]
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    results: Sequence[Result],
+    quiet_queue: str | None = None,
 ) -> FlushReport:
-    """Commit ``results`` in one transaction (connection must be in autocommit mode)."""
+    """Commit ``results`` in one transaction (connection must be in autocommit mode).
+
+    ``quiet_queue``: a queue not to notify (the flushing worker's own).
+    """
     report = FlushReport()
     if not results:
         return report
     results = sorted(results, key=lambda r: r.row.id)
+    if all(_single_statement(r) for r in results):
+        # The common case — plain outcomes of rows with no parent and no gate slot — is one
+        # statement, atomic on its own: no BEGIN/COMMIT round trips.
+        cur = await conn.execute(
+            q["instance_commit_if_owned_many"], _plain_params(worker, results, quiet_queue), prepare=True
+        )
+        report.committed.update(row[0] for row in await cur.fetchall())
+        report.stale = {r.row.id for r in results} - report.committed
+        return report
     terminal_children: Counter[int] = Counter()
     async with conn.transaction():
         plain = [r for r in results if r.kind in _STATUS]
         if plain:
             cur = await conn.execute(
-                q["instance_commit_if_owned_many"], _plain_params(worker, plain), prepare=True
+                q["instance_commit_if_owned_many"], _plain_params(worker, plain, quiet_queue), prepare=True
             )
             for rid, parent_id, status, _queue in await cur.fetchall():
                 report.committed.add(rid)
@@ -124,9 +140,14 @@ async def flush(
     return report
 
 
-def _plain_params(worker: str, rs: list[Result]) -> dict[str, Any]:
+def _single_statement(r: Result) -> bool:
+    return r.kind in _STATUS and r.row.parent_id is None and (r.row.shard is None or r.row.shard < 0)
+
+
+def _plain_params(worker: str, rs: Sequence[Result], quiet_queue: str | None) -> dict[str, Any]:
     return {
         "worker": worker,
+        "quiet_queue": quiet_queue,
         "ids": [r.row.id for r in rs],
         "tokens": [r.row.token for r in rs],
         "statuses": [_STATUS[r.kind] for r in rs],

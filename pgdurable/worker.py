@@ -57,8 +57,8 @@ class _Pending:
 class Flusher:
     """Group commit: outcomes submitted while a flush runs are committed together next."""
 
-    def __init__(self, engine: Engine, pool: AsyncConnectionPool, stats: Stats):
-        self._engine, self._pool, self._stats = engine, pool, stats
+    def __init__(self, engine: Engine, pool: AsyncConnectionPool, stats: Stats, queue: str):
+        self._engine, self._pool, self._stats, self._queue_name = engine, pool, stats, queue
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -83,7 +83,7 @@ class Flusher:
                 continue
             try:
                 async with self._pool.connection() as conn:
-                    report = await self._engine.flush(conn, [p.result for p in batch])
+                    report = await self._engine.flush(conn, [p.result for p in batch], self._queue_name)
             except Exception as exc:  # noqa: BLE001 - rows stay executing; recovery reclaims them
                 self._stats.errors += 1
                 self._stats.last_error = f"flush failed: {exc!r}"
@@ -220,7 +220,7 @@ class Worker:
             row = await cur.fetchone()
             assert row is not None
             channel = str(row[0])
-        self.flusher = Flusher(self.engine, pool, self.stats)
+        self.flusher = Flusher(self.engine, pool, self.stats, self.queue_name)
         self.listener = Listener(
             self.dsn, self.queue_name, channel, self.wake, self.stats, probe_every=self.cfg.runtime.heartbeat
         )

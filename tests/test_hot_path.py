@@ -42,8 +42,8 @@ def test_pick_and_flush_statements_do_not_grow_with_batch(dsn, schema, client, n
     assert len(rows) == n and len(report.committed) == n
     assert pick.statements == 1, pick.sql()  # the claim, nothing else
     assert pick.round_trips == 1
-    assert fl.statements == 3, fl.sql()  # BEGIN, one guarded UPDATE with riders, COMMIT
-    assert fl.round_trips == 3
+    assert fl.statements == 1, fl.sql()  # one guarded UPDATE with its riders, atomic alone
+    assert fl.round_trips == 1
 
 
 @pytest.mark.parametrize("n", [3, 30])
@@ -82,3 +82,31 @@ def test_insert_is_one_statement(dsn, schema, client):
     with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as t:
         client.insert(send_email, {"to": "x"}, conn=conn)
     assert t.statements == 1 and t.round_trips == 1
+
+
+@pytest.mark.parametrize("n", [3, 30])
+def test_flush_with_joins_is_a_fixed_transaction(dsn, schema, client, n):
+    """Children finishing: their commit and their parents' join share one transaction."""
+    from pgdurable.spec import Child
+
+    from .coord_machines import Leaf, Parent
+
+    parents = [client.insert(Parent, {"values": [1]}) for _ in range(n)]
+
+    async def go():
+        engine = Engine(Registry([Parent, Leaf]), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            spawned = await engine.claim(conn, "parents", n)
+            await engine.flush(conn, [await engine.run(r) for r in spawned])
+            kids = await engine.claim(conn, "kids", n)
+            results = [await engine.run(r) for r in kids]
+            with traced(conn) as t:
+                report = await engine.flush(conn, results)
+            return kids, report, t
+
+    kids, report, t = asyncio.run(go())
+    assert len(kids) == n and len(report.committed) == n and len(report.woken_parents) == n
+    # BEGIN, commit with riders, one aggregated join, COMMIT — for 3 or 30 parents alike
+    assert t.statements == 4, t.sql()
+    assert Child  # the spec type children are built from
+    assert all(client.get(p).status == "runnable" for p in parents)

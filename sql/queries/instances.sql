@@ -126,7 +126,9 @@ ORDER BY parent_id, id;
 -- claim's fencing token, with their riders in the same statement: the signals a progressing
 -- outcome took are consumed (pairs target/signal), a terminal outcome clears the inbox, and
 -- the queues of rows runnable now are notified. Only rows the guard let through are touched
--- by the riders. Absolute values per row; a NULL state keeps the stored state.
+-- by the riders. Absolute values per row; a NULL state keeps the stored state. The
+-- flushing worker's own queue (%(quiet_queue)s) is not notified: that worker claims again
+-- as soon as it has room, and a NOTIFY would serialise this commit with every other one.
 WITH written AS (
     UPDATE {schema}.instances AS i
     SET status = u.status,
@@ -169,7 +171,8 @@ WITH written AS (
     RETURNING 1
 ), notified AS (
     SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
-    FROM (SELECT DISTINCT queue FROM written WHERE status = 'runnable' AND due) AS d(q)
+    FROM (SELECT DISTINCT queue FROM written
+          WHERE status = 'runnable' AND due AND queue IS DISTINCT FROM %(quiet_queue)s) AS d(q)
 )
 SELECT w.id, w.parent_id, w.status, w.queue
 FROM written AS w CROSS JOIN notified;
