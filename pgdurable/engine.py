@@ -115,7 +115,7 @@ class Engine:
     async def flush(
         self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result], quiet_queue: str | None = None
     ) -> FlushReport:
-        return await flush(conn, self.q, self.worker_id, results, quiet_queue)
+        return await flush(conn, self.q, self.worker_id, results, quiet_queue, self.lease)
 
     async def release(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Claimed]) -> None:
         """Give claimed rows that will not run back to runnable (and their gate slots)."""

@@ -269,7 +269,12 @@ def prepare(
                 rate_limit=rate,
                 weight=float(outcome.weight),
                 consume=taken,
-                inline=outcome.inline,
+                # Run-ahead only when nothing has to be admitted again: no rate limit on the
+                # next step, no delay, and the same concurrency key (its slot is kept).
+                inline=outcome.inline
+                and rate is None
+                and delay <= 0
+                and (ckey is KEEP or new_key == row.concurrency_key),
             )
         case Retry():
             try:

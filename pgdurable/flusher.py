@@ -10,13 +10,15 @@ nothing of its outcome is applied (no signal consumed, no parent touched, no chi
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
 
+from .claim import Claimed
 from .executor import Result
 from .limits import credits
 from .queries import Queries
@@ -39,6 +41,7 @@ async def flush(
     worker: str,
     results: Sequence[Result],
     quiet_queue: str | None = None,
+    lease: dt.timedelta = dt.timedelta(seconds=60),
 ) -> FlushReport:
     """Commit ``results`` in one transaction (connection must be in autocommit mode).
 
@@ -52,7 +55,9 @@ async def flush(
         # The common case — plain outcomes of rows with no parent and no gate slot — is one
         # statement, atomic on its own: no BEGIN/COMMIT round trips.
         cur = await conn.execute(
-            q["instance_commit_if_owned_many"], _plain_params(worker, results, quiet_queue), prepare=True
+            q["instance_commit_if_owned_many"],
+            _plain_params(worker, results, quiet_queue, lease),
+            prepare=True,
         )
         report.committed.update(row[0] for row in await cur.fetchall())
         report.stale = {r.row.id for r in results} - report.committed
@@ -62,7 +67,9 @@ async def flush(
         plain = [r for r in results if r.kind in _STATUS]
         if plain:
             cur = await conn.execute(
-                q["instance_commit_if_owned_many"], _plain_params(worker, plain, quiet_queue), prepare=True
+                q["instance_commit_if_owned_many"],
+                _plain_params(worker, plain, quiet_queue, lease),
+                prepare=True,
             )
             for rid, parent_id, status, _queue in await cur.fetchall():
                 report.committed.add(rid)
@@ -121,8 +128,9 @@ async def flush(
         if taken:
             await conn.execute(q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True)
 
-        # Every committed outcome takes its row out of executing: give back its gate slot.
-        gate = credits([r.row for r in results if r.row.id in report.committed])
+        # Every committed outcome takes its row out of executing: give back its gate slot
+        # (an inline continue stays executing and keeps it).
+        gate = credits([r.row for r in results if r.row.id in report.committed and not r.inline])
         if gate is not None:
             await conn.execute(q["gate_slots_credit_many"], gate, prepare=True)
 
@@ -140,17 +148,36 @@ async def flush(
     return report
 
 
+def continued(row: Claimed, r: Result) -> Claimed:
+    """The claim of a row whose inline continue committed, ready to run its next step."""
+    taken = set(r.consume)
+    return replace(
+        row,
+        step=r.step,
+        version=r.version,
+        state=r.state if r.state is not None else row.state,
+        attempt=0,
+        crashes=0,
+        awaits=None,
+        inbox=[s for s in row.inbox if s.id not in taken],
+        has_inbox=any(s.id not in taken for s in row.inbox),
+    )
+
+
 def _single_statement(r: Result) -> bool:
     return r.kind in _STATUS and r.row.parent_id is None and (r.row.shard is None or r.row.shard < 0)
 
 
-def _plain_params(worker: str, rs: Sequence[Result], quiet_queue: str | None) -> dict[str, Any]:
+def _plain_params(
+    worker: str, rs: Sequence[Result], quiet_queue: str | None, lease: dt.timedelta
+) -> dict[str, Any]:
     return {
         "worker": worker,
+        "lease": lease,
         "quiet_queue": quiet_queue,
         "ids": [r.row.id for r in rs],
         "tokens": [r.row.token for r in rs],
-        "statuses": [_STATUS[r.kind] for r in rs],
+        "statuses": ["executing" if r.inline else _STATUS[r.kind] for r in rs],
         "versions": [r.version for r in rs],
         "steps": [r.step for r in rs],
         "states": [r.state for r in rs],

@@ -20,6 +20,7 @@ import psycopg
 from .client import Client, Instance
 from .engine import Engine
 from .errors import DrainLimitExceeded
+from .flusher import continued
 from .fsm import FSM, Registry
 from .limits import Limits
 
@@ -89,16 +90,20 @@ async def adrain(
                     progressed = progressed or (engine.last_claimed > 0 and not collapse_time)
                     continue
                 progressed = True
-                results = [await engine.run(row) for row in rows]
-                report = await engine.flush(conn, results)
-                for r in results:
-                    counts["stale" if r.row.id in report.stale else r.kind] += 1
-                steps += len(rows)
-                if steps > max_steps:
-                    raise DrainLimitExceeded(
-                        f"drain ran {steps} steps (max_steps={max_steps}) and work remains: "
-                        + ", ".join(f"{r.row.fsm}#{r.row.id} at {r.step or r.row.step}" for r in results[:5])
-                    )
+                while rows:  # inline continues run again at once on the claim they hold
+                    results = [await engine.run(row) for row in rows]
+                    report = await engine.flush(conn, results)
+                    for r in results:
+                        counts["stale" if r.row.id in report.stale else r.kind] += 1
+                    steps += len(rows)
+                    if steps > max_steps:
+                        raise DrainLimitExceeded(
+                            f"drain ran {steps} steps (max_steps={max_steps}) and work remains: "
+                            + ", ".join(
+                                f"{r.row.fsm}#{r.row.id} at {r.step or r.row.step}" for r in results[:5]
+                            )
+                        )
+                    rows = [continued(r.row, r) for r in results if r.inline and r.row.id in report.committed]
             if progressed:
                 continue
             if collapse_time:

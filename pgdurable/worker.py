@@ -33,9 +33,13 @@ from .claim import Claimed
 from .config import Config, Queue
 from .engine import Engine
 from .executor import Executor, Result
+from .flusher import continued
 from .fsm import Registry
 
 log = logging.getLogger("pgdurable.worker")
+
+#: The most steps one claim runs ahead inline before the row goes back to the queue.
+MAX_INLINE = 100
 
 
 @dataclass
@@ -315,9 +319,19 @@ class Worker:
         # step is the suspect and counts a crash; the other rows held are innocent.
         self._send(b"s %d\n" % row.id)
         try:
-            result = await self.engine.run(row)
-            await self.flusher.submit(result)
-            self.stats.steps += 1
+            for n in range(MAX_INLINE + 1):
+                result = await self.engine.run(row)
+                committed = await self.flusher.submit(result)
+                self.stats.steps += 1
+                if not (committed and result.inline):
+                    break
+                # The continue kept the claim: run the next step on it, or hand it back.
+                row = continued(row, result)
+                if self.stopping.is_set() or n == MAX_INLINE:
+                    await self._release([row])
+                    break
+                task = self.in_flight[row.id][1]
+                self.in_flight[row.id] = (row, task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the row stays executing; recovery reclaims it

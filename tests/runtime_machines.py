@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgdurable import FSM, Await, Done, job, step
+from pgdurable import FSM, Await, Done, Next, job, step
 
 
 def _record(args: dict, what: str) -> None:
@@ -60,3 +60,19 @@ class Waiter(FSM, name="waiter", queue="rt"):
     @step
     def after(self, ctx):
         return Done({"timed_out": not ctx.awaited, "at": time.time()})
+
+
+class Relay(FSM, name="relay", queue="rt"):
+    """Three steps run ahead inline on one claim, recording the worker of each."""
+
+    @step(initial=True)
+    def a(self, ctx):
+        return Next(self.b, {"pids": [os.getpid()]}, inline=True)
+
+    @step
+    def b(self, ctx):
+        return Next(self.c, {"pids": [*ctx.state["pids"], os.getpid()]}, inline=True)
+
+    @step
+    def c(self, ctx):
+        return Done({"pids": [*ctx.state["pids"], os.getpid()]})

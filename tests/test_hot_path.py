@@ -110,3 +110,49 @@ def test_flush_with_joins_is_a_fixed_transaction(dsn, schema, client, n):
     assert t.statements == 4, t.sql()
     assert Child  # the spec type children are built from
     assert all(client.get(p).status == "runnable" for p in parents)
+
+
+def test_inline_run_ahead_skips_the_re_pick(dsn, schema, client):
+    """Next(inline=True) commits each step and runs the next on the claim it holds: a
+    5-step machine costs one claim and five one-statement flushes."""
+    from pgdurable import FSM, Done, Next, step
+
+    class Steps(FSM, name="steps5", queue="inline"):
+        @step(initial=True)
+        def s1(self, ctx):
+            return Next(self.s2, {"n": ctx.state["n"] + 1}, inline=True)
+
+        @step
+        def s2(self, ctx):
+            return Next(self.s3, {"n": ctx.state["n"] + 1}, inline=True)
+
+        @step
+        def s3(self, ctx):
+            return Next(self.s4, {"n": ctx.state["n"] + 1}, inline=True)
+
+        @step
+        def s4(self, ctx):
+            return Next(self.s5, {"n": ctx.state["n"] + 1}, inline=True)
+
+        @step
+        def s5(self, ctx):
+            return Done(ctx.state["n"])
+
+    iid = client.insert(Steps, {"n": 0})
+
+    async def go():
+        engine = Engine(Registry([Steps]), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            from pgdurable.flusher import continued
+
+            with traced(conn) as t:
+                rows = await engine.claim(conn, "inline", 10)
+                while rows:
+                    results = [await engine.run(r) for r in rows]
+                    report = await engine.flush(conn, results)
+                    rows = [continued(r.row, r) for r in results if r.inline and r.row.id in report.committed]
+            return t
+
+    t = asyncio.run(go())
+    assert client.get(iid).result == 4
+    assert t.statements == 1 + 5, t.sql()  # no second claim

@@ -281,3 +281,12 @@ def test_listener_reconnects_after_its_connection_is_killed(dsn, schema, client,
     t = time.time()
     res = client.wait(client.insert("stamp", {}), timeout=20)
     assert res.result["started"] - t < 10  # woken by a notification again, not the 60 s poll
+
+
+def test_inline_run_ahead_in_a_worker(dsn, schema, client, sups, tmp_path):
+    sup = start(sups, tmp_path, dsn, schema, processes=2)
+    ids = [client.insert("relay", {}) for _ in range(10)]
+    for iid in ids:
+        pids = client.wait(iid, timeout=30).result["pids"]
+        assert len(pids) == 3 and len(set(pids)) == 1  # one worker ran the whole chain
+    assert sup.stop() == 0

@@ -122,7 +122,8 @@ WHERE parent_id = ANY(%(ids)s::bigint[])
 ORDER BY parent_id, id;
 
 -- name: instance_commit_if_owned_many
--- Commit Next / Retry / Done / Stop outcomes of rows this worker still owns under the
+-- Commit Next / Retry / Done / Stop outcomes (and inline continues, which stay executing)
+-- of rows this worker still owns under the
 -- claim's fencing token, with their riders in the same statement: the signals a progressing
 -- outcome took are consumed (pairs target/signal), a terminal outcome clears the inbox, and
 -- the queues of rows runnable now are notified. Only rows the guard let through are touched
@@ -142,12 +143,16 @@ WITH written AS (
         await_deadline = NULL,
         concurrency_key = CASE WHEN u.set_concurrency THEN u.concurrency_key
                                ELSE i.concurrency_key END,
-        concurrency_shard = NULL,
+        concurrency_shard = CASE WHEN u.status = 'executing' THEN i.concurrency_shard END,
         rate_limit = CASE WHEN u.keep_rate THEN i.rate_limit ELSE u.rate_limit END,
         weight = CASE WHEN u.keep_rate THEN i.weight ELSE u.weight END,
         result = u.result::jsonb,
         last_error = u.error,
-        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+        -- 'executing': an inline continue keeps the claim (and its gate slot) for the next step
+        locked_by = CASE WHEN u.status = 'executing' THEN i.locked_by END,
+        lease_token = CASE WHEN u.status = 'executing' THEN i.lease_token END,
+        lease_expires_at = CASE WHEN u.status = 'executing' THEN now() + %(lease)s::interval END,
+        updated_at = now()
     FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(statuses)s::text[],
                 %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
                 %(delays)s::float8[], %(attempts)s::int[], %(keep_awaits)s::bool[],
