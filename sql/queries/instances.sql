@@ -161,8 +161,8 @@ WITH written AS (
                 %(results)s::text[], %(errors)s::text[])
          AS u(id, token, status, version, step, state, delay, attempt, keep_awaits,
               set_concurrency, concurrency_key, keep_rate, rate_limit, weight, result, error)
-    WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
-      AND i.status = 'executing'
+    WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
+      AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
     RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
 ), taken AS (
     DELETE FROM {schema}.signals AS s
@@ -196,7 +196,8 @@ SET status = 'awaiting_signal', version = u.version, step = u.step,
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
             %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[])
      AS u(id, token, version, step, state, awaits, timeout)
-WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
+  AND i.lease_token = u.token
   AND i.status = 'executing'
 RETURNING i.id;
 
@@ -297,7 +298,8 @@ UPDATE {schema}.instances AS i
 SET status = 'held', last_error = u.error,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(errors)s::text[]) AS u(id, token, error)
-WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
+WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
+  AND i.lease_token = u.token
   AND i.status = 'executing'
 RETURNING i.id;
 
@@ -327,16 +329,19 @@ WHERE status = 'runnable' AND eligible_at <= now() + %(horizon)s::interval;
 
 -- name: gc_select_ids
 -- A batch of terminal rows older than the retention, oldest first. A terminal child whose
--- parent is still live is spared: the parent will read it in ctx.children.
+-- parent is still live is spared: the parent will read it in ctx.children. The parent
+-- check is a primary-key probe per candidate (LATERAL), never a scan of the live set.
 SELECT i.id FROM {schema}.instances AS i
+LEFT JOIN LATERAL (
+    SELECT 1 AS live FROM {schema}.instances AS p
+    WHERE p.id = i.parent_id AND p.status NOT IN ('done', 'failed', 'cancelled')
+    LIMIT 1) AS lp ON i.parent_id IS NOT NULL
 WHERE i.status IN ('done', 'failed', 'cancelled')
   AND i.updated_at < now() - %(retention)s::interval
-  AND (i.parent_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {schema}.instances AS p
-        WHERE p.id = i.parent_id AND p.status NOT IN ('done', 'failed', 'cancelled')))
+  AND lp.live IS NULL
 ORDER BY i.updated_at
 LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF i SKIP LOCKED;
 
 -- name: gc_delete_ids
 -- Delete the selected rows by primary key (their signals go with them).

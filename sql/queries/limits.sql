@@ -82,8 +82,8 @@ SET concurrency_shard = CASE WHEN u.verdict = 'admit' THEN u.shard END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(verdicts)s::text[], %(shards)s::smallint[],
             %(defers)s::float8[], %(errors)s::text[]) AS u(id, token, verdict, shard, defer, error)
-WHERE i.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
-  AND i.status = 'executing'
+WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
+  AND i.lease_token = u.token AND i.status = 'executing'
 RETURNING i.id, i.status;
 
 -- name: gate_slots_lock_all

@@ -19,8 +19,8 @@ WITH released AS (
         concurrency_shard = NULL, updated_at = now()
     FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token),
          {schema}.instances AS prev
-    WHERE i.id = u.id AND prev.id = u.id AND i.locked_by = %(worker)s AND i.lease_token = u.token
-      AND i.status = 'executing'
+    WHERE i.id = u.id AND prev.id = u.id AND i.id = ANY(%(ids)s::bigint[])
+      AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
     RETURNING i.id, i.queue, prev.concurrency_key AS key, prev.concurrency_shard AS shard
 ), credited AS (
     UPDATE {schema}.gate_slots AS g
@@ -36,10 +36,23 @@ FROM released AS r;
 
 -- name: instance_next_eligible
 -- Seconds until the earliest runnable row of a queue becomes due (NULL: none), so an idle
--- worker sleeps exactly that long.
-SELECT EXTRACT(EPOCH FROM (min(eligible_at) - now()))::float8 AS wait
-FROM {schema}.instances
-WHERE status = 'runnable' AND queue = %(queue)s;
+-- worker sleeps exactly that long. The pick index is ordered by priority first, so this
+-- skips from one priority to the next and reads the earliest row of each: a few index
+-- probes, however many rows are scheduled.
+WITH RECURSIVE prio AS (
+    (SELECT priority FROM {schema}.instances
+     WHERE status = 'runnable' AND queue = %(queue)s ORDER BY priority LIMIT 1)
+    UNION ALL
+    SELECT (SELECT i.priority FROM {schema}.instances AS i
+            WHERE i.status = 'runnable' AND i.queue = %(queue)s AND i.priority > prio.priority
+            ORDER BY i.priority LIMIT 1)
+    FROM prio WHERE prio.priority IS NOT NULL
+)
+SELECT EXTRACT(EPOCH FROM (min(
+           (SELECT i.eligible_at FROM {schema}.instances AS i
+            WHERE i.status = 'runnable' AND i.queue = %(queue)s AND i.priority = prio.priority
+            ORDER BY i.eligible_at LIMIT 1)) - now()))::float8 AS wait
+FROM prio WHERE prio.priority IS NOT NULL;
 
 -- name: instance_reclaim
 -- Return executing rows to runnable because their worker died: rows of the given workers,
