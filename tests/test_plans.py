@@ -1,0 +1,127 @@
+"""Hot statements stay index-bound on a big table: 200k terminal rows, 20k future rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from pgdurable.queries import for_schema
+
+TERMINAL, FUTURE, LIVE = 200_000, 20_000, 500
+
+
+@pytest.fixture(scope="module")
+def big_schema(dsn):
+    """One populated schema for the module (populating it is the slow part)."""
+    import secrets
+
+    import psycopg
+
+    from pgdurable import migrations
+
+    name = f"plans_{secrets.token_hex(4)}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrations.migrate(conn, name)
+        populate(conn, name)
+        yield name
+        conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+@pytest.fixture
+def big(big_schema):
+    return for_schema(big_schema)
+
+
+def populate(db, schema):
+    t = f'"{schema}".instances'
+    db.execute(
+        f"INSERT INTO {t} (fsm, version, step, queue, status, updated_at)"
+        " SELECT 'job', 1, 'perform', 'q', 'done', now() - interval '1 day' * random()"
+        " FROM generate_series(1, %s)",
+        [TERMINAL],
+    )
+    db.execute(
+        f"INSERT INTO {t} (fsm, version, step, queue, eligible_at)"
+        " SELECT 'job', 1, 'perform', 'q', now() + interval '1 hour' + interval '1 second' * g"
+        " FROM generate_series(1, %s) AS g",
+        [FUTURE],
+    )
+    db.execute(
+        f"INSERT INTO {t} (fsm, version, step, queue)"
+        " SELECT 'job', 1, 'perform', 'q' FROM generate_series(1, %s)",
+        [LIVE],
+    )
+    db.execute(f"ANALYZE {t}")
+
+
+def plan(db, sql: bytes, params) -> dict:
+    with db.transaction(force_rollback=True):
+        (doc,) = db.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
+    return (doc if isinstance(doc, list) else json.loads(doc))[0]["Plan"]
+
+
+def nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from nodes(child)
+
+
+def scans_on_instances(p: dict) -> list[dict]:
+    return [n for n in nodes(p) if n.get("Relation Name") == "instances"]
+
+
+def test_claim_reads_only_its_batch(db, big):
+    p = plan(
+        db,
+        big["instance_claim"],
+        {
+            "queue": "q",
+            "limit": 50,
+            "worker": "w",
+            "token": 1,
+            "lease": dt.timedelta(seconds=60),
+            "horizon": dt.timedelta(0),
+            "gates": [],
+            "gate_limits": [],
+        },
+    )
+    scans = scans_on_instances(p)
+    assert not any(n["Node Type"] == "Seq Scan" for n in scans)
+    pick = [n for n in scans if n.get("Index Name") == "instances_pick"]
+    assert pick and all(n["Actual Rows"] * n["Actual Loops"] <= 50 for n in pick)
+
+
+def test_gc_select_uses_the_gc_index(db, big):
+    p = plan(db, big["gc_select_ids"], {"retention": dt.timedelta(hours=1), "limit": 1000})
+    scans = scans_on_instances(p)
+    assert any(n.get("Index Name") == "instances_gc" for n in scans)
+    assert not any(n["Node Type"] == "Seq Scan" for n in scans)
+
+
+def test_idle_wake_up_computation_reads_a_few_rows(db, big):
+    p = plan(db, big["instance_next_eligible"], {"queue": "q"})
+    read = sum(n["Actual Rows"] * n["Actual Loops"] for n in scans_on_instances(p))
+    assert read < 20  # not the 20,500 runnable rows
+
+
+def test_await_expiry_and_reaper_use_their_partial_indexes(db, big):
+    p = plan(db, big["instance_await_expire"], {"horizon": dt.timedelta(0), "limit": 1000})
+    assert any(n.get("Index Name") == "instances_await_deadline" for n in scans_on_instances(p))
+    p = plan(
+        db,
+        big["instance_reclaim"],
+        {
+            "workers": [],
+            "nodes": [],
+            "expired": True,
+            "count_all": True,
+            "crashed": [],
+            "fsms": [],
+            "versions": [],
+            "max_crashes": [],
+            "default_max": 3,
+        },
+    )
+    assert not any(n["Node Type"] == "Seq Scan" for n in scans_on_instances(p))
