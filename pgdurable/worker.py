@@ -249,11 +249,14 @@ class Worker:
         q = self.q
         min_demand = max(1, min(q.batch, (q.concurrency + q.prefetch) // 4))
         while not self.stopping.is_set():
+            # Cleared before looking: whatever happens from here on (a step finishing, a
+            # notification) sets it again and cuts the wait below short; nothing is missed
+            # and nothing spins.
+            self.wake.clear()
             demand = min(q.concurrency + q.prefetch - len(self.in_flight) - len(self.buffer), q.batch)
             idle = not self.in_flight and not self.buffer
             claimed = 0
             if demand > 0 and (demand >= min_demand or idle):
-                self.wake.clear()
                 rows = await self._claim(demand)
                 claimed = self.engine.last_claimed  # admitted or deferred by a limit
                 self.buffer.extend(rows)
