@@ -46,6 +46,7 @@ class Claimed:
     gated: bool
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted
+    depth: int = 0  # steps run ahead inline on this claim so far
     inbox: list[Signal] = field(default_factory=list)
     children: list[ChildInfo] = field(default_factory=list)
 

@@ -161,6 +161,7 @@ def continued(row: Claimed, r: Result) -> Claimed:
         awaits=None,
         inbox=[s for s in row.inbox if s.id not in taken],
         has_inbox=any(s.id not in taken for s in row.inbox),
+        depth=row.depth + 1,
     )
 
 

@@ -221,8 +221,8 @@ class Supervisor:
         child.buf += data
         *lines, child.buf = child.buf.split(b"\n")
         for line in lines:
-            if line.startswith(b"s "):  # a step is about to start
-                child.running.add(int(line[2:]))
+            if line.startswith(b"s "):  # steps about to start
+                child.running.update(int(i) for i in line[2:].split())
                 continue
             with contextlib.suppress(ValueError):
                 child.last_report = json.loads(line)

@@ -199,8 +199,10 @@ class Worker:
             executor=Executor(registry, run_sync=run_sync, logger=log, limits=cfg.limits),
             limits=cfg.limits,
         )
-        self.buffer: list[Claimed] = []
-        self.in_flight: dict[int, tuple[Claimed, asyncio.Task[None]]] = {}
+        self.buffer: list[Claimed] = []  # claimed, not started (prefetch, inline continues)
+        self.running: dict[int, Claimed] = {}  # step code running: these take the slots
+        self.committing: dict[int, Claimed] = {}  # step done, outcome waiting for its commit
+        self.tasks: dict[int, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._solo: int | None = None
@@ -253,8 +255,8 @@ class Worker:
             # notification) sets it again and cuts the wait below short; nothing is missed
             # and nothing spins.
             self.wake.clear()
-            demand = min(q.concurrency + q.prefetch - len(self.in_flight) - len(self.buffer), q.batch)
-            idle = not self.in_flight and not self.buffer
+            demand = min(q.concurrency + q.prefetch - len(self.running) - len(self.buffer), q.batch)
+            idle = not self.running and not self.buffer and not self.committing
             claimed = 0
             if demand > 0 and (demand >= min_demand or idle):
                 rows = await self._claim(demand)
@@ -264,7 +266,7 @@ class Worker:
             if claimed and claimed == demand:
                 continue  # there may be more right away
             timeout = self.cfg.runtime.poll_ceiling
-            if not self.in_flight and not self.buffer:
+            if not self.running and not self.buffer and not self.committing:
                 timeout = await self._idle_timeout()
             await self._wait(timeout)
 
@@ -304,58 +306,67 @@ class Worker:
                 w.cancel()
 
     def _start_from_buffer(self) -> None:
-        while self.buffer and len(self.in_flight) < self.q.concurrency and not self.stopping.is_set():
+        started: list[int] = []
+        while self.buffer and len(self.running) < self.q.concurrency and not self.stopping.is_set():
             if self._solo is not None:
-                return  # a suspect runs alone
+                break  # a suspect runs alone
             if self.buffer[0].crashes > 0:
                 # Its worker died during this step before: run it alone, so that if it kills
                 # this process too, no innocent neighbour is blamed for the crash.
-                if self.in_flight:
-                    return
+                if self.running:
+                    break
                 self._solo = self.buffer[0].id
             row = self.buffer.pop(0)
-            task = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
-            self.in_flight[row.id] = (row, task)
+            self.running[row.id] = row
+            self.tasks[row.id] = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
+            started.append(row.id)
+        if started:
+            # Tell the supervisor before these steps run: if this process dies now, they are
+            # the suspects and count a crash; rows merely held are innocent. The tasks only
+            # run once this returns, so the message always goes first.
+            self._send(b"s " + b" ".join(b"%d" % i for i in started) + b"\n")
 
     async def _run_one(self, row: Claimed) -> None:
-        # Tell the supervisor before the step runs: if this process dies now, this row's
-        # step is the suspect and counts a crash; the other rows held are innocent.
-        self._send(b"s %d\n" % row.id)
         try:
-            for n in range(MAX_INLINE + 1):
+            try:
                 result = await self.engine.run(row)
-                committed = await self.flusher.submit(result)
-                self.stats.steps += 1
-                if not (committed and result.inline):
-                    break
-                # The continue kept the claim: run the next step on it, or hand it back.
-                row = continued(row, result)
-                if self.stopping.is_set() or n == MAX_INLINE:
-                    await self._release([row])
-                    break
-                task = self.in_flight[row.id][1]
-                self.in_flight[row.id] = (row, task)
+            finally:
+                # The step's code is done: its slot is free while the outcome waits for the
+                # group commit (the row stays held, and heartbeated, until then).
+                self.running.pop(row.id, None)
+                if self._solo == row.id:
+                    self._solo = None
+                self.committing[row.id] = row
+                self.wake.set()
+            committed = await self.flusher.submit(result)
+            self.stats.steps += 1
+            if committed and result.inline:
+                # The continue kept the claim: its next step goes first in line.
+                nxt = continued(row, result)
+                if self.stopping.is_set() or nxt.depth > MAX_INLINE:
+                    await self._release([nxt])
+                else:
+                    self.buffer.insert(0, nxt)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the row stays executing; recovery reclaims it
             self.stats.errors += 1
             self.stats.last_error = repr(exc)
         finally:
-            self.in_flight.pop(row.id, None)
-            if self._solo == row.id:
-                self._solo = None
+            self.committing.pop(row.id, None)
+            self.tasks.pop(row.id, None)
             self.wake.set()
 
     # -- stopping --------------------------------------------------------------------------
     async def _drain(self) -> None:
         await self._release(self.buffer)
         self.buffer = []
-        if self.in_flight:
-            tasks = [t for _, t in self.in_flight.values()]
-            await asyncio.wait(tasks, timeout=self.cfg.runtime.drain_timeout)
-        leftover = [row for row, _ in self.in_flight.values()]
-        for _, task in list(self.in_flight.values()):
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=self.cfg.runtime.drain_timeout)
+        leftover = [*self.running.values(), *self.committing.values()]
+        for task in list(self.tasks.values()):
             task.cancel()
+        # Guarded by the claim's token: a row whose outcome did commit meanwhile is untouched.
         await self._release(leftover)
 
     async def _release(self, rows: list[Claimed]) -> None:
@@ -368,7 +379,7 @@ class Worker:
         """Report every second; extend every held lease every ``heartbeat`` seconds."""
         last_extend = time.monotonic()
         while True:
-            held = [r.id for r in self.buffer] + list(self.in_flight)
+            held = [r.id for r in self.buffer] + list(self.running) + list(self.committing)
             if held and time.monotonic() - last_extend >= self.cfg.runtime.heartbeat:
                 last_extend = time.monotonic()
                 try:
@@ -384,7 +395,7 @@ class Worker:
             self.report(held=len(held))
             setproctitle.setproctitle(
                 f"pgdurable: worker {self.queue_name} {self.index + 1}/{self.q.processes} "
-                f"busy {len(self.in_flight)}/{self.q.concurrency}"
+                f"busy {len(self.running)}/{self.q.concurrency}"
             )
             await asyncio.sleep(1.0)
 
@@ -397,7 +408,7 @@ class Worker:
             "pid": os.getpid(),
             "worker": self.engine.worker_id,
             "queue": self.queue_name,
-            "busy": len(self.in_flight),
+            "busy": len(self.running),
             "buffered": len(self.buffer),
             "concurrency": self.q.concurrency,
             "steps": self.stats.steps,
@@ -406,7 +417,7 @@ class Worker:
             "limit_errors": self.engine.limit_errors,
             "last_error": self.stats.last_error,
             "listening": self.stats.listener_ok and listener_fresh,
-            "running": list(self.in_flight),
+            "running": list(self.running),
             **extra,
         }
         self._send((json.dumps(msg) + "\n").encode())
