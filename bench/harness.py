@@ -56,7 +56,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(
-            jobs=1_000, fsm=200, inserts=2_000, latency=30, terminal=100_000, future=10_000, deadline=45.0
+            jobs=2_000, fsm=300, inserts=2_000, latency=30, terminal=100_000, future=10_000, deadline=45.0
         )
 
 
@@ -119,17 +119,27 @@ def stamp(seq: int) -> None:
         return
     if _stamp_sock is None:
         _stamp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        _stamp_sock.setblocking(False)  # never stall a job: a full queue loses the sample
     with contextlib.suppress(OSError):
         _stamp_sock.sendto(f"{seq} {time.time()!r}".encode(), path)
 
 
+def advance(state: dict[str, Any], k: int) -> dict[str, Any]:
+    """Step k of a 5-step chain: the state every peer carries from one step to the next."""
+    return {"n": state["n"], "trail": [*state.get("trail", []), k]}
+
+
 class StampReceiver:
+    """Collects the stamps as they arrive (a reader on the running event loop)."""
+
     def __init__(self, path: str):
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind(path)
         self.sock.setblocking(False)
         self.started: dict[int, float] = {}
+        asyncio.get_running_loop().add_reader(self.sock, self.drain)
 
     def drain(self) -> None:
         while True:
@@ -141,6 +151,7 @@ class StampReceiver:
             self.started.setdefault(int(seq), float(at))
 
     def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock)
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -233,9 +244,14 @@ class ProcessFleet:
     async def ready(self, timeout: float = 60.0) -> ProcessFleet:
         async def one(p: subprocess.Popen[bytes], log: Path) -> None:
             assert p.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), timeout)
-            if b"READY" not in line:
-                raise RuntimeError(f"worker exited before READY: {log.read_text()[-2000:]}")
+            while True:  # a library may log to stdout before
+                line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), timeout)
+                if not line:
+                    raise RuntimeError(f"worker exited before READY: {log.read_text()[-2000:]}")
+                if line.strip() == b"READY":
+                    break
+            # From now on nobody reads the pipe: send the rest where stderr goes.
+            threading.Thread(target=_discard, args=(p.stdout,), daemon=True).start()
 
         await asyncio.gather(*(one(p, log) for p, log in zip(self.procs, self.logs, strict=True)))
         return self
@@ -256,6 +272,11 @@ class ProcessFleet:
                 p.wait()
         for log in self.logs:
             log.unlink(missing_ok=True)
+
+
+def _discard(stream: Any) -> None:
+    for _ in iter(stream.readline, b""):
+        pass
 
 
 def worker_ready() -> None:

@@ -1,0 +1,117 @@
+"""pgdurable's side of the benchmark: a real supervisor and its workers, the light client.
+
+    python bench/workloads_pgdurable.py run --dsn postgresql://.../scratch --insert-dsn ... [--quick]
+
+Run by bench/run.py with pgdurable's interpreter; the database must exist (the schema is
+created here with ``pgdurable.migrations``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import psycopg  # noqa: E402
+from fleet import SupervisorFleet  # noqa: E402
+from harness import Settings, main  # noqa: E402
+from pgdurable_machines import QUEUE, Five, FiveInline, FiveState, noop, stamped  # noqa: E402
+
+from pgdurable import Insert, migrations  # noqa: E402
+from pgdurable.client import AsyncClient  # noqa: E402
+
+SCHEMA = "pgdurable"
+PREFETCH = 10
+
+
+class Pgdurable:
+    name = "pgdurable"
+    version = importlib.metadata.version("pgdurable")
+    settings_note = (
+        "`pgdurable supervise` with 2 worker processes for queue `bench`, `concurrency = 10`, "
+        f"`prefetch = {PREFETCH}`, `batch = 50` (defaults but for `processes`); async steps; "
+        "producers use `AsyncClient` (notification after commit, coalesced)"
+    )
+    unsupported: dict[str, str] = {}
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.client = AsyncClient(dsn, schema=SCHEMA, max_connections=Settings().producers + 1)
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _conn(self) -> psycopg.AsyncConnection[Any]:
+        if self.conn is None:
+            self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        return self.conn
+
+    async def setup(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            migrations.migrate(conn, SCHEMA)
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def start_fleet(self, s: Settings) -> SupervisorFleet:
+        fleet = SupervisorFleet(
+            self.dsn, SCHEMA, processes=s.processes, concurrency=s.concurrency, prefetch=PREFETCH
+        )
+        return await fleet.ready()
+
+    async def mark(self) -> int:
+        conn = await self._conn()
+        cur = await conn.execute(f"SELECT COALESCE(max(id), 0) FROM {SCHEMA}.instances")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def done(self, kind: str, mark: int) -> int:
+        fsm = {"noop": "bench_noop", "fsm": "bench_five", "fsm_inline": "bench_five_inline"}[kind]
+        conn = await self._conn()
+        cur = await conn.execute(
+            f"SELECT count(*) FROM {SCHEMA}.instances WHERE id > %s AND fsm = %s AND status = 'done'",
+            [mark, fsm],
+            prepare=True,
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def insert_noop_many(self, n: int, batch: int) -> None:
+        for i in range(0, n, batch):
+            await self.client.insert_many([Insert(noop, {}) for _ in range(min(batch, n - i))])
+
+    async def insert_noop_one(self) -> None:
+        await self.client.insert(noop, {})
+
+    async def insert_fsm(self, n: int, inline: bool) -> None:
+        machine = FiveInline if inline else Five
+        for i in range(0, n, 1000):
+            await self.client.insert_many(
+                [Insert(machine, FiveState(n=k)) for k in range(i, min(n, i + 1000))]
+            )
+
+    async def insert_stamp(self, seq: int) -> None:
+        await self.client.insert(stamped, {"seq": seq})
+
+    async def seed(self, terminal: int, future: int) -> None:
+        conn = await self._conn()
+        await conn.execute(
+            f"""INSERT INTO {SCHEMA}.instances (fsm, version, step, state, status, queue, result)
+                SELECT 'bench_noop', 1, 'perform', '{{}}', 'done', %s, 'null'
+                FROM generate_series(1, %s)""",
+            [QUEUE, terminal],
+        )
+        await conn.execute(
+            f"""INSERT INTO {SCHEMA}.instances (fsm, version, step, state, queue, eligible_at)
+                SELECT 'bench_noop', 1, 'perform', '{{}}', %s, now() + interval '1 day'
+                FROM generate_series(1, %s)""",
+            [QUEUE, future],
+        )
+        await conn.execute(f"VACUUM ANALYZE {SCHEMA}.instances")
+
+
+if __name__ == "__main__":
+    main(Pgdurable, None)
