@@ -206,6 +206,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._solo: int | None = None
+        self._claim_conn: psycopg.AsyncConnection[Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -242,6 +243,8 @@ class Worker:
                 await heartbeat
             await self.listener.stop()
             await self.flusher.stop()
+            if self._claim_conn is not None:
+                await self._claim_conn.close()
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
         return 0
@@ -272,14 +275,31 @@ class Worker:
 
     async def _claim(self, limit: int) -> list[Claimed]:
         try:
-            async with self.pool.connection() as conn:
-                return await self.engine.claim(conn, self.queue_name, limit)
+            conn = await self._claim_connection()
+            return await self.engine.claim(conn, self.queue_name, limit)
         except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
             self.stats.errors += 1
             self.stats.last_error = f"claim failed: {exc!r}"
             log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
+            if self._claim_conn is not None and self._claim_conn.closed:
+                self._claim_conn = None
             await asyncio.sleep(1.0)
             return []
+
+    async def _claim_connection(self) -> psycopg.AsyncConnection[Any]:
+        """The feeder's own connection: claims never wait for a pool connection that the
+        flusher or the heartbeat holds.
+
+        (Claims commit synchronously. An asynchronous commit would be correct — a lost claim
+        just makes the row runnable again — but measured slower: rows written by
+        not-yet-flushed transactions cannot get their hint bits set, and every later scan of
+        them pays for it.)
+        """
+        if self._claim_conn is None or self._claim_conn.closed:
+            self._claim_conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"pgdurable feeder {self.queue_name}"
+            )
+        return self._claim_conn
 
     async def _idle_timeout(self) -> float:
         """Sleep until the queue's earliest future row is due, at most the poll ceiling."""
