@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import secrets
 from typing import Any
 
@@ -92,6 +93,27 @@ def main() -> None:
                 },
             )
             n = 50
+            rows = [
+                {
+                    "id": i,
+                    "token": 1,
+                    "status": "done",
+                    "version": 1,
+                    "step": "perform",
+                    "state": None,
+                    "delay": 0.0,
+                    "attempt": 0,
+                    "keep_awaits": False,
+                    "set_concurrency": False,
+                    "concurrency_key": None,
+                    "keep_rate": False,
+                    "rate_limit": None,
+                    "weight": 1.0,
+                    "result": {},
+                    "error": None,
+                }
+                for i in ids[:n]
+            ]
             explain(
                 conn,
                 "instance_commit_if_owned_many (50 Done)",
@@ -101,21 +123,7 @@ def main() -> None:
                     "lease": dt.timedelta(seconds=60),
                     "quiet_queue": "q",
                     "ids": ids[:n],
-                    "tokens": [1] * n,
-                    "statuses": ["done"] * n,
-                    "versions": [1] * n,
-                    "steps": ["perform"] * n,
-                    "states": [None] * n,
-                    "delays": [0.0] * n,
-                    "attempts": [0] * n,
-                    "keep_awaits": [False] * n,
-                    "set_concurrency": [False] * n,
-                    "concurrency_keys": [None] * n,
-                    "keep_rate": [False] * n,
-                    "rate_limits": [None] * n,
-                    "weights": [1.0] * n,
-                    "results": ["{}"] * n,
-                    "errors": [None] * n,
+                    "rows": json.dumps(rows),
                     "taken_targets": [],
                     "taken_ids": [],
                 },

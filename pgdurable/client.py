@@ -32,10 +32,10 @@ from .spec import (
     TERMINAL_STATUSES,
     Child,
     Insert,
-    batch_params,
     encode_json,
     insertion_order,
     resolve,
+    rows_json,
 )
 
 __all__ = ["AsyncClient", "Busy", "Child", "Client", "Done", "Failed", "Insert", "Instance"]
@@ -114,7 +114,7 @@ def _insert_params(spec: Insert) -> dict[str, Any]:
         "fsm": r.fsm,
         "version": r.version,
         "step": r.step,
-        "state": r.state,
+        "state": bytes(r.state).decode(),
         "queue": r.queue,
         "priority": r.priority,
         "at": r.at,
@@ -142,7 +142,7 @@ def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
 
 def _many_params(specs: Sequence[Insert], *, notify: bool) -> tuple[dict[str, Any], list[int]]:
     rows = [resolve(s) for s in specs]
-    return {**batch_params(rows), "notify": notify}, insertion_order(rows)
+    return {"rows": rows_json(rows), "notify": notify}, insertion_order(rows)
 
 
 def _many_ids(order: list[int], rows: Sequence[Sequence[Any]]) -> list[int]:

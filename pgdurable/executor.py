@@ -22,11 +22,12 @@ from .errors import InvalidOutcome, StateDecodeError, StepTimeout
 from .fsm import FSM, Context, Registry, StepDef, decode_state
 from .limits import Limits
 from .outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
-from .spec import InsertRow, MachineInfo, encode_json, limit_key, resolve, seconds
+from .spec import InsertRow, MachineInfo, limit_key, resolve, seconds
 
 log = logging.getLogger("pgdurable.executor")
 
 _FIELD = re.compile(r"at `\$\.?([^`]*)`")
+_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ class Result:
     kind: str  # next | retry | await | spawn | done | stop | hold
     version: int = 0
     step: str = ""
-    state: str | None = None  # encoded JSON; None keeps the stored state
+    state: bytes | None = None  # encoded JSON; None keeps the stored state
     delay: float = 0.0
     attempt: int = 0
     keep_awaits: bool = False
@@ -46,7 +47,7 @@ class Result:
     keep_rate: bool = False
     rate_limit: str | None = None
     weight: float = 1.0
-    result: str | None = None
+    result: bytes | None = None
     error: str | None = None
     awaits: list[str] = field(default_factory=list)
     timeout: float | None = None
@@ -189,7 +190,7 @@ def _step_name(info: MachineInfo, ref: Any, what: str) -> str:
     return name
 
 
-def _encode(info: MachineInfo, state: Any) -> str | None:
+def _encode(info: MachineInfo, state: Any) -> bytes | None:
     if state is KEEP:
         return None
     if info.state_type is not None and not isinstance(state, info.state_type):
@@ -200,7 +201,7 @@ def _encode(info: MachineInfo, state: Any) -> str | None:
             name = getattr(info.state_type, "__name__", info.state_type)
             raise InvalidOutcome(f"state does not fit {name}: {exc}") from exc
     try:
-        return encode_json(state)
+        return _encoder.encode(state)
     except (TypeError, msgspec.EncodeError) as exc:
         raise InvalidOutcome(f"state does not encode to JSON: {exc}") from exc
 
@@ -328,7 +329,7 @@ def prepare(
             )
         case Done():
             try:
-                result = encode_json(outcome.result)
+                result = _encoder.encode(outcome.result)
             except (TypeError, msgspec.EncodeError) as exc:
                 raise InvalidOutcome(f"Done result does not encode to JSON: {exc}") from exc
             return Result(row, "done", **base, result=result, attempt=row.attempt)

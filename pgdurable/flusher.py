@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
 import psycopg
 
 from .claim import Claimed
 from .executor import Result
 from .limits import credits
 from .queries import Queries
-from .spec import batch_params, encode_json
+from .spec import encode_json, rows_json
 
 _STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
 
@@ -169,29 +170,64 @@ def _single_statement(r: Result) -> bool:
     return r.kind in _STATUS and r.row.parent_id is None and (r.row.shard is None or r.row.shard < 0)
 
 
+class _CommitRow(msgspec.Struct, array_like=False):
+    """One outcome as instance_commit_if_owned_many reads it from its JSON document."""
+
+    id: int
+    token: int
+    status: str
+    version: int
+    step: str
+    state: msgspec.Raw | None
+    delay: float
+    attempt: int
+    keep_awaits: bool
+    set_concurrency: bool
+    concurrency_key: str | None
+    keep_rate: bool
+    rate_limit: str | None
+    weight: float
+    result: msgspec.Raw | None
+    error: str | None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _raw(data: bytes | None) -> msgspec.Raw | None:
+    return None if data is None else msgspec.Raw(data)
+
+
 def _plain_params(
     worker: str, rs: Sequence[Result], quiet_queue: str | None, lease: dt.timedelta
 ) -> dict[str, Any]:
+    rows = [
+        _CommitRow(
+            r.row.id,
+            r.row.token,
+            "executing" if r.inline else _STATUS[r.kind],
+            r.version,
+            r.step,
+            _raw(r.state),
+            r.delay,
+            r.attempt,
+            r.keep_awaits,
+            r.set_concurrency,
+            r.concurrency_key,
+            r.keep_rate,
+            r.rate_limit,
+            r.weight,
+            _raw(r.result),
+            r.error,
+        )
+        for r in rs
+    ]
     return {
         "worker": worker,
         "lease": lease,
         "quiet_queue": quiet_queue,
         "ids": [r.row.id for r in rs],
-        "tokens": [r.row.token for r in rs],
-        "statuses": ["executing" if r.inline else _STATUS[r.kind] for r in rs],
-        "versions": [r.version for r in rs],
-        "steps": [r.step for r in rs],
-        "states": [r.state for r in rs],
-        "delays": [r.delay for r in rs],
-        "attempts": [r.attempt for r in rs],
-        "keep_awaits": [r.keep_awaits for r in rs],
-        "set_concurrency": [r.set_concurrency for r in rs],
-        "concurrency_keys": [r.concurrency_key for r in rs],
-        "keep_rate": [r.keep_rate for r in rs],
-        "rate_limits": [r.rate_limit for r in rs],
-        "weights": [r.weight for r in rs],
-        "results": [r.result for r in rs],
-        "errors": [r.error for r in rs],
+        "rows": _encoder.encode(rows).decode(),
         "taken_targets": [r.row.id for r in rs if r.kind == "next" for _ in r.consume],
         "taken_ids": [sid for r in rs if r.kind == "next" for sid in r.consume],
     }
@@ -204,7 +240,7 @@ def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
         "tokens": [r.row.token for r in rs],
         "versions": [r.version for r in rs],
         "steps": [r.step for r in rs],
-        "states": [r.state for r in rs],
+        "states": [None if r.state is None else r.state.decode() for r in rs],
         "awaits": [encode_json(r.awaits) for r in rs],
         "timeouts": [r.timeout for r in rs],
     }
@@ -212,15 +248,11 @@ def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
 
 def _spawn_params(rs: list[Result], locked: list[int]) -> dict[str, Any]:
     children = [(r.row.id, c) for r in rs for c in r.children]
-    params = batch_params([c for _, c in children], prefix="c_")
-    params["c_parents"] = [pid for pid, _ in children]
-    params.update(
-        {
-            "locked": locked,
-            "ids": [r.row.id for r in rs],
-            "versions": [r.version for r in rs],
-            "steps": [r.step for r in rs],
-            "states": [r.state for r in rs],
-        }
-    )
-    return params
+    return {
+        "children": rows_json([c for _, c in children], parents=[pid for pid, _ in children]),
+        "locked": locked,
+        "ids": [r.row.id for r in rs],
+        "versions": [r.version for r in rs],
+        "steps": [r.step for r in rs],
+        "states": [None if r.state is None else r.state.decode() for r in rs],
+    }

@@ -67,14 +67,18 @@ class Insert:
 Child = Insert
 
 
-@dataclass(frozen=True, slots=True)
-class InsertRow:
-    """An Insert resolved to column values (NULLs left for the database to resolve)."""
+class InsertRow(msgspec.Struct, frozen=True):
+    """An Insert resolved to column values (NULLs left for the database to resolve).
+
+    Batches travel to the database as one JSON document of these rows (``rows_json``),
+    unpacked server-side by ``jsonb_to_recordset``: one parameter, encoded by msgspec, with
+    each state embedded as it is (``Raw``), never re-encoded.
+    """
 
     fsm: str
     version: int | None
     step: str | None
-    state: str
+    state: msgspec.Raw
     queue: str | None
     priority: int
     at: dt.datetime | None
@@ -84,6 +88,8 @@ class InsertRow:
     concurrency_key: str | None
     rate_limit: str | None
     weight: float
+    ord: int = 0
+    parent_id: int | None = None
 
 
 def encode_json(value: Any) -> str:
@@ -116,13 +122,13 @@ def machine_info(fsm: Any) -> MachineInfo | None:
     return getattr(fsm, "__pgdurable__", None)
 
 
-def encode_state(info: MachineInfo | None, state: Any) -> str:
+def encode_state(info: MachineInfo | None, state: Any) -> bytes:
     """Encode a state for storage; with a known State type, validate it first."""
     if state is None:
         state = {}
     if info is not None and info.state_type is not None and not isinstance(state, info.state_type):
         state = msgspec.convert(state, info.state_type, strict=False)
-    return encode_json(state)
+    return _json_encoder.encode(state)
 
 
 def resolve(spec: Insert) -> InsertRow:
@@ -164,7 +170,7 @@ def resolve(spec: Insert) -> InsertRow:
         fsm=name,
         version=version,
         step=step,
-        state=encode_state(info, spec.state),
+        state=msgspec.Raw(encode_state(info, spec.state)),
         queue=queue,
         priority=spec.priority,
         at=spec.schedule_at,
@@ -177,25 +183,13 @@ def resolve(spec: Insert) -> InsertRow:
     )
 
 
-def batch_params(rows: Sequence[InsertRow], prefix: str = "") -> dict[str, list[Any]]:
-    """Parallel arrays for the unnest-based batch inserts."""
-    p = prefix
-    return {
-        f"{p}fsms": [r.fsm for r in rows],
-        f"{p}versions": [r.version for r in rows],
-        f"{p}steps": [r.step for r in rows],
-        f"{p}states": [r.state for r in rows],
-        f"{p}queues": [r.queue for r in rows],
-        f"{p}priorities": [r.priority for r in rows],
-        f"{p}ats": [r.at for r in rows],
-        f"{p}delays": [r.delay for r in rows],
-        f"{p}correlation_keys": [r.correlation_key for r in rows],
-        f"{p}scopes": [encode_json(r.scope) for r in rows],
-        f"{p}concurrency_keys": [r.concurrency_key for r in rows],
-        f"{p}rate_limits": [r.rate_limit for r in rows],
-        f"{p}weights": [r.weight for r in rows],
-        f"{p}ords": list(range(len(rows))),
-    }
+def rows_json(rows: Sequence[InsertRow], parents: Sequence[int] | None = None) -> str:
+    """The JSON document of a batch insert: each row with its position (and parent)."""
+    numbered = [
+        msgspec.structs.replace(r, ord=i, parent_id=None if parents is None else parents[i])
+        for i, r in enumerate(rows)
+    ]
+    return _json_encoder.encode(numbered).decode()
 
 
 def insertion_order(rows: Sequence[InsertRow]) -> list[int]:

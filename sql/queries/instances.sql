@@ -32,32 +32,30 @@ SELECT (SELECT id FROM ins) AS id,
        (SELECT pg_notify({schema}.notify_channel(queue), '') FROM ins WHERE %(notify)s) AS notified;
 
 -- name: instance_insert_many
--- Insert a batch in one statement (parallel arrays). Rows are inserted in correlation-key
--- order so two batches sharing keys cannot deadlock; a key already occupied raises a unique
--- violation on instances_correlation and nothing of the batch is inserted.
+-- Insert a batch in one statement: the rows arrive as one JSON document (%(rows)s), states
+-- embedded as they are. Rows are inserted in correlation-key order so two batches sharing
+-- keys cannot deadlock; a key already occupied raises a unique violation on
+-- instances_correlation and nothing of the batch is inserted. Version, initial step and
+-- queue left out by a producer are looked up in machines (only for those rows).
 WITH c AS (
     SELECT u.*, m.version AS m_version, m.initial_step AS m_step, m.queue AS m_queue
-    FROM unnest(%(fsms)s::text[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
-                %(queues)s::text[], %(priorities)s::smallint[], %(ats)s::timestamptz[],
-                %(delays)s::float8[], %(correlation_keys)s::text[], %(scopes)s::text[],
-                %(concurrency_keys)s::text[], %(rate_limits)s::text[], %(weights)s::float8[],
-                %(ords)s::int[])
-         AS u(fsm, version, step, state, queue, priority, at, delay, correlation_key, scope,
-              concurrency_key, rate_limit, weight, ord)
+    FROM jsonb_to_recordset(%(rows)s::jsonb)
+         AS u(fsm text, version int, step text, state jsonb, queue text, priority smallint,
+              at timestamptz, delay float8, correlation_key text, scope text[],
+              concurrency_key text, rate_limit text, weight float8, ord int)
     LEFT JOIN LATERAL (
         SELECT version, initial_step, queue FROM {schema}.machines
-        WHERE name = u.fsm AND (u.version IS NULL OR version = u.version)
-        ORDER BY version DESC LIMIT 1) AS m ON u.queue IS NULL OR u.version IS NULL
-                                            OR u.step IS NULL
+        WHERE (u.queue IS NULL OR u.version IS NULL OR u.step IS NULL)
+          AND name = u.fsm AND (u.version IS NULL OR version = u.version)
+        ORDER BY version DESC LIMIT 1) AS m ON true
 ), ins AS (
     INSERT INTO {schema}.instances
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step),
-           c.state::jsonb, COALESCE(c.queue, c.m_queue), c.priority,
-           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key,
-           ARRAY(SELECT jsonb_array_elements_text(c.scope::jsonb)), c.concurrency_key,
-           c.rate_limit, c.weight
+    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step), c.state,
+           COALESCE(c.queue, c.m_queue), c.priority,
+           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key, c.scope,
+           c.concurrency_key, c.rate_limit, c.weight
     FROM c
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.ord
     RETURNING id, queue
@@ -127,7 +125,8 @@ ORDER BY parent_id, id;
 -- claim's fencing token, with their riders in the same statement: the signals a progressing
 -- outcome took are consumed (pairs target/signal), a terminal outcome clears the inbox, and
 -- the queues of rows runnable now are notified. Only rows the guard let through are touched
--- by the riders. Absolute values per row; a NULL state keeps the stored state. The
+-- by the riders. The outcomes arrive as one JSON document (%(rows)s), states and results
+-- embedded as they are; a NULL state keeps the stored one. The
 -- flushing worker's own queue (%(quiet_queue)s) is not notified: that worker claims again
 -- as soon as it has room, and a NOTIFY would serialise this commit with every other one.
 WITH written AS (
@@ -135,7 +134,7 @@ WITH written AS (
     SET status = u.status,
         version = u.version,
         step = u.step,
-        state = COALESCE(u.state::jsonb, i.state),
+        state = COALESCE(u.state, i.state),
         eligible_at = now() + make_interval(secs => u.delay),
         attempt = u.attempt,
         crashes = 0,
@@ -146,21 +145,18 @@ WITH written AS (
         concurrency_shard = CASE WHEN u.status = 'executing' THEN i.concurrency_shard END,
         rate_limit = CASE WHEN u.keep_rate THEN i.rate_limit ELSE u.rate_limit END,
         weight = CASE WHEN u.keep_rate THEN i.weight ELSE u.weight END,
-        result = u.result::jsonb,
+        result = u.result,
         last_error = u.error,
         -- 'executing': an inline continue keeps the claim (and its gate slot) for the next step
         locked_by = CASE WHEN u.status = 'executing' THEN i.locked_by END,
         lease_token = CASE WHEN u.status = 'executing' THEN i.lease_token END,
         lease_expires_at = CASE WHEN u.status = 'executing' THEN now() + %(lease)s::interval END,
         updated_at = now()
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(statuses)s::text[],
-                %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
-                %(delays)s::float8[], %(attempts)s::int[], %(keep_awaits)s::bool[],
-                %(set_concurrency)s::bool[], %(concurrency_keys)s::text[],
-                %(keep_rate)s::bool[], %(rate_limits)s::text[], %(weights)s::float8[],
-                %(results)s::text[], %(errors)s::text[])
-         AS u(id, token, status, version, step, state, delay, attempt, keep_awaits,
-              set_concurrency, concurrency_key, keep_rate, rate_limit, weight, result, error)
+    FROM jsonb_to_recordset(%(rows)s::jsonb)
+         AS u(id bigint, token bigint, status text, version int, step text, state jsonb,
+              delay float8, attempt int, keep_awaits bool, set_concurrency bool,
+              concurrency_key text, keep_rate bool, rate_limit text, weight float8,
+              result jsonb, error text)
     WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
     RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
@@ -230,18 +226,13 @@ WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, c.priority,
-           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key,
-           ARRAY(SELECT jsonb_array_elements_text(c.scope::jsonb)), c.concurrency_key,
-           c.rate_limit, c.weight
-    FROM unnest(%(c_parents)s::bigint[], %(c_fsms)s::text[], %(c_versions)s::int[],
-                %(c_steps)s::text[], %(c_states)s::text[], %(c_queues)s::text[],
-                %(c_priorities)s::smallint[], %(c_ats)s::timestamptz[], %(c_delays)s::float8[],
-                %(c_correlation_keys)s::text[], %(c_scopes)s::text[],
-                %(c_concurrency_keys)s::text[], %(c_rate_limits)s::text[],
-                %(c_weights)s::float8[], %(c_ords)s::int[])
-         AS c(parent_id, fsm, version, step, state, queue, priority, at, delay, correlation_key,
-              scope, concurrency_key, rate_limit, weight, ord)
+    SELECT c.parent_id, c.fsm, c.version, c.step, c.state, c.queue, c.priority,
+           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key, c.scope,
+           c.concurrency_key, c.rate_limit, c.weight
+    FROM jsonb_to_recordset(%(children)s::jsonb)
+         AS c(parent_id bigint, fsm text, version int, step text, state jsonb, queue text,
+              priority smallint, at timestamptz, delay float8, correlation_key text,
+              scope text[], concurrency_key text, rate_limit text, weight float8, ord int)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, c.ord
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
