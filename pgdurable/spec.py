@@ -67,27 +67,28 @@ class Insert:
 Child = Insert
 
 
-class InsertRow(msgspec.Struct, frozen=True):
+class InsertRow(msgspec.Struct, frozen=True, omit_defaults=True):
     """An Insert resolved to column values (NULLs left for the database to resolve).
 
     Batches travel to the database as one JSON document of these rows (``rows_json``),
     unpacked server-side by ``jsonb_to_recordset``: one parameter, encoded by msgspec, with
-    each state embedded as it is (``Raw``), never re-encoded.
+    each state embedded as it is (``Raw``), never re-encoded. Fields at their defaults are
+    left out of the document (the statement fills them in), which keeps it small.
     """
 
     fsm: str
-    version: int | None
-    step: str | None
     state: msgspec.Raw
-    queue: str | None
-    priority: int
-    at: dt.datetime | None
-    delay: float
-    correlation_key: str | None
-    scope: list[str]
-    concurrency_key: str | None
-    rate_limit: str | None
-    weight: float
+    version: int | None = None
+    step: str | None = None
+    queue: str | None = None
+    priority: int = 0
+    at: dt.datetime | None = None
+    delay: float = 0.0
+    correlation_key: str | None = None
+    scope: list[str] | None = None  # None: the live statuses
+    concurrency_key: str | None = None
+    rate_limit: str | None = None
+    weight: float = 1.0
     ord: int = 0
     parent_id: int | None = None
 
@@ -154,11 +155,11 @@ def resolve(spec: Insert) -> InsertRow:
         raise ValueError(f"weight must be a positive number, got {spec.weight!r}")
     if not -32768 <= spec.priority <= 32767:
         raise ValueError(f"priority must fit a smallint, got {spec.priority!r}")
-    scope = list(LIVE_STATUSES if spec.correlation_scope is None else spec.correlation_scope)
-    bad = [s for s in scope if s not in STATUSES]
+    scope = None if spec.correlation_scope is None else list(spec.correlation_scope)
+    bad = [s for s in scope or () if s not in STATUSES]
     if bad:
         raise ValueError(f"correlation_scope has unknown statuses {bad}; known: {list(STATUSES)}")
-    if scope and not set(LIVE_STATUSES) <= set(scope):
+    if scope and not set(LIVE_STATUSES) <= set(scope):  # an empty scope is fine: no identity
         # The key must be occupied from the insert on: a scope that starts counting later
         # would let two instances share the key until one of them enters the scope, and
         # that transition could then never commit.

@@ -156,3 +156,14 @@ def test_inline_run_ahead_skips_the_re_pick(dsn, schema, client):
     t = asyncio.run(go())
     assert client.get(iid).result == 4
     assert t.statements == 1 + 5, t.sql()  # no second claim
+
+
+def test_default_scope_in_sql_matches_the_live_statuses():
+    """The statements spell the default correlation scope out; it must be LIVE_STATUSES."""
+    import re
+
+    from pgdurable.queries import _raw
+    from pgdurable.spec import LIVE_STATUSES
+
+    literals = {m for body in _raw().values() for m in re.findall(r"'\{(runnable,[a-z_,]+)\}'", body)}
+    assert literals == {",".join(LIVE_STATUSES)}

@@ -20,7 +20,9 @@ WITH c AS (
          correlation_scope, concurrency_key, rate_limit, weight)
     SELECT c.fsm, c.version, c.step, %(state)s::jsonb, c.queue, %(priority)s,
            COALESCE(%(at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
-           %(correlation_key)s, %(correlation_scope)s::text[], %(concurrency_key)s,
+           %(correlation_key)s,
+           COALESCE(%(correlation_scope)s::text[], '{runnable,executing,awaiting_signal,awaiting_children,held}'),
+           %(concurrency_key)s,
            %(rate_limit)s, %(weight)s
     FROM c WHERE c.queue IS NOT NULL
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
@@ -36,7 +38,9 @@ SELECT (SELECT id FROM ins) AS id,
 -- embedded as they are. Rows are inserted in correlation-key order so two batches sharing
 -- keys cannot deadlock; a key already occupied raises a unique violation on
 -- instances_correlation and nothing of the batch is inserted. Version, initial step and
--- queue left out by a producer are looked up in machines (only for those rows).
+-- queue left out by a producer are looked up in machines (only for those rows). Keys at
+-- their defaults are absent from the document: priority 0, no delay, weight 1, and the
+-- live statuses as correlation scope.
 WITH c AS (
     SELECT u.*, m.version AS m_version, m.initial_step AS m_step, m.queue AS m_queue
     FROM jsonb_to_recordset(%(rows)s::jsonb)
@@ -53,11 +57,12 @@ WITH c AS (
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
     SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step), c.state,
-           COALESCE(c.queue, c.m_queue), c.priority,
-           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key, c.scope,
-           c.concurrency_key, c.rate_limit, c.weight
+           COALESCE(c.queue, c.m_queue), COALESCE(c.priority, 0),
+           COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
+           COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
+           c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
     FROM c
-    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.ord
+    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, COALESCE(c.ord, 0)
     RETURNING id, queue
 )
 SELECT ins.id, ins.queue
@@ -226,15 +231,16 @@ WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.parent_id, c.fsm, c.version, c.step, c.state, c.queue, c.priority,
-           COALESCE(c.at, now() + make_interval(secs => c.delay)), c.correlation_key, c.scope,
-           c.concurrency_key, c.rate_limit, c.weight
+    SELECT c.parent_id, c.fsm, c.version, c.step, c.state, c.queue, COALESCE(c.priority, 0),
+           COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
+           COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
+           c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
     FROM jsonb_to_recordset(%(children)s::jsonb)
          AS c(parent_id bigint, fsm text, version int, step text, state jsonb, queue text,
               priority smallint, at timestamptz, delay float8, correlation_key text,
               scope text[], concurrency_key text, rate_limit text, weight float8, ord int)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
-    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, c.ord
+    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, COALESCE(c.ord, 0)
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
     RETURNING parent_id, queue, eligible_at <= now() AS due
 ), landed AS (
