@@ -43,8 +43,8 @@ SELECT (SELECT id FROM ins) AS id,
 -- live statuses as correlation scope.
 WITH c AS (
     SELECT u.*, m.version AS m_version, m.initial_step AS m_step, m.queue AS m_queue
-    FROM jsonb_to_recordset(%(rows)s::jsonb)
-         AS u(fsm text, version int, step text, state jsonb, queue text, priority smallint,
+    FROM json_to_recordset(%(rows)s::json)
+         AS u(fsm text, version int, step text, state json, queue text, priority smallint,
               at timestamptz, delay float8, correlation_key text, scope text[],
               concurrency_key text, rate_limit text, weight float8, ord int)
     LEFT JOIN LATERAL (
@@ -56,7 +56,7 @@ WITH c AS (
     INSERT INTO {schema}.instances
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step), c.state,
+    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step), c.state::jsonb,
            COALESCE(c.queue, c.m_queue), COALESCE(c.priority, 0),
            COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
@@ -139,7 +139,7 @@ WITH written AS (
     SET status = u.status,
         version = u.version,
         step = u.step,
-        state = COALESCE(u.state, i.state),
+        state = COALESCE(u.state::jsonb, i.state),
         eligible_at = now() + make_interval(secs => u.delay),
         attempt = u.attempt,
         crashes = 0,
@@ -150,18 +150,18 @@ WITH written AS (
         concurrency_shard = CASE WHEN u.status = 'executing' THEN i.concurrency_shard END,
         rate_limit = CASE WHEN u.keep_rate THEN i.rate_limit ELSE u.rate_limit END,
         weight = CASE WHEN u.keep_rate THEN i.weight ELSE u.weight END,
-        result = u.result,
+        result = u.result::jsonb,
         last_error = u.error,
         -- 'executing': an inline continue keeps the claim (and its gate slot) for the next step
         locked_by = CASE WHEN u.status = 'executing' THEN i.locked_by END,
         lease_token = CASE WHEN u.status = 'executing' THEN i.lease_token END,
         lease_expires_at = CASE WHEN u.status = 'executing' THEN now() + %(lease)s::interval END,
         updated_at = now()
-    FROM jsonb_to_recordset(%(rows)s::jsonb)
-         AS u(id bigint, token bigint, status text, version int, step text, state jsonb,
+    FROM json_to_recordset(%(rows)s::json)
+         AS u(id bigint, token bigint, status text, version int, step text, state json,
               delay float8, attempt int, keep_awaits bool, set_concurrency bool,
               concurrency_key text, keep_rate bool, rate_limit text, weight float8,
-              result jsonb, error text)
+              result json, error text)
     WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
     RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
@@ -231,12 +231,12 @@ WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.parent_id, c.fsm, c.version, c.step, c.state, c.queue, COALESCE(c.priority, 0),
+    SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, COALESCE(c.priority, 0),
            COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
            c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
-    FROM jsonb_to_recordset(%(children)s::jsonb)
-         AS c(parent_id bigint, fsm text, version int, step text, state jsonb, queue text,
+    FROM json_to_recordset(%(children)s::json)
+         AS c(parent_id bigint, fsm text, version int, step text, state json, queue text,
               priority smallint, at timestamptz, delay float8, correlation_key text,
               scope text[], concurrency_key text, rate_limit text, weight float8, ord int)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
