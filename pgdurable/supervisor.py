@@ -28,6 +28,7 @@ import setproctitle
 
 from . import config as config_mod
 from . import maintenance, migrations
+from .board import RunningBoard
 from .config import Config
 from .engine import registration
 from .errors import PgdurableError
@@ -49,11 +50,11 @@ class Child:
     worker_id: str
     fd: int
     generation: int
+    board: RunningBoard
     started: float = field(default_factory=time.monotonic)
     last_report: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     buf: bytes = b""
-    running: set[int] = field(default_factory=set)  # started steps, as last reported
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Supervisor:
         worker_id = f"{self.node}/{slot.queue}/{slot.index}"
         # Signals stay blocked across the fork until the child installed its own handlers,
         # so a SIGTERM in between is delivered to the worker's handler, not lost.
+        board = RunningBoard(self.cfg.queues[slot.queue].concurrency)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         pid = os.fork()
         if pid == 0:  # the child: nothing of ours is open but the pipe
@@ -190,6 +192,7 @@ class Supervisor:
                     w,
                     parent_pid,
                     old_mask,
+                    board,
                 )
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
                 logging.getLogger("pgdurable.worker").exception("worker crashed")
@@ -198,7 +201,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(w)
         os.set_blocking(r, False)
-        child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation)
+        child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation, board)
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
         log.info("worker %s started for queue %s", pid, slot.queue, extra={"event": "worker_started"})
@@ -221,13 +224,9 @@ class Supervisor:
         child.buf += data
         *lines, child.buf = child.buf.split(b"\n")
         for line in lines:
-            if line.startswith(b"s "):  # steps about to start
-                child.running.update(int(i) for i in line[2:].split())
-                continue
             with contextlib.suppress(ValueError):
                 child.last_report = json.loads(line)
                 child.last_seen = time.monotonic()
-                child.running = set(child.last_report.get("running", ()))
         if not self._ready and self._all_reported():
             self._ready = True
             self.notifier.send("READY=1", f"STATUS={self._status()}")
@@ -246,13 +245,6 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            while child.fd >= 0:  # what it wrote before dying (its last step starts)
-                before = child.fd, len(child.buf), len(child.running)
-                self.children[pid] = child
-                self._read_reports(pid)
-                self.children.pop(pid, None)
-                if (child.fd, len(child.buf), len(child.running)) == before:
-                    break
             if child.fd >= 0:
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(child.fd)
@@ -269,7 +261,8 @@ class Supervisor:
                 )
             # Whatever it still held goes back now, not when its leases expire; a crash is
             # counted only for the steps it had started, not for its prefetched rows.
-            self._reclaim(workers=[child.worker_id], crashed=sorted(child.running))
+            self._reclaim(workers=[child.worker_id], crashed=child.board.running())
+            child.board.close()
             slot = self.slots.get((child.queue, child.index))
             if slot is not None and not self.stopping and child.generation == self.generation:
                 alive = time.monotonic() - child.started

@@ -29,6 +29,7 @@ import setproctitle
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from .board import RunningBoard
 from .claim import Claimed
 from .config import Config, Queue
 from .engine import Engine
@@ -181,8 +182,10 @@ class Worker:
         registry: Registry,
         worker_id: str,
         report_fd: int | None,
+        board: RunningBoard | None = None,
     ):
         self.cfg, self.dsn, self.queue_name, self.index = cfg, dsn, queue, index
+        self.board = board
         self.q: Queue = cfg.queues[queue]
         self.report_fd = report_fd
         self.stats = Stats()
@@ -326,7 +329,6 @@ class Worker:
                 w.cancel()
 
     def _start_from_buffer(self) -> None:
-        started: list[int] = []
         while self.buffer and len(self.running) < self.q.concurrency and not self.stopping.is_set():
             if self._solo is not None:
                 break  # a suspect runs alone
@@ -338,13 +340,11 @@ class Worker:
                 self._solo = self.buffer[0].id
             row = self.buffer.pop(0)
             self.running[row.id] = row
+            # On the board before the step runs: if this process dies now, this step is a
+            # suspect and counts a crash; rows merely held are innocent.
+            if self.board is not None:
+                self.board.start(row.id)
             self.tasks[row.id] = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
-            started.append(row.id)
-        if started:
-            # Tell the supervisor before these steps run: if this process dies now, they are
-            # the suspects and count a crash; rows merely held are innocent. The tasks only
-            # run once this returns, so the message always goes first.
-            self._send(b"s " + b" ".join(b"%d" % i for i in started) + b"\n")
 
     async def _run_one(self, row: Claimed) -> None:
         try:
@@ -354,6 +354,8 @@ class Worker:
                 # The step's code is done: its slot is free while the outcome waits for the
                 # group commit (the row stays held, and heartbeated, until then).
                 self.running.pop(row.id, None)
+                if self.board is not None:
+                    self.board.stop(row.id)
                 if self._solo == row.id:
                     self._solo = None
                 self.committing[row.id] = row
@@ -437,7 +439,6 @@ class Worker:
             "limit_errors": self.engine.limit_errors,
             "last_error": self.stats.last_error,
             "listening": self.stats.listener_ok and listener_fresh,
-            "running": list(self.running),
             **extra,
         }
         self._send((json.dumps(msg) + "\n").encode())

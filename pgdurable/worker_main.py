@@ -11,6 +11,7 @@ import sys
 
 import setproctitle
 
+from .board import RunningBoard
 from .config import Config
 from .fsm import Registry
 
@@ -40,6 +41,7 @@ def worker_main(
     report_fd: int,
     parent_pid: int,
     signal_mask: set[signal.Signals],
+    board: RunningBoard,
 ) -> int:
     # Entered with the supervisor's signals blocked (see Supervisor._spawn).
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe is not ours
@@ -62,5 +64,5 @@ def worker_main(
 
     from .worker import Worker
 
-    worker = Worker(cfg, dsn, queue, index, registry, worker_id, report_fd)
+    worker = Worker(cfg, dsn, queue, index, registry, worker_id, report_fd, board)
     return uvloop.run(worker.run()) if hasattr(uvloop, "run") else asyncio.run(worker.run())
