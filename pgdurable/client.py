@@ -228,10 +228,11 @@ class _Emitter:
     """Notifies queues after the producer's commit, off its path, coalesced.
 
     NOTIFY inside a committing transaction serialises commits cluster-wide (measured in
-    bench/notify.py, see docs/performance.md). So inserts and signals made on the client's
-    own connections leave it out, and this thread sends one statement for every queue that
-    became due while the previous one was being sent. Best effort: correctness never
-    depends on a notification.
+    bench/notify.py, see docs/performance.md). So while several writes of this client are
+    in flight at once, they leave it out, and this thread sends one statement for every
+    queue that became due while the previous one was being sent. A write that is alone
+    notifies inside its own transaction: nothing to contend with, one round trip less.
+    Best effort: correctness never depends on a notification.
     """
 
     def __init__(self, client: Client):
@@ -240,6 +241,17 @@ class _Emitter:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._inflight = 0
+
+    def begin(self) -> bool:
+        """A write starts; True when it is the only one in flight (it should notify itself)."""
+        with self._cv:
+            self._inflight += 1
+            return self._inflight == 1
+
+    def end(self) -> None:
+        with self._cv:
+            self._inflight -= 1
 
     def add(self, queue: str) -> None:
         with self._cv:
@@ -277,6 +289,14 @@ class _AsyncEmitter:
         self._pending: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._inflight = 0
+
+    def begin(self) -> bool:
+        self._inflight += 1
+        return self._inflight == 1
+
+    def end(self) -> None:
+        self._inflight -= 1
 
     def add(self, queue: str) -> None:
         self._pending.add(queue)
@@ -363,10 +383,15 @@ class Client:
         caller's transaction) and UnknownMachine for an unregistered name without queue.
         """
         params = _insert_params(_spec(fsm, state, options))
-        params["notify"] = conn is not None  # in the caller's transaction: fires at its commit
-        row = self._one("instance_insert_one", params, conn)
+        # Inside the caller's transaction the NOTIFY must ride it (it fires at their commit).
+        params["notify"] = conn is not None or self._emitter.begin()
+        try:
+            row = self._one("instance_insert_one", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
         iid = _insert_result(params, row)
-        if conn is None:
+        if not params["notify"]:
             self._emitter.add(row[2])
         return iid
 
@@ -383,10 +408,15 @@ class Client:
                     conn, lambda: conn.execute(self.q["instance_insert_many"], params).fetchall()
                 )
             else:
-                with self._get_pool().connection() as c:
-                    rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
-                for queue in {r[1] for r in rows}:
-                    self._emitter.add(queue)
+                params["notify"] = self._emitter.begin()
+                try:
+                    with self._get_pool().connection() as c:
+                        rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
+                finally:
+                    self._emitter.end()
+                if not params["notify"]:
+                    for queue in {r[1] for r in rows}:
+                        self._emitter.add(queue)
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
             raise _many_error(specs, exc) from exc
         return _many_ids(order, rows)
@@ -406,9 +436,15 @@ class Client:
         Raises NoTarget when the target is unknown or finished.
         """
         params = _signal_params(target, name, payload, dedup_key, notify=conn is not None)
-        row = self._one("signal_deliver", params, conn)
+        if conn is None:
+            params["notify"] = self._emitter.begin()
+        try:
+            row = self._one("signal_deliver", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
         result = _signal_result(target, row)
-        if conn is None and row[2] == "runnable":
+        if not params["notify"] and row[2] == "runnable":
             self._emitter.add(row[3])
         return result
 
@@ -484,10 +520,14 @@ class AsyncClient:
     ) -> int:
         """See ``Client.insert``."""
         params = _insert_params(_spec(fsm, state, options))
-        params["notify"] = conn is not None
-        row = await self._one("instance_insert_one", params, conn)
+        params["notify"] = conn is not None or self._emitter.begin()
+        try:
+            row = await self._one("instance_insert_one", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
         iid = _insert_result(params, row)
-        if conn is None:
+        if not params["notify"]:
             self._emitter.add(row[2])
         return iid
 
@@ -506,11 +546,16 @@ class AsyncClient:
 
                 rows = await _in_caller_txn_async(conn, run)
             else:
-                async with (await self._get_pool()).connection() as c:
-                    cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
-                    rows = await cur.fetchall()
-                for queue in {r[1] for r in rows}:
-                    self._emitter.add(queue)
+                params["notify"] = self._emitter.begin()
+                try:
+                    async with (await self._get_pool()).connection() as c:
+                        cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
+                        rows = await cur.fetchall()
+                finally:
+                    self._emitter.end()
+                if not params["notify"]:
+                    for queue in {r[1] for r in rows}:
+                        self._emitter.add(queue)
         except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
             raise _many_error(specs, exc) from exc
         return _many_ids(order, rows)
@@ -526,9 +571,15 @@ class AsyncClient:
     ) -> int | None:
         """See ``Client.signal``."""
         params = _signal_params(target, name, payload, dedup_key, notify=conn is not None)
-        row = await self._one("signal_deliver", params, conn)
+        if conn is None:
+            params["notify"] = self._emitter.begin()
+        try:
+            row = await self._one("signal_deliver", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
         result = _signal_result(target, row)
-        if conn is None and row[2] == "runnable":
+        if not params["notify"] and row[2] == "runnable":
             self._emitter.add(row[3])
         return result
 
