@@ -114,3 +114,8 @@ WHERE status = 'executing' AND left(locked_by, length(%(host)s) + 1) = %(host)s 
 -- name: queue_channel
 -- The NOTIFY channel a queue's workers LISTEN on.
 SELECT {schema}.notify_channel(%(queue)s) AS channel;
+
+-- name: session_synchronous_commit
+-- Switch the session's commit durability ('on' or 'off'): an idle worker's feeder waits with
+-- 'off', so the claim that follows a wake-up does not wait for a disk flush.
+SELECT set_config('synchronous_commit', %(value)s, false);
