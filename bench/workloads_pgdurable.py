@@ -33,7 +33,8 @@ class Pgdurable:
     settings_note = (
         "`pgdurable supervise` with 2 worker processes for queue `bench`, `concurrency = 10`, "
         f"`prefetch = {PREFETCH}`, `batch = 50` (defaults but for `processes`); async steps; "
-        "producers use `AsyncClient` (a lone write notifies in its transaction, concurrent ones coalesce after commit)"
+        "producers use `AsyncClient` (a lone write notifies in its transaction, "
+        "concurrent ones coalesce after commit)"
     )
     unsupported: dict[str, str] = {}
 
