@@ -290,3 +290,14 @@ def test_inline_run_ahead_in_a_worker(dsn, schema, client, sups, tmp_path):
         pids = client.wait(iid, timeout=30).result["pids"]
         assert len(pids) == 3 and len(set(pids)) == 1  # one worker ran the whole chain
     assert sup.stop() == 0
+
+
+def test_heartbeat_keeps_a_long_step_owned(dsn, schema, client, db, sups, tmp_path, runs):
+    """A step running twice as long as the lease is never reaped: one heartbeat statement
+    keeps extending the leases of every row the worker holds."""
+    start(sups, tmp_path, dsn, schema, processes=1, lease=2, heartbeat=0.5)
+    iid = client.insert("sleepy", {"tag": "long", "sleep": 5})
+    res = client.wait(iid, timeout=30)
+    assert res.__class__.__name__ == "Done"
+    assert db.execute("SELECT count(*) FROM runtime_runs WHERE what = 'start'").fetchone()[0] == 1
+    assert client.get(iid).last_error is None  # never "reclaimed from …"
