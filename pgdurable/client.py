@@ -141,14 +141,18 @@ def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
 
 
 def _many_params(specs: Sequence[Insert], *, notify: bool) -> tuple[dict[str, Any], list[int]]:
+    """The document of a batch, its rows numbered in insertion order (correlation key,
+    then position: batches sharing keys cannot deadlock), and that order."""
     rows = [resolve(s) for s in specs]
-    return {"rows": rows_json(rows), "notify": notify}, insertion_order(rows)
+    order = insertion_order(rows)
+    return {"rows": rows_json([rows[i] for i in order]), "notify": notify}, order
 
 
 def _many_ids(order: list[int], rows: Sequence[Sequence[Any]]) -> list[int]:
     ids = [0] * len(order)
-    for position, (iid, _queue) in zip(order, rows, strict=True):
-        ids[position] = int(iid)
+    # Identity values follow insertion order, which is ``order``.
+    for position, iid in zip(order, sorted(int(r[0]) for r in rows), strict=True):
+        ids[position] = iid
     return ids
 
 

@@ -35,8 +35,8 @@ SELECT (SELECT id FROM ins) AS id,
 
 -- name: instance_insert_many
 -- Insert a batch in one statement: the rows arrive as one JSON document (%(rows)s), states
--- embedded as they are. Rows are inserted in correlation-key order so two batches sharing
--- keys cannot deadlock; a key already occupied raises a unique violation on
+-- embedded as they are, numbered (ord) in correlation-key order by the client. Rows are
+-- inserted in that order, so two batches sharing keys cannot deadlock; a key already occupied raises a unique violation on
 -- instances_correlation and nothing of the batch is inserted. Version, initial step and
 -- queue left out by a producer are looked up in machines (only for those rows). Keys at
 -- their defaults are absent from the document: priority 0, no delay, weight 1, and the
@@ -62,13 +62,12 @@ WITH c AS (
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
            c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
     FROM c
-    ORDER BY c.correlation_key COLLATE "C" NULLS LAST, COALESCE(c.ord, 0)
+    ORDER BY COALESCE(c.ord, 0)
     RETURNING id, queue
 )
 SELECT ins.id, ins.queue
 FROM ins, (SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
-           FROM (SELECT DISTINCT queue FROM ins WHERE %(notify)s) AS d(q)) AS notified
-ORDER BY ins.id;
+           FROM (SELECT DISTINCT queue FROM ins WHERE %(notify)s) AS d(q)) AS notified;
 
 -- name: instance_claim
 -- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then
