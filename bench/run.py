@@ -1,6 +1,6 @@
 """Run every workload on pgdurable and its Python peers; print one table with ratios.
 
-    python bench/run.py --dsn postgresql://root@127.0.0.1:5432/postgres [--quick] [--json out.json]
+    python bench/run.py --dsn postgresql://localhost/postgres [--quick] [--json out.json]
 
 Run it with pgdurable's interpreter. The peers are installed from PyPI, at the versions
 pinned below, into ``bench/.peers-venv`` (created on first use with the newest Python ≥
