@@ -104,7 +104,7 @@ class System(Protocol):
         """Insert one job that calls ``stamp(seq)`` first thing when it runs."""
 
     async def seed(self, terminal: int, future: int) -> None:
-        """Add finished rows and rows scheduled a day ahead, then VACUUM ANALYZE."""
+        """Add finished rows and rows scheduled a day ahead, then VACUUM ANALYZE and CHECKPOINT."""
 
 
 # -- used inside jobs ---------------------------------------------------------------------
