@@ -36,8 +36,9 @@ SELECT (SELECT id FROM ins) AS id,
 -- name: instance_insert_many
 -- Insert a batch in one statement: the rows arrive as one JSON document (%(rows)s), states
 -- embedded as they are, numbered (ord) in correlation-key order by the client. Rows are
--- inserted in that order, so two batches sharing keys cannot deadlock; a key already occupied raises a unique violation on
--- instances_correlation and nothing of the batch is inserted. Version, initial step and
+-- inserted in that order, so two batches sharing keys cannot deadlock; a key already
+-- occupied raises a unique violation on instances_correlation and nothing of the batch is
+-- inserted. Version, initial step and
 -- queue left out by a producer are looked up in machines (only for those rows). Keys at
 -- their defaults are absent from the document: priority 0, no delay, weight 1, and the
 -- live statuses as correlation scope.
