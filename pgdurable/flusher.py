@@ -127,7 +127,7 @@ async def flush(
 
         taken = [sid for r in spawns if r.row.id in report.committed for sid in r.consume]
         if taken:
-            await conn.execute(q["signal_consume_many"], {"ids": taken, "clear_targets": []}, prepare=True)
+            await conn.execute(q["signal_consume_many"], {"ids": taken}, prepare=True)
 
         # Every committed outcome takes its row out of executing: give back its gate slot
         # (an inline continue stays executing and keeps it).

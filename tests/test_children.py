@@ -102,3 +102,28 @@ def test_gc_spares_terminal_children_of_a_live_parent(dsn, schema, client, db):
     assert_done(client, iid)
     db.execute(f"UPDATE \"{schema}\".instances SET updated_at = now() - interval '2 days'")
     assert collect() == 3
+
+
+def test_spawn_consumes_the_signals_its_step_was_handed(dsn, schema, client, db):
+    from pgdurable import FSM, Await, Child, Done, Spawn, step
+
+    class Starter(FSM, name="starter", queue="parents"):
+        @step(initial=True)
+        def wait(self, ctx):
+            return Await("go", then=self.fan)
+
+        @step
+        def fan(self, ctx):
+            return Spawn([Child(Leaf, {"value": len(ctx.awaited)})], then=self.end)
+
+        @step
+        def end(self, ctx):
+            return Done([c.result for c in ctx.children])
+
+    iid = client.insert(Starter)
+    drain(dsn, [Starter, Leaf], schema=schema)
+    client.signal(iid, "go", {})
+    drain(dsn, [Starter, Leaf], schema=schema, queues=["parents"])  # spawns, consuming "go"
+    assert db.execute(f'SELECT count(*) FROM "{schema}".signals').fetchone()[0] == 0
+    drain(dsn, [Starter, Leaf], schema=schema)
+    assert_done(client, iid, [{"double": 2}])

@@ -42,11 +42,6 @@ WHERE target_id = ANY(%(ids)s::bigint[])
 ORDER BY target_id, id;
 
 -- name: signal_consume_many
--- Consume what committed outcomes took: exactly the handed ids for progressing outcomes,
--- the whole inbox for terminal ones.
-WITH taken AS (
-    DELETE FROM {schema}.signals WHERE id = ANY(%(ids)s::bigint[]) RETURNING 1
-), cleared AS (
-    DELETE FROM {schema}.signals WHERE target_id = ANY(%(clear_targets)s::bigint[]) RETURNING 1
-)
-SELECT (SELECT count(*) FROM taken) + (SELECT count(*) FROM cleared) AS consumed;
+-- Consume the signals spawning parents were handed (their commit is in this transaction;
+-- plain outcomes consume inside instance_commit_if_owned_many).
+DELETE FROM {schema}.signals WHERE id = ANY(%(ids)s::bigint[]);
