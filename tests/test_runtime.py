@@ -301,3 +301,16 @@ def test_heartbeat_keeps_a_long_step_owned(dsn, schema, client, db, sups, tmp_pa
     assert res.__class__.__name__ == "Done"
     assert db.execute("SELECT count(*) FROM runtime_runs WHERE what = 'start'").fetchone()[0] == 1
     assert client.get(iid).last_error is None  # never "reclaimed from …"
+
+
+def test_ctrl_c_to_the_process_group_drains(dsn, schema, client, db, sups, tmp_path, runs):
+    """Ctrl-C reaches every process of the group: workers ignore it, the supervisor drains."""
+    sup = start(sups, tmp_path, dsn, schema, processes=2, concurrency=2)
+    client.insert_many([Insert("sleepy", {"tag": f"c{i}", "sleep": 0.5}) for i in range(6)])
+    wait_until(lambda: db.execute("SELECT count(*) FROM runtime_runs").fetchone()[0] >= 1, what="a start")
+    os.killpg(os.getpgid(sup.proc.pid), signal.SIGINT)
+    assert sup.proc.wait(60) == 0
+    started = {t for (t,) in db.execute("SELECT tag FROM runtime_runs WHERE what = 'start'")}
+    ended = {t for (t,) in db.execute("SELECT tag FROM runtime_runs WHERE what = 'end'")}
+    assert started and started == ended  # in-flight steps finished, none was cut off
+    assert statuses(db, schema).get("executing", 0) == 0
