@@ -1,8 +1,9 @@
 """The light client: insert, signal, read and wait, for producers.
 
 Imports psycopg, psycopg_pool and msgspec only: no worker, no supervisor, no uvloop, no user
-code. Inserts accept a machine class or just its name. Every call runs one named statement;
-pass ``conn=`` to run it inside your own transaction (transactional enqueue).
+code. Inserts accept a machine class or just its name. Every call runs one named statement
+(``insert_many``: a ``COPY`` and the statement that draws its ids, see ``bulk.py``); pass
+``conn=`` to run it inside your own transaction (transactional enqueue).
 
 ``Client`` and ``AsyncClient`` share the parameter building and result reading below; they
 differ only in how they talk to the database.
@@ -25,6 +26,7 @@ from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from .bulk import Batch
 from .errors import DuplicateInstance, NoTarget, UnknownMachine
 from .outcomes import Done
 from .queries import Queries, for_schema
@@ -33,9 +35,7 @@ from .spec import (
     Child,
     Insert,
     encode_json,
-    insertion_order,
     resolve,
-    rows_json,
 )
 
 __all__ = ["AsyncClient", "Busy", "Child", "Client", "Done", "Failed", "Insert", "Instance"]
@@ -140,44 +140,25 @@ def _insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
     return int(iid)
 
 
-def _many_params(specs: Sequence[Insert], *, notify: bool) -> tuple[dict[str, Any], list[int]]:
-    """The document of a batch, its rows numbered in insertion order (correlation key,
-    then position: batches sharing keys cannot deadlock), and that order."""
-    rows = [resolve(s) for s in specs]
-    order = insertion_order(rows)
-    return {"rows": rows_json([rows[i] for i in order]), "notify": notify}, order
+def _many_error(specs: Sequence[Insert], exc: pgerrors.UniqueViolation) -> DuplicateInstance:
+    detail = exc.diag.message_detail or ""
+    key = detail.partition(")=(")[2].rpartition(") already exists")[0]
+    return DuplicateInstance([key] if key else [s.correlation_key or "?" for s in specs])
 
 
-def _many_ids(order: list[int], rows: Sequence[Sequence[Any]]) -> list[int]:
-    ids = [0] * len(order)
-    # Identity values follow insertion order, which is ``order``.
-    for position, iid in zip(order, sorted(int(r[0]) for r in rows), strict=True):
-        ids[position] = iid
-    return ids
+def _allocate_params(batch: Batch, notify: bool) -> dict[str, Any]:
+    return {"n": len(batch.rows), "notify": batch.queues() if notify else []}
 
 
-def _many_error(specs: Sequence[Insert], exc: psycopg.Error) -> Exception:
-    if isinstance(exc, pgerrors.UniqueViolation):
-        detail = exc.diag.message_detail or ""
-        key = detail.partition(")=(")[2].rpartition(") already exists")[0]
-        return DuplicateInstance([key] if key else [s.correlation_key or "?" for s in specs])
-    if isinstance(exc, pgerrors.NotNullViolation) and exc.diag.column_name in ("queue", "step"):
-        names = sorted({s.fsm for s in specs if isinstance(s.fsm, str) and s.queue is None})
-        return UnknownMachine(
-            f"machines {names} are not registered by any worker of this schema and no queue "
-            "was given; start a worker that runs them or pass queue="
-        )
-    return exc
-
-
-def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T]) -> T:
-    """Run one statement on the caller's connection without spoiling their transaction.
+def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T], *, several: bool = False) -> T:
+    """Run a write on the caller's connection without spoiling their transaction.
 
     Inside their open transaction: in a savepoint, so a refused batch leaves it usable.
-    Otherwise the statement is atomic on its own; if it opened an implicit transaction and
+    Otherwise one statement is atomic on its own (``several`` statements on an autocommit
+    connection get a transaction of their own); if it opened an implicit transaction and
     fails, that transaction held nothing else and is rolled back.
     """
-    if conn.info.transaction_status == TransactionStatus.INTRANS:
+    if conn.info.transaction_status == TransactionStatus.INTRANS or (several and conn.autocommit):
         with conn.transaction():
             return run()
     try:
@@ -188,9 +169,11 @@ def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T]) -> T:
         raise
 
 
-async def _in_caller_txn_async(conn: psycopg.AsyncConnection[Any], run: Callable[[], Awaitable[T]]) -> T:
+async def _in_caller_txn_async(
+    conn: psycopg.AsyncConnection[Any], run: Callable[[], Awaitable[T]], *, several: bool = False
+) -> T:
     """See ``_in_caller_txn``."""
-    if conn.info.transaction_status == TransactionStatus.INTRANS:
+    if conn.info.transaction_status == TransactionStatus.INTRANS or (several and conn.autocommit):
         async with conn.transaction():
             return await run()
     try:
@@ -402,28 +385,39 @@ class Client:
     def insert_many(
         self, specs: Sequence[Insert], *, conn: psycopg.Connection[Any] | None = None
     ) -> list[int]:
-        """Insert a batch in one statement; ids in the order given. All or nothing."""
+        """Insert a batch with one COPY; ids in the order given. All or nothing."""
         if not specs:
             return []
-        params, order = _many_params(specs, notify=conn is not None)
+        batch = Batch.of(specs)
         try:
             if conn is not None:
-                rows = _in_caller_txn(
-                    conn, lambda: conn.execute(self.q["instance_insert_many"], params).fetchall()
-                )
+                ids = _in_caller_txn(conn, lambda: self._copy(conn, batch, notify=True), several=True)
             else:
-                params["notify"] = self._emitter.begin()
+                notify = self._emitter.begin()
                 try:
-                    with self._get_pool().connection() as c:
-                        rows = c.execute(self.q["instance_insert_many"], params, prepare=True).fetchall()
+                    with self._get_pool().connection() as c, c.transaction():
+                        ids = self._copy(c, batch, notify=notify)
                 finally:
                     self._emitter.end()
-                if not params["notify"]:
-                    for queue in {r[1] for r in rows}:
+                if not notify:
+                    for queue in batch.queues():
                         self._emitter.add(queue)
-        except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
+        except pgerrors.UniqueViolation as exc:
             raise _many_error(specs, exc) from exc
-        return _many_ids(order, rows)
+        return batch.ids_in_input_order(ids)
+
+    def _copy(self, c: psycopg.Connection[Any], batch: Batch, *, notify: bool) -> list[int]:
+        """Resolve machines named only, draw ids, COPY the rows (see pgdurable/bulk.py)."""
+        if names := batch.unresolved():
+            batch.fill(c.execute(self.q["machines_lookup"], {"names": names}, prepare=True).fetchall())
+        row = c.execute(
+            self.q["instance_ids_allocate"], _allocate_params(batch, notify), prepare=True
+        ).fetchone()
+        assert row is not None
+        now, ids, _ = row
+        with c.cursor().copy(self.q["instance_copy"]) as copy:
+            copy.write(batch.encode(ids, now))
+        return ids
 
     def signal(
         self,
@@ -541,28 +535,38 @@ class AsyncClient:
         """See ``Client.insert_many``."""
         if not specs:
             return []
-        params, order = _many_params(specs, notify=conn is not None)
+        batch = Batch.of(specs)
         try:
             if conn is not None:
-
-                async def run() -> list[Any]:
-                    return await (await conn.execute(self.q["instance_insert_many"], params)).fetchall()
-
-                rows = await _in_caller_txn_async(conn, run)
+                ids = await _in_caller_txn_async(
+                    conn, lambda: self._copy(conn, batch, notify=True), several=True
+                )
             else:
-                params["notify"] = self._emitter.begin()
+                notify = self._emitter.begin()
                 try:
-                    async with (await self._get_pool()).connection() as c:
-                        cur = await c.execute(self.q["instance_insert_many"], params, prepare=True)
-                        rows = await cur.fetchall()
+                    async with (await self._get_pool()).connection() as c, c.transaction():
+                        ids = await self._copy(c, batch, notify=notify)
                 finally:
                     self._emitter.end()
-                if not params["notify"]:
-                    for queue in {r[1] for r in rows}:
+                if not notify:
+                    for queue in batch.queues():
                         self._emitter.add(queue)
-        except (pgerrors.UniqueViolation, pgerrors.NotNullViolation) as exc:
+        except pgerrors.UniqueViolation as exc:
             raise _many_error(specs, exc) from exc
-        return _many_ids(order, rows)
+        return batch.ids_in_input_order(ids)
+
+    async def _copy(self, c: psycopg.AsyncConnection[Any], batch: Batch, *, notify: bool) -> list[int]:
+        """See ``Client._copy``."""
+        if names := batch.unresolved():
+            cur = await c.execute(self.q["machines_lookup"], {"names": names}, prepare=True)
+            batch.fill(await cur.fetchall())
+        cur = await c.execute(self.q["instance_ids_allocate"], _allocate_params(batch, notify), prepare=True)
+        row = await cur.fetchone()
+        assert row is not None
+        now, ids, _ = row
+        async with c.cursor().copy(self.q["instance_copy"]) as copy:
+            await copy.write(batch.encode(ids, now))
+        return ids
 
     async def signal(
         self,

@@ -153,6 +153,10 @@ def resolve(spec: Insert) -> InsertRow:
         raise ValueError("schedule_at must be timezone-aware")
     if not isinstance(spec.weight, int | float) or spec.weight <= 0:
         raise ValueError(f"weight must be a positive number, got {spec.weight!r}")
+    if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
+        raise TypeError(f"priority must be an int, got {spec.priority!r}")
+    if spec.correlation_key is not None and not isinstance(spec.correlation_key, str):
+        raise TypeError(f"correlation_key must be a string, got {spec.correlation_key!r}")
     if not -32768 <= spec.priority <= 32767:
         raise ValueError(f"priority must fit a smallint, got {spec.priority!r}")
     scope = None if spec.correlation_scope is None else list(spec.correlation_scope)
@@ -191,15 +195,3 @@ def rows_json(rows: Sequence[InsertRow], parents: Sequence[int] | None = None) -
         for i, r in enumerate(rows)
     ]
     return _json_encoder.encode(numbered).decode()
-
-
-def insertion_order(rows: Sequence[InsertRow]) -> list[int]:
-    """Indices of rows in the order instance_insert_many inserts them (key, then position).
-
-    Matches ``ORDER BY correlation_key COLLATE "C" NULLS LAST, ord``: "C" collation compares
-    UTF-8 bytes, which is code-point order, which is how Python compares str.
-    """
-    return sorted(
-        range(len(rows)),
-        key=lambda i: (rows[i].correlation_key is None, rows[i].correlation_key or "", i),
-    )

@@ -146,15 +146,41 @@ def test_insert_by_name_without_queue_for_unregistered_machine_raises(client, db
 # --------------------------------------------------------------------------- 2. insert_many
 
 
-def test_insert_many_is_one_statement(dsn, schema, client):
-    specs = [Insert("batchy", {"i": i}, queue="q", correlation_key=f"k{3 - i}") for i in range(4)]
+@pytest.mark.parametrize("n", [4, 400])
+def test_insert_many_is_one_copy(dsn, schema, client, db, n):
+    """BEGIN, the statement that draws ids, the COPY, COMMIT: whatever the batch size."""
+    specs = [Insert(Counter, Counter.State(n=i), correlation_key=f"k{n - i}") for i in range(n)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        client.insert_many(specs[:1], conn=conn)  # the first use prepares the statement
+        with traced(conn) as trace:
+            ids = client.insert_many(specs[1:], conn=conn)
+    assert trace.statements == 4, trace.sql()
+    assert trace.round_trips == 4
+    assert sum("FROM STDIN" in ln for ln in trace.sql()) == 1
+    assert not any("INSERT INTO" in ln for ln in trace.sql())
+    assert len(ids) == n - 1 and len(set(ids)) == n - 1
+    assert count(db, schema) == n
+
+
+def test_insert_many_by_name_looks_machines_up_once(dsn, schema, client, db):
+    db.execute(
+        f'INSERT INTO "{schema}".machines (name, version, initial_step, queue, steps)'
+        " VALUES ('named', 1, 'a', 'q1', '{a}'), ('named', 2, 'b', 'q2', '{b}'),"
+        " ('other', 1, 'x', 'q3', '{x}')"
+    )
+    specs = [Insert("named", {"i": 1}), Insert("named", {"i": 2}, version=1), Insert("other")]
+    specs += [Insert("named", {"i": 3}, queue="elsewhere"), Insert("unknown", queue="q4")]
     with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
         ids = client.insert_many(specs, conn=conn)
-    executes = [ln for ln in trace.lines if ln.startswith("F\t") and "\tExecute\t" in ln]
-    assert len(executes) == 1
-    text = "\n".join(trace.lines)
-    assert text.count("INSERT INTO") == 1
-    assert len(ids) == 4 and len(set(ids)) == 4
+    assert trace.statements == 5, trace.sql()  # one lookup for all the names
+    got = [must_get(client, i) for i in ids]
+    assert [(g.version, g.step, g.queue) for g in got] == [
+        (2, "b", "q2"),  # the newest version
+        (1, "a", "q1"),  # the version asked for
+        (1, "x", "q3"),
+        (2, "b", "elsewhere"),  # a queue given wins
+        (None, None, "q4"),  # unknown but routed: pinned by the first worker that knows it
+    ]
 
 
 def test_insert_many_ids_in_input_order(client):
@@ -760,3 +786,45 @@ def test_equal_priority_runs_in_eligible_order(dsn, schema, client):
     ids = [client.insert(Recorder, schedule_at=base + dt.timedelta(seconds=o)) for o in offsets]
     drain(dsn, [Recorder], schema=schema, batch=1, collapse_time=False)
     assert [iid for _, iid in sorted(zip(offsets, ids, strict=True))] == RUN_ORDER
+
+
+def test_insert_many_rows_equal_single_inserts(client, db, schema):
+    """The COPY stream carries every option and any text exactly as ``insert`` stores it."""
+    nasty = 'tab\there, newline\nthere, cr\r, back\\slash, \\N, quote", é, \U0001f600'
+    at = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30)))
+    variants: list[dict[str, Any]] = [
+        {},
+        {"priority": -7, "schedule_in": 12.5},
+        {"schedule_at": at, "weight": 0.25},
+        {"correlation_key": "key " + nasty, "correlation_scope": []},
+        {"correlation_key": "\\N", "correlation_scope": [*LIVE_STATUSES, "done"]},
+        {"concurrency_key": ("tenant", nasty), "rate_limit": ("api", 3)},
+        {"queue": "q " + nasty, "version": 4, "step": "s\t1"},
+    ]
+    state = {"text": nasty, "nested": {"list": [1, 2.5, None, True]}, "esc": "\\u0041\\"}
+    one = [client.insert("copied", state, **{"queue": "q", **v}) for v in variants]
+    # free the keys (cancelled is in neither scope) so the batch can take them again
+    db.execute(f'UPDATE "{schema}".instances SET status = %s', ["cancelled"])
+    before = db.execute("SELECT now()").fetchone()[0]
+    many = client.insert_many([Insert("copied", state, **{"queue": "q", **v}) for v in variants])
+    cols = (
+        "fsm, version, step, state, queue, priority, correlation_key, correlation_scope, "
+        "concurrency_key, concurrency_name, rate_limit, weight, eligible_at - inserted_at, "
+        "correlation_guard, status, eligible_at"
+    )
+
+    def row(iid: int) -> tuple[Any, ...]:
+        got = db.execute(f'SELECT {cols} FROM "{schema}".instances WHERE id = %s', [iid]).fetchone()
+        assert got is not None
+        return got
+
+    for k, (a, b) in enumerate(zip(one, many, strict=True)):
+        ra, rb = row(a), row(b)
+        same = 12 if "schedule_at" in variants[k] else 13  # else eligible_at - inserted_at too
+        assert ra[:same] == rb[:same], (k, ra, rb)
+        scoped = variants[k].get("correlation_scope") != []
+        assert rb[13] == (variants[k].get("correlation_key") if scoped else None)
+        assert rb[14] == "runnable"
+    assert row(many[2])[15] == at
+    assert row(many[0])[15] >= before
+    assert row(many[3])[3] == state

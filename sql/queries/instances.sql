@@ -33,42 +33,26 @@ SELECT (SELECT id FROM ins) AS id,
        (SELECT queue FROM ins) AS queue,
        (SELECT pg_notify({schema}.notify_channel(queue), '') FROM ins WHERE %(notify)s) AS notified;
 
--- name: instance_insert_many
--- Insert a batch in one statement: the rows arrive as one JSON document (%(rows)s), states
--- embedded as they are, numbered (ord) in correlation-key order by the client. Rows are
--- inserted in that order, so two batches sharing keys cannot deadlock; a key already
--- occupied raises a unique violation on instances_correlation and nothing of the batch is
--- inserted. Version, initial step and
--- queue left out by a producer are looked up in machines (only for those rows). Keys at
--- their defaults are absent from the document: priority 0, no delay, weight 1, and the
--- live statuses as correlation scope.
-WITH c AS (
-    SELECT u.*, m.version AS m_version, m.initial_step AS m_step, m.queue AS m_queue
-    FROM json_to_recordset(%(rows)s::json)
-         AS u(fsm text, version int, step text, state json, queue text, priority smallint,
-              at timestamptz, delay float8, correlation_key text, scope text[],
-              concurrency_key text, rate_limit text, weight float8, ord int)
-    LEFT JOIN LATERAL (
-        SELECT version, initial_step, queue FROM {schema}.machines
-        WHERE (u.queue IS NULL OR u.version IS NULL OR u.step IS NULL)
-          AND name = u.fsm AND (u.version IS NULL OR version = u.version)
-        ORDER BY version DESC LIMIT 1) AS m ON true
-), ins AS (
-    INSERT INTO {schema}.instances
-        (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
-         correlation_scope, concurrency_key, rate_limit, weight)
-    SELECT c.fsm, COALESCE(c.version, c.m_version), COALESCE(c.step, c.m_step), c.state::jsonb,
-           COALESCE(c.queue, c.m_queue), COALESCE(c.priority, 0),
-           COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
-           COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
-           c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
-    FROM c
-    ORDER BY COALESCE(c.ord, 0)
-    RETURNING id, queue
+-- name: instance_ids_allocate
+-- Before a COPY of n rows (insert_many, see pgdurable/bulk.py): draw their ids from the
+-- identity sequence and read the transaction's now(), from which the client computes
+-- eligible_at. Notifies %(notify)s queues (none when the client notifies after commit);
+-- NOTIFY is delivered at commit, so it may come before the rows in the transaction.
+WITH seq AS MATERIALIZED (
+    SELECT pg_get_serial_sequence(format('%%I.instances', {schema_literal}), 'id')::regclass AS s
 )
-SELECT ins.id, ins.queue
-FROM ins, (SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
-           FROM (SELECT DISTINCT queue FROM ins WHERE %(notify)s) AS d(q)) AS notified;
+SELECT now(),
+       ARRAY(SELECT nextval(seq.s) FROM seq, generate_series(1, %(n)s::int)),
+       (SELECT count(pg_notify({schema}.notify_channel(q), ''))
+        FROM unnest(%(notify)s::text[]) AS q);
+
+-- name: instance_copy
+-- The rows of insert_many, as a text stream whose columns are pgdurable.bulk.COLUMNS.
+-- COPY writes the given identity values (as INSERT ... OVERRIDING SYSTEM VALUE would).
+COPY {schema}.instances (id, fsm, version, step, state, queue, priority, eligible_at,
+                         correlation_key, correlation_scope, concurrency_key, rate_limit,
+                         weight)
+FROM STDIN;
 
 -- name: instance_claim
 -- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then

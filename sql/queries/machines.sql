@@ -18,3 +18,7 @@ SET status = 'runnable', eligible_at = now(), last_error = NULL, updated_at = no
 FROM unnest(%(fsms)s::text[], %(versions)s::int[]) AS k(fsm, version)
 WHERE i.status = 'held' AND i.fsm = k.fsm AND (i.version IS NULL OR i.version = k.version)
 RETURNING i.id, i.queue;
+
+-- name: machines_lookup
+-- Every version of the named machines (insert_many by name completes rows from these).
+SELECT name, version, initial_step, queue FROM {schema}.machines WHERE name = ANY(%(names)s::text[]);

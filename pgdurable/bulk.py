@@ -1,0 +1,167 @@
+"""Batch inserts through ``COPY``: the rows of ``insert_many`` as one text stream.
+
+``COPY ... FROM STDIN`` skips the planner and the per-row executor of an ``INSERT ...
+SELECT``: PostgreSQL buffers the rows and writes them to the heap in bulk. It cannot
+compute anything, so the client hands it finished rows: ids drawn beforehand from the
+table's identity sequence (``COPY`` writes given identity values), ``eligible_at`` from the
+transaction's own ``now()`` (so a delay means the same as in ``insert``), machines named
+without a version, step or queue resolved from the ``machines`` table first.
+
+Rows go in correlation-key order, so two batches sharing keys cannot
+deadlock; an occupied key is a unique violation and the whole batch is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .errors import UnknownMachine
+from .spec import LIVE_STATUSES, Insert, InsertRow, MachineInfo, encode_state, machine_info, resolve
+
+#: The columns the stream carries, in order (the ``instance_copy`` statement names them).
+COLUMNS = (
+    "id", "fsm", "version", "step", "state", "queue", "priority", "eligible_at",
+    "correlation_key", "correlation_scope", "concurrency_key", "rate_limit", "weight",
+)  # fmt: skip
+
+_NULL = "\\N"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_LIVE_SCOPE = "{" + ",".join(LIVE_STATUSES) + "}"
+
+
+def _text(value: str | None) -> str:
+    """A text value in COPY's text format: ``\\N`` for NULL, the four specials escaped."""
+    return _NULL if value is None else value.translate(_ESCAPES)
+
+
+def _state(raw: bytes) -> str:
+    # JSON text never holds a raw tab, newline or carriage return (they are escaped inside
+    # strings and are plain whitespace elsewhere, which msgspec does not emit); only the
+    # backslashes of JSON's own escapes need doubling.
+    text = raw.decode()
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
+def _shape_key(spec: Insert) -> tuple[Any, ...]:
+    """What a row shares with others of its shape: everything but its state and key."""
+    scope = spec.correlation_scope
+    return (
+        spec.fsm, spec.queue, spec.priority, type(spec.priority), spec.schedule_in, spec.schedule_at,
+        None if scope is None else tuple(scope), spec.concurrency_key, spec.rate_limit,
+        spec.weight, type(spec.weight), spec.version, spec.step,
+    )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Batch:
+    """The rows of one ``insert_many`` call, validated, in insertion order.
+
+    A batch is mostly rows of a few shapes (the same machine and options): each shape is
+    resolved and validated once, and a row is its shape, its state and its key.
+    """
+
+    shapes: list[InsertRow]  # state and correlation key left empty
+    rows: list[tuple[int, bytes, str | None]]  # (shape, state JSON, correlation key)
+    order: list[int]  # rows[k] is the caller's specs[order[k]]
+
+    @classmethod
+    def of(cls, specs: Sequence[Insert]) -> Batch:
+        shapes: list[InsertRow] = []
+        infos: list[MachineInfo | None] = []
+        index: dict[tuple[Any, ...], int] = {}
+        rows: list[tuple[int, bytes, str | None]] = []
+        for spec in specs:
+            try:
+                key: tuple[Any, ...] | None = _shape_key(spec)
+                k = index.get(key)  # type: ignore[arg-type]
+            except TypeError:  # an unhashable option: a shape of its own
+                key, k = None, None
+            if k is None:
+                k = len(shapes)
+                shapes.append(resolve(dataclasses.replace(spec, state=None, correlation_key=None)))
+                infos.append(machine_info(spec.fsm))
+                if key is not None:
+                    index[key] = k
+            key_text = spec.correlation_key
+            if key_text is not None and not isinstance(key_text, str):
+                raise TypeError(f"correlation_key must be a string, got {key_text!r}")
+            rows.append((k, encode_state(infos[k], spec.state), key_text))
+        order = list(range(len(rows)))
+        if any(r[2] is not None for r in rows):
+            # by key, then position; a str compares by code point, which is the "C" order
+            order.sort(key=lambda i: (rows[i][2] is None, rows[i][2] or "", i))
+            rows = [rows[i] for i in order]
+        return cls(shapes, rows, order)
+
+    def unresolved(self) -> list[str]:
+        """Machine names whose version, step or queue must come from the machines table."""
+        return sorted({r.fsm for r in self.shapes if r.queue is None or r.version is None or r.step is None})
+
+    def fill(self, machines: Sequence[Sequence[Any]]) -> None:
+        """Complete shapes from ``machines_lookup`` rows (name, version, initial_step,
+        queue): the newest version, or the one the row names. A row whose queue stays
+        unknown refuses the batch, as ``insert`` does."""
+        newest: dict[str, tuple[int, str, str]] = {}
+        exact: dict[tuple[str, int], tuple[int, str, str]] = {}
+        for name, version, initial, queue in machines:
+            exact[(name, version)] = (version, initial, queue)
+            if name not in newest or version > newest[name][0]:
+                newest[name] = (version, initial, queue)
+        missing: set[str] = set()
+        for k, r in enumerate(self.shapes):
+            if r.queue is not None and r.version is not None and r.step is not None:
+                continue
+            m = newest.get(r.fsm) if r.version is None else exact.get((r.fsm, r.version))
+            if m is None:
+                if r.queue is None:
+                    missing.add(r.fsm)
+                continue
+            self.shapes[k] = msgspec.structs.replace(
+                r,
+                version=m[0] if r.version is None else r.version,
+                step=m[1] if r.step is None else r.step,
+                queue=m[2] if r.queue is None else r.queue,
+            )
+        if missing:
+            raise UnknownMachine(
+                f"machines {sorted(missing)} are not registered by any worker of this schema and"
+                " no queue was given; start a worker that runs them or pass queue="
+            )
+
+    def queues(self) -> list[str]:
+        return sorted({r.queue for r in self.shapes if r.queue is not None})
+
+    def encode(self, ids: Sequence[int], now: dt.datetime) -> bytes:
+        """The COPY text stream: one line per row, ``COLUMNS`` in order."""
+        heads, tails = [], []
+        for r in self.shapes:
+            if r.at is not None:
+                eligible = r.at.isoformat()
+            else:
+                eligible = (now + dt.timedelta(seconds=r.delay) if r.delay else now).isoformat()
+            scope = _LIVE_SCOPE if r.scope is None else "{" + ",".join(r.scope) + "}"
+            version = _NULL if r.version is None else str(r.version)
+            heads.append(f"{_text(r.fsm)}\t{version}\t{_text(r.step)}\t")
+            tails.append(
+                (
+                    f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t",
+                    f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}\n",
+                )
+            )
+        lines = []
+        for iid, (k, state, key) in zip(ids, self.rows, strict=True):
+            mid, end = tails[k]
+            lines.append(f"{iid}\t{heads[k]}{_state(state)}{mid}{_text(key)}{end}")
+        return "".join(lines).encode()
+
+    def ids_in_input_order(self, ids: Sequence[int]) -> list[int]:
+        out = [0] * len(ids)
+        for k, iid in enumerate(ids):
+            out[self.order[k]] = int(iid)
+        return out
