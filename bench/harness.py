@@ -52,11 +52,20 @@ class Settings:
     processes: int = 2  # worker processes of every fleet (one per core here)
     concurrency: int = 10  # jobs in flight per process
     deadline: float = 120.0  # give up a burst after this many seconds, report what finished
+    rounds: int = 3  # (a), (c) bulk, (e): the median of this many rounds...
+    round_budget: float = 15.0  # ...or of as many as started within this many seconds
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(
-            jobs=2_000, fsm=300, inserts=2_000, latency=30, terminal=100_000, future=10_000, deadline=45.0
+            jobs=2_000,
+            fsm=300,
+            inserts=2_000,
+            latency=30,
+            terminal=100_000,
+            future=10_000,
+            deadline=45.0,
+            rounds=1,
         )
 
 
@@ -319,6 +328,24 @@ async def burst(
     return out
 
 
+async def median_of(s: Settings, work: Callable[[], Awaitable[Outcome]]) -> Outcome:
+    """Run a short throughput workload up to ``s.rounds`` times; keep the median round.
+
+    A burst of 10,000 jobs lasts a second or two on the fast systems, where one noisy
+    second on this shared machine moves the figure by 10 %; the median of three is
+    steadier. Rounds stop once ``s.round_budget`` seconds have gone by (the slow systems
+    measure for long enough in one round), so every system runs at least one.
+    """
+    t0 = time.perf_counter()
+    outs = [await work()]
+    while len(outs) < s.rounds and time.perf_counter() - t0 < s.round_budget:
+        outs.append(await work())
+    ranked = sorted(outs, key=lambda o: o.value or 0.0)
+    out = ranked[(len(ranked) - 1) // 2]
+    out.detail["rounds"] = [round(o.value or 0.0, 1) for o in outs]
+    return out
+
+
 async def insert_many(system: System, s: Settings) -> Outcome:
     t0 = time.perf_counter()
     await system.insert_noop_many(s.inserts, s.insert_batch)
@@ -410,7 +437,7 @@ async def run_all(
             inserter = make_system(insert_dsn)
             await inserter.setup()
             try:
-                await run.step("insert_many", lambda: insert_many(inserter, s))
+                await run.step("insert_many", lambda: median_of(s, lambda: insert_many(inserter, s)))
                 await run.step("insert_concurrent", lambda: insert_concurrent(inserter, s))
             finally:
                 await inserter.close()
@@ -425,8 +452,11 @@ async def run_all(
                 with sampler:
                     await run.step(
                         "noop",
-                        lambda: burst(
-                            system, "noop", s.jobs, lambda: system.insert_noop_many(s.jobs, 1000), s
+                        lambda: median_of(
+                            s,
+                            lambda: burst(
+                                system, "noop", s.jobs, lambda: system.insert_noop_many(s.jobs, 1000), s
+                            ),
                         ),
                     )
                 memory["load"] = summarize_rss(sampler.peak)
@@ -450,8 +480,11 @@ async def run_all(
                 fleet = await system.start_fleet(s)
                 try:
                     await asyncio.sleep(1.0)
-                    out = await burst(
-                        system, "noop", s.jobs, lambda: system.insert_noop_many(s.jobs, 1000), s
+                    out = await median_of(
+                        s,
+                        lambda: burst(
+                            system, "noop", s.jobs, lambda: system.insert_noop_many(s.jobs, 1000), s
+                        ),
                     )
                 finally:
                     await fleet.stop()

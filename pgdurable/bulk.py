@@ -84,7 +84,7 @@ class Batch:
                 key, k = None, None
             if k is None:
                 k = len(shapes)
-                shapes.append(resolve(dataclasses.replace(spec, state=None, correlation_key=None)))
+                shapes.append(resolve(dataclasses.replace(spec, correlation_key=None), state=b""))
                 infos.append(machine_info(spec.fsm))
                 if key is not None:
                     index[key] = k

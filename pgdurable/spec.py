@@ -132,8 +132,9 @@ def encode_state(info: MachineInfo | None, state: Any) -> bytes:
     return _json_encoder.encode(state)
 
 
-def resolve(spec: Insert) -> InsertRow:
-    """Turn an Insert into column values, validating what can be checked here."""
+def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
+    """Turn an Insert into column values, validating what can be checked here; ``state``,
+    when given, stands for the spec's state, already encoded."""
     info = machine_info(spec.fsm)
     if info is not None:
         name, version, step, queue = info.name, info.version, info.initial, info.queue
@@ -175,7 +176,7 @@ def resolve(spec: Insert) -> InsertRow:
         fsm=name,
         version=version,
         step=step,
-        state=msgspec.Raw(encode_state(info, spec.state)),
+        state=msgspec.Raw(encode_state(info, spec.state) if state is None else state),
         queue=queue,
         priority=spec.priority,
         at=spec.schedule_at,

@@ -206,7 +206,11 @@ def test_partial_indexes(dsn, schema):
     defs: dict[str, str] = dict(rows)
     expected = {
         "instances_pick": (False, "WHERE (status = 'runnable'::text)", "(queue, priority, eligible_at)"),
-        "instances_lease": (False, "WHERE (status = 'executing'::text)", "(lease_expires_at)"),
+        "instances_lease": (
+            False,
+            "WHERE ((status = 'executing'::text) AND (lease_expires_at IS NOT NULL))",
+            "(lease_expires_at)",
+        ),
         "instances_concurrency_active": (
             True,
             "WHERE ((status = 'executing'::text) AND (concurrency_key IS NOT NULL) "

@@ -125,3 +125,52 @@ def test_await_expiry_and_reaper_use_their_partial_indexes(db, big):
         },
     )
     assert not any(n["Node Type"] == "Seq Scan" for n in scans_on_instances(p))
+
+
+def test_ownership_guards_find_their_rows_by_primary_key(db, big, big_schema):
+    """Flush and heartbeat locate the worker's rows by id, never through the lease index.
+
+    The statistics say almost nothing is executing (the table was analyzed with none), the
+    condition a busy queue is in between two autovacuums: the lease index then holds an
+    entry for every row executed since, and a plan through it reads all of them. Its
+    predicate (``lease_expires_at IS NOT NULL``) keeps the guards off it.
+    """
+    t = f'"{big_schema}".instances'
+    with db.transaction(force_rollback=True):
+        ids = [
+            r[0]
+            for r in db.execute(
+                f"UPDATE {t} SET status = 'executing', locked_by = 'w', lease_token = id,"
+                " lease_expires_at = now() + interval '1 minute'"
+                f" WHERE id IN (SELECT id FROM {t} WHERE status = 'runnable' AND eligible_at <= now()"
+                " ORDER BY id LIMIT 10) RETURNING id"
+            ).fetchall()
+        ]
+        rows = [
+            {"id": i, "token": i, "status": "done", "version": 1, "step": "perform", "state": None,
+             "delay": 0.0, "attempt": 0, "keep_awaits": False, "set_concurrency": False,
+             "concurrency_key": None, "keep_rate": True, "rate_limit": None, "weight": 1.0,
+             "result": None, "error": None}
+            for i in ids
+        ]  # fmt: skip
+        commit = plan(
+            db,
+            big["instance_commit_if_owned_many"],
+            {
+                "rows": json.dumps(rows),
+                "ids": ids,
+                "worker": "w",
+                "lease": dt.timedelta(seconds=60),
+                "taken_targets": [],
+                "taken_ids": [],
+                "quiet_queue": "q",
+            },
+        )
+        extend = plan(
+            db, big["instance_lease_extend_many"], {"ids": ids, "worker": "w", "lease": dt.timedelta(60)}
+        )
+    for p in (commit, extend):
+        used = {n.get("Index Name") for n in scans_on_instances(p) if "Scan" in n["Node Type"]}
+        assert used == {"instances_pkey"}, used
+    written = [n for n in nodes(commit) if n.get("Operation") == "Update"]
+    assert [n["Actual Rows"] for n in written] == [10] and len(ids) == 10

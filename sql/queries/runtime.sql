@@ -65,7 +65,7 @@ WITH victims AS (
     SELECT id, fsm, version, concurrency_key, concurrency_shard,
            (%(count_all)s OR id = ANY(%(crashed)s::bigint[])) AS crashed
     FROM {schema}.instances
-    WHERE status = 'executing'
+    WHERE status = 'executing' AND lease_expires_at IS NOT NULL  -- the lease index
       AND (locked_by = ANY(%(workers)s::text[])
         OR split_part(locked_by, '/', 1) = ANY(%(nodes)s::text[])
         OR (%(expired)s AND lease_expires_at < now()))
@@ -109,7 +109,8 @@ FROM reclaimed AS r;
 -- The supervisor incarnations (owner prefixes) on a host that hold executing rows.
 SELECT DISTINCT split_part(locked_by, '/', 1) AS node
 FROM {schema}.instances
-WHERE status = 'executing' AND left(locked_by, length(%(host)s) + 1) = %(host)s || ':';
+WHERE status = 'executing' AND lease_expires_at IS NOT NULL  -- the lease index
+  AND left(locked_by, length(%(host)s) + 1) = %(host)s || ':';
 
 -- name: queue_channel
 -- The NOTIFY channel a queue's workers LISTEN on.
