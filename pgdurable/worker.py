@@ -41,6 +41,10 @@ log = logging.getLogger("pgdurable.worker")
 
 #: The most steps one claim runs ahead inline before the row goes back to the queue.
 MAX_INLINE = 100
+#: While steps are short, the buffer holds what the slots start within this many seconds
+#: (more than ``prefetch``, at most ``batch`` rows): bigger claims and commits for quick
+#: steps, no hoarding of rows by a process whose steps are slow.
+BUFFER_HORIZON = 0.02
 
 
 @dataclass
@@ -211,6 +215,7 @@ class Worker:
         self._solo: int | None = None
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
         self._claim_sync = True
+        self._step_time = 1.0  # seconds, a moving average; until measured: slow, plain prefetch
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -254,15 +259,26 @@ class Worker:
         return 0
 
     # -- feeder ----------------------------------------------------------------------------
+    def room(self) -> int:
+        """Rows this process may hold, running or waiting to start: its slots plus a buffer
+        of ``prefetch`` rows, or, while steps are quick, of what the slots start within
+        ``BUFFER_HORIZON`` (at most ``batch``). ``prefetch = 0`` means no buffer at all."""
+        q = self.q
+        if q.prefetch == 0:
+            return q.concurrency
+        quick = int(q.concurrency * BUFFER_HORIZON / max(self._step_time, 1e-6))
+        return q.concurrency + max(q.prefetch, min(quick, q.batch))
+
     async def _feed(self) -> None:
         q = self.q
-        min_demand = max(1, min(q.batch, (q.concurrency + q.prefetch) // 4))
         while not self.stopping.is_set():
             # Cleared before looking: whatever happens from here on (a step finishing, a
             # notification) sets it again and cuts the wait below short; nothing is missed
             # and nothing spins.
             self.wake.clear()
-            demand = min(q.concurrency + q.prefetch - len(self.running) - len(self.buffer), q.batch)
+            room = self.room()
+            min_demand = max(1, min(q.batch, room // 4))
+            demand = min(room - len(self.running) - len(self.buffer), q.batch)
             idle = not self.running and not self.buffer and not self.committing
             claimed = 0
             if demand > 0 and (demand >= min_demand or idle):
@@ -369,9 +385,11 @@ class Worker:
 
     async def _run_one(self, row: Claimed) -> None:
         try:
+            started = time.monotonic()
             try:
                 result = await self.engine.run(row)
             finally:
+                self._step_time += 0.2 * (time.monotonic() - started - self._step_time)
                 # The step's code is done: its slot is free while the outcome waits for the
                 # group commit (the row stays held, and heartbeated, until then).
                 self.running.pop(row.id, None)

@@ -314,3 +314,48 @@ def test_ctrl_c_to_the_process_group_drains(dsn, schema, client, db, sups, tmp_p
     ended = {t for (t,) in db.execute("SELECT tag FROM runtime_runs WHERE what = 'end'")}
     assert started and started == ended  # in-flight steps finished, none was cut off
     assert statuses(db, schema).get("executing", 0) == 0
+
+
+def test_slow_steps_keep_the_buffer_at_prefetch(dsn, schema, client, db, sups, tmp_path, runs):
+    """Quick steps widen a process's buffer (bigger claims); slow ones never do, so a process
+    does not sit on rows that another one could run."""
+    start(sups, tmp_path, dsn, schema, processes=1, concurrency=1, prefetch=1)
+    client.insert_many([Insert("sleepy", {"tag": f"s{i}", "sleep": 0.15}) for i in range(8)])
+    held = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        counts = statuses(db, schema)
+        held.append(counts.get("executing", 0))
+        if counts.get("done", 0) == 8:
+            break
+        time.sleep(0.03)
+    assert statuses(db, schema).get("done", 0) == 8
+    # one running, one prefetched, and one whose outcome is being committed: never the batch
+    assert 2 <= max(held) <= 3
+
+
+def test_buffer_grows_with_quick_steps_up_to_batch():
+    from pgdurable.config import parse
+    from pgdurable.fsm import Registry
+    from pgdurable.worker import BUFFER_HORIZON, Worker
+
+    def worker(prefetch: int) -> Worker:
+        cfg = parse(
+            {
+                "database": {"dsn": "postgresql://unused"},
+                "queues": {"q": {"concurrency": 10, "prefetch": prefetch, "batch": 50}},
+            }
+        )
+        return Worker(cfg, "postgresql://unused", "q", 0, Registry([]), "w", None)
+
+    w = worker(10)
+    assert w.room() == 20  # nothing measured yet: concurrency + prefetch
+    w._step_time = 10 * BUFFER_HORIZON / 30  # ten slots start 30 rows within the horizon
+    assert w.room() == 10 + 30
+    w._step_time = 1e-5  # no-op steps: capped at the batch
+    assert w.room() == 10 + 50
+    w._step_time = 5.0  # slow steps: the configured prefetch, no more
+    assert w.room() == 20
+    w0 = worker(0)
+    w0._step_time = 1e-5
+    assert w0.room() == 10  # prefetch = 0: no buffer, however quick the steps
