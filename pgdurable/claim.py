@@ -19,6 +19,8 @@ from .queries import Queries
 
 #: How often a claim that lost a concurrency-key race is retried before giving up this round.
 CLAIM_RETRIES = 3
+#: The gate parameters of a claim when no gate is configured (text literals: see int_array).
+_NO_GATES = {"gates": "{}", "gate_limits": "{}"}
 
 
 @dataclass(slots=True)
@@ -88,7 +90,7 @@ async def claim(
         "token": token,
         "lease": lease,
         "horizon": horizon,
-        **(gates or {"gates": [], "gate_limits": []}),
+        **(gates or _NO_GATES),
     }
     for attempt in range(CLAIM_RETRIES):
         try:

@@ -22,7 +22,7 @@ import psycopg
 from .claim import Claimed
 from .executor import Result
 from .limits import credits
-from .queries import Queries
+from .queries import Queries, int_array
 from .spec import encode_json, rows_json
 
 _STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
@@ -226,10 +226,10 @@ def _plain_params(
         "worker": worker,
         "lease": lease,
         "quiet_queue": quiet_queue,
-        "ids": [r.row.id for r in rs],
+        "ids": int_array(r.row.id for r in rs),
         "rows": _encoder.encode(rows).decode(),
-        "taken_targets": [r.row.id for r in rs if r.kind == "next" for _ in r.consume],
-        "taken_ids": [sid for r in rs if r.kind == "next" for sid in r.consume],
+        "taken_targets": int_array(r.row.id for r in rs if r.kind == "next" for _ in r.consume),
+        "taken_ids": int_array(sid for r in rs if r.kind == "next" for sid in r.consume),
     }
 
 

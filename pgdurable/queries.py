@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -84,3 +85,12 @@ class Queries:
 @functools.cache
 def for_schema(schema: str) -> Queries:
     return Queries(schema)
+
+
+def int_array(values: Iterable[int]) -> str:
+    """An integer array parameter as its text literal (cast in the statement: ``::bigint[]``).
+
+    psycopg adapts a Python list element by element in Python, about 10 µs per array
+    parameter; the hot statements pass their arrays this way instead.
+    """
+    return "{" + ",".join(str(int(v)) for v in values) + "}"
