@@ -3,12 +3,14 @@
 ``COPY ... FROM STDIN`` skips the planner and the per-row executor of an ``INSERT ...
 SELECT``: PostgreSQL buffers the rows and writes them to the heap in bulk. It cannot
 compute anything, so the client hands it finished rows: ids drawn beforehand from the
-table's identity sequence (``COPY`` writes given identity values), ``eligible_at`` from the
-transaction's own ``now()`` (so a delay means the same as in ``insert``), machines named
-without a version, step or queue resolved from the ``machines`` table first.
+table's identity sequence (``COPY`` writes given identity values); ``eligible_at`` and
+``inserted_at`` from the ``now()`` read as the ids are drawn, so a delay means what it
+means in ``insert``; machines named without a version, step or queue resolved from the
+``machines`` table first. A batch whose rows all keep the default options sends only the
+six columns that differ from the table's defaults.
 
-Rows go in correlation-key order, so two batches sharing keys cannot
-deadlock; an occupied key is a unique violation and the whole batch is refused.
+Rows go in correlation-key order, so two batches sharing keys cannot deadlock; an
+occupied key is a unique violation and the whole batch is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from .spec import LIVE_STATUSES, Insert, InsertRow, MachineInfo, encode_state, m
 COLUMNS = (
     "id", "fsm", "version", "step", "state", "queue", "priority", "eligible_at",
     "correlation_key", "correlation_scope", "concurrency_key", "rate_limit", "weight",
+    "inserted_at",
 )  # fmt: skip
+#: The columns of a plain batch (``instance_copy_plain``): the rest take their defaults.
+PLAIN_COLUMNS = COLUMNS[:6]
 
 _NULL = "\\N"
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -134,12 +139,27 @@ class Batch:
                 " no queue was given; start a worker that runs them or pass queue="
             )
 
+    def plain(self) -> bool:
+        """Every option of every row at its default: the short stream will do, the other
+        columns taking their table defaults (which are the same; ``eligible_at`` is the
+        COPY's own ``now()``)."""
+        return all(r[2] is None for r in self.rows) and all(
+            r.priority == 0
+            and r.at is None
+            and not r.delay
+            and r.concurrency_key is None
+            and r.rate_limit is None
+            and r.weight == 1.0
+            for r in self.shapes
+        )
+
     def queues(self) -> list[str]:
         return sorted({r.queue for r in self.shapes if r.queue is not None})
 
-    def encode(self, ids: Sequence[int], now: dt.datetime) -> bytes:
-        """The COPY text stream: one line per row, ``COLUMNS`` in order."""
+    def encode(self, ids: Sequence[int], now: dt.datetime, *, plain: bool = False) -> bytes:
+        """The COPY text stream: one line per row, ``COLUMNS`` (or ``PLAIN_COLUMNS``) in order."""
         heads, tails = [], []
+        now_text = now.isoformat()  # inserted_at: the delays count from the same instant
         for r in self.shapes:
             if r.at is not None:
                 eligible = r.at.isoformat()
@@ -148,13 +168,21 @@ class Batch:
             scope = _LIVE_SCOPE if r.scope is None else "{" + ",".join(r.scope) + "}"
             version = _NULL if r.version is None else str(r.version)
             heads.append(f"{_text(r.fsm)}\t{version}\t{_text(r.step)}\t")
+            if plain:
+                tails.append((f"\t{_text(r.queue)}\n", ""))
+                continue
             tails.append(
                 (
                     f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t",
-                    f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}\n",
+                    f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}"
+                    f"\t{now_text}\n",
                 )
             )
         lines = []
+        if plain:
+            for iid, (k, state, _) in zip(ids, self.rows, strict=True):
+                lines.append(f"{iid}\t{heads[k]}{_state(state)}{tails[k][0]}")
+            return "".join(lines).encode()
         for iid, (k, state, key) in zip(ids, self.rows, strict=True):
             mid, end = tails[k]
             lines.append(f"{iid}\t{heads[k]}{_state(state)}{mid}{_text(key)}{end}")

@@ -146,19 +146,19 @@ def _many_error(specs: Sequence[Insert], exc: pgerrors.UniqueViolation) -> Dupli
     return DuplicateInstance([key] if key else [s.correlation_key or "?" for s in specs])
 
 
-def _allocate_params(batch: Batch, notify: bool) -> dict[str, Any]:
-    return {"n": len(batch.rows), "notify": batch.queues() if notify else []}
+def _copy_query(q: Queries, batch: Batch) -> tuple[bytes, bool]:
+    plain = batch.plain()
+    return q["instance_copy_plain" if plain else "instance_copy"], plain
 
 
-def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T], *, several: bool = False) -> T:
+def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T]) -> T:
     """Run a write on the caller's connection without spoiling their transaction.
 
     Inside their open transaction: in a savepoint, so a refused batch leaves it usable.
-    Otherwise one statement is atomic on its own (``several`` statements on an autocommit
-    connection get a transaction of their own); if it opened an implicit transaction and
+    Otherwise the write is atomic on its own; if it opened an implicit transaction and
     fails, that transaction held nothing else and is rolled back.
     """
-    if conn.info.transaction_status == TransactionStatus.INTRANS or (several and conn.autocommit):
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
         with conn.transaction():
             return run()
     try:
@@ -169,11 +169,9 @@ def _in_caller_txn(conn: psycopg.Connection[Any], run: Callable[[], T], *, sever
         raise
 
 
-async def _in_caller_txn_async(
-    conn: psycopg.AsyncConnection[Any], run: Callable[[], Awaitable[T]], *, several: bool = False
-) -> T:
+async def _in_caller_txn_async(conn: psycopg.AsyncConnection[Any], run: Callable[[], Awaitable[T]]) -> T:
     """See ``_in_caller_txn``."""
-    if conn.info.transaction_status == TransactionStatus.INTRANS or (several and conn.autocommit):
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
         async with conn.transaction():
             return await run()
     try:
@@ -391,11 +389,11 @@ class Client:
         batch = Batch.of(specs)
         try:
             if conn is not None:
-                ids = _in_caller_txn(conn, lambda: self._copy(conn, batch, notify=True), several=True)
+                ids = _in_caller_txn(conn, lambda: self._copy(conn, batch, notify=True))
             else:
                 notify = self._emitter.begin()
                 try:
-                    with self._get_pool().connection() as c, c.transaction():
+                    with self._get_pool().connection() as c:
                         ids = self._copy(c, batch, notify=notify)
                 finally:
                     self._emitter.end()
@@ -407,16 +405,19 @@ class Client:
         return batch.ids_in_input_order(ids)
 
     def _copy(self, c: psycopg.Connection[Any], batch: Batch, *, notify: bool) -> list[int]:
-        """Resolve machines named only, draw ids, COPY the rows (see pgdurable/bulk.py)."""
+        """Resolve machines named only, draw ids, COPY the rows (see pgdurable/bulk.py),
+        then notify their queues. On an autocommit connection the COPY commits alone and
+        the notification follows it: a woken worker finds the rows."""
         if names := batch.unresolved():
             batch.fill(c.execute(self.q["machines_lookup"], {"names": names}, prepare=True).fetchall())
-        row = c.execute(
-            self.q["instance_ids_allocate"], _allocate_params(batch, notify), prepare=True
-        ).fetchone()
+        row = c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=True).fetchone()
         assert row is not None
-        now, ids, _ = row
-        with c.cursor().copy(self.q["instance_copy"]) as copy:
-            copy.write(batch.encode(ids, now))
+        now, ids = row
+        query, plain = _copy_query(self.q, batch)
+        with c.cursor().copy(query) as copy:
+            copy.write(batch.encode(ids, now, plain=plain))
+        if notify:
+            c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=True)
         return ids
 
     def signal(
@@ -538,13 +539,11 @@ class AsyncClient:
         batch = Batch.of(specs)
         try:
             if conn is not None:
-                ids = await _in_caller_txn_async(
-                    conn, lambda: self._copy(conn, batch, notify=True), several=True
-                )
+                ids = await _in_caller_txn_async(conn, lambda: self._copy(conn, batch, notify=True))
             else:
                 notify = self._emitter.begin()
                 try:
-                    async with (await self._get_pool()).connection() as c, c.transaction():
+                    async with (await self._get_pool()).connection() as c:
                         ids = await self._copy(c, batch, notify=notify)
                 finally:
                     self._emitter.end()
@@ -560,12 +559,15 @@ class AsyncClient:
         if names := batch.unresolved():
             cur = await c.execute(self.q["machines_lookup"], {"names": names}, prepare=True)
             batch.fill(await cur.fetchall())
-        cur = await c.execute(self.q["instance_ids_allocate"], _allocate_params(batch, notify), prepare=True)
+        cur = await c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=True)
         row = await cur.fetchone()
         assert row is not None
-        now, ids, _ = row
-        async with c.cursor().copy(self.q["instance_copy"]) as copy:
-            await copy.write(batch.encode(ids, now))
+        now, ids = row
+        query, plain = _copy_query(self.q, batch)
+        async with c.cursor().copy(query) as copy:
+            await copy.write(batch.encode(ids, now, plain=plain))
+        if notify:
+            await c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=True)
         return ids
 
     async def signal(

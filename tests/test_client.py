@@ -148,14 +148,14 @@ def test_insert_by_name_without_queue_for_unregistered_machine_raises(client, db
 
 @pytest.mark.parametrize("n", [4, 400])
 def test_insert_many_is_one_copy(dsn, schema, client, db, n):
-    """BEGIN, the statement that draws ids, the COPY, COMMIT: whatever the batch size."""
+    """The statement that draws ids, the COPY, the notification: whatever the batch size."""
     specs = [Insert(Counter, Counter.State(n=i), correlation_key=f"k{n - i}") for i in range(n)]
     with psycopg.connect(dsn, autocommit=True) as conn:
         client.insert_many(specs[:1], conn=conn)  # the first use prepares the statement
         with traced(conn) as trace:
             ids = client.insert_many(specs[1:], conn=conn)
-    assert trace.statements == 4, trace.sql()
-    assert trace.round_trips == 4
+    assert trace.statements == 3, trace.sql()
+    assert trace.round_trips == 3
     assert sum("FROM STDIN" in ln for ln in trace.sql()) == 1
     assert not any("INSERT INTO" in ln for ln in trace.sql())
     assert len(ids) == n - 1 and len(set(ids)) == n - 1
@@ -172,7 +172,7 @@ def test_insert_many_by_name_looks_machines_up_once(dsn, schema, client, db):
     specs += [Insert("named", {"i": 3}, queue="elsewhere"), Insert("unknown", queue="q4")]
     with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
         ids = client.insert_many(specs, conn=conn)
-    assert trace.statements == 5, trace.sql()  # one lookup for all the names
+    assert trace.statements == 4, trace.sql()  # one lookup for all the names
     got = [must_get(client, i) for i in ids]
     assert [(g.version, g.step, g.queue) for g in got] == [
         (2, "b", "q2"),  # the newest version
@@ -828,3 +828,17 @@ def test_insert_many_rows_equal_single_inserts(client, db, schema):
     assert row(many[2])[15] == at
     assert row(many[0])[15] >= before
     assert row(many[3])[3] == state
+    # a batch of rows at the defaults goes as the short stream: the same rows again
+    db.execute(f'UPDATE "{schema}".instances SET status = %s', ["cancelled"])
+    plain = client.insert_many([Insert("copied", state, queue="q")] * 2)
+    assert row(plain[0])[:13] == row(one[0])[:13] == row(plain[1])[:13]
+
+
+def test_insert_many_plain_batch_uses_the_short_stream(dsn, client):
+    with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
+        client.insert_many([Insert("copied", {"i": i}, queue="q") for i in range(3)], conn=conn)
+        client.insert_many([Insert("copied", {"i": 3}, queue="q", priority=1)], conn=conn)
+    copies = [ln for ln in trace.sql() if "FROM STDIN" in ln]
+    assert len(copies) == 2
+    assert "(id, fsm, version, step, state, queue) FROM STDIN" in copies[0]
+    assert "weight" in copies[1]

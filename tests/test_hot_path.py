@@ -164,3 +164,15 @@ def test_default_scope_in_sql_matches_the_live_statuses():
 
     literals = {m for body in _raw().values() for m in re.findall(r"'\{(runnable,[a-z_,]+)\}'", body)}
     assert literals == {",".join(LIVE_STATUSES)}
+
+
+def test_default_scope_of_the_table_is_the_live_statuses(db, schema):
+    """A plain batch (COPY without the scope column) stores what an insert would."""
+    from pgdurable.spec import LIVE_STATUSES
+
+    (default,) = db.execute(
+        "SELECT column_default FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = 'instances' AND column_name = 'correlation_scope'",
+        [schema],
+    ).fetchone()
+    assert default == "'{" + ",".join(LIVE_STATUSES) + "}'::text[]"

@@ -15,3 +15,8 @@ CREATE INDEX instances_lease ON {schema}.instances (lease_expires_at)
 -- finished parent once its children no longer need it); its parent_id then names an id
 -- that no longer exists, which nothing reads.
 ALTER TABLE {schema}.instances DROP CONSTRAINT instances_parent_id_fkey;
+
+-- A key's scope defaults to the live statuses, as the inserts have always filled it in; a
+-- batch whose rows keep every default can then leave the column out of its COPY.
+ALTER TABLE {schema}.instances
+    ALTER COLUMN correlation_scope SET DEFAULT '{runnable,executing,awaiting_signal,awaiting_children,held}';

@@ -35,24 +35,24 @@ SELECT (SELECT id FROM ins) AS id,
 
 -- name: instance_ids_allocate
 -- Before a COPY of n rows (insert_many, see pgdurable/bulk.py): draw their ids from the
--- identity sequence and read the transaction's now(), from which the client computes
--- eligible_at. Notifies %(notify)s queues (none when the client notifies after commit);
--- NOTIFY is delivered at commit, so it may come before the rows in the transaction.
+-- identity sequence and read now(), from which the client computes eligible_at of rows
+-- with a delay.
 WITH seq AS MATERIALIZED (
     SELECT pg_get_serial_sequence(format('%%I.instances', {schema_literal}), 'id')::regclass AS s
 )
-SELECT now(),
-       ARRAY(SELECT nextval(seq.s) FROM seq, generate_series(1, %(n)s::int)),
-       (SELECT count(pg_notify({schema}.notify_channel(q), ''))
-        FROM unnest(%(notify)s::text[]) AS q);
+SELECT now(), ARRAY(SELECT nextval(seq.s) FROM seq, generate_series(1, %(n)s::int));
 
 -- name: instance_copy
 -- The rows of insert_many, as a text stream whose columns are pgdurable.bulk.COLUMNS.
 -- COPY writes the given identity values (as INSERT ... OVERRIDING SYSTEM VALUE would).
 COPY {schema}.instances (id, fsm, version, step, state, queue, priority, eligible_at,
                          correlation_key, correlation_scope, concurrency_key, rate_limit,
-                         weight)
+                         weight, inserted_at)
 FROM STDIN;
+
+-- name: instance_copy_plain
+-- A batch whose rows all keep the default options: pgdurable.bulk.PLAIN_COLUMNS only.
+COPY {schema}.instances (id, fsm, version, step, state, queue) FROM STDIN;
 
 -- name: instance_claim
 -- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then
@@ -311,15 +311,14 @@ WHERE status = 'runnable' AND eligible_at <= now() + %(horizon)s::interval;
 -- name: gc_select_ids
 -- A batch of terminal rows older than the retention, oldest first. A terminal child whose
 -- parent is still live is spared: the parent will read it in ctx.children. The parent
--- check is a primary-key probe per candidate (LATERAL), never a scan of the live set.
+-- check is an anti-join probing the primary key per candidate (most rows have no parent,
+-- which the planner sees, so it walks instances_gc in order and stops at the limit).
 SELECT i.id FROM {schema}.instances AS i
-LEFT JOIN LATERAL (
-    SELECT 1 AS live FROM {schema}.instances AS p
-    WHERE p.id = i.parent_id AND p.status NOT IN ('done', 'failed', 'cancelled')
-    LIMIT 1) AS lp ON i.parent_id IS NOT NULL
 WHERE i.status IN ('done', 'failed', 'cancelled')
   AND i.updated_at < now() - %(retention)s::interval
-  AND lp.live IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM {schema}.instances AS p
+      WHERE p.id = i.parent_id AND p.status NOT IN ('done', 'failed', 'cancelled'))
 ORDER BY i.updated_at
 LIMIT %(limit)s
 FOR UPDATE OF i SKIP LOCKED;
