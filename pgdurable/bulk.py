@@ -15,7 +15,6 @@ occupied key is a unique violation and the whole batch is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,7 +88,7 @@ class Batch:
                 key, k = None, None
             if k is None:
                 k = len(shapes)
-                shapes.append(resolve(dataclasses.replace(spec, correlation_key=None), state=b""))
+                shapes.append(resolve(msgspec.structs.replace(spec, correlation_key=None), state=b""))
                 infos.append(machine_info(spec.fsm))
                 if key is not None:
                     index[key] = k

@@ -217,17 +217,13 @@ def _child(registry: Registry, spec: Any) -> InsertRow:
     if isinstance(spec.fsm, str) and machine_info(spec.fsm) is None:
         found = registry.get(spec.fsm, spec.version)
         if found is not None:
-            spec = Insert(**{**_fields(spec), "fsm": found[0]})
+            spec = msgspec.structs.replace(spec, fsm=found[0])
         elif spec.queue is None:
             raise InvalidOutcome(f"child machine {spec.fsm!r} is unknown to this worker; give its queue")
     try:
         return resolve(spec)
     except (TypeError, ValueError, msgspec.ValidationError) as exc:
         raise InvalidOutcome(f"bad child {spec!r}: {exc}") from exc
-
-
-def _fields(spec: Any) -> dict[str, Any]:
-    return {name: getattr(spec, name) for name in spec.__slots__}
 
 
 def prepare(

@@ -40,13 +40,13 @@ class MachineInfo:
     state_type: Any  # a msgspec-decodable type, or None for a plain dict
 
 
-@dataclass(frozen=True, slots=True)
-class Insert:
+class Insert(msgspec.Struct, frozen=True):
     """One instance to create: a machine (class or name), its state and insert options.
 
     Used by ``Client.insert_many`` and as a child of ``Spawn`` (where it is also ``Child``).
     ``correlation_scope=None`` means the live statuses; ``[]`` means the key neither
-    deduplicates nor addresses.
+    deduplicates nor addresses. A frozen msgspec Struct: a thousand of them are built in
+    a fraction of a millisecond, which a bulk producer notices.
     """
 
     fsm: Any
