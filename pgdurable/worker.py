@@ -45,6 +45,10 @@ MAX_INLINE = 100
 #: (more than ``prefetch``, at most ``batch`` rows): bigger claims and commits for quick
 #: steps, no hoarding of rows by a process whose steps are slow.
 BUFFER_HORIZON = 0.02
+#: An idle process whose claim came back empty while rows were due (another process holds
+#: them, or their concurrency key is busy) waits at least this long before looking again,
+#: instead of spinning against the holder; a notification still wakes it at once.
+EMPTY_CLAIM_PAUSE = 0.05
 
 
 @dataclass
@@ -286,21 +290,22 @@ class Worker:
                 claimed = self.engine.last_claimed  # admitted or deferred by a limit
                 self.buffer.extend(rows)
             self._start_from_buffer()
+            if claimed and not self._claim_sync:
+                # Busy again: claims go back to synchronous commit, while the steps just
+                # started run (not before them: that would add a round trip to the wake-up).
+                await self._claim_durability(wait_for_disk=True)
             if claimed and claimed == demand:
                 continue  # there may be more right away
             timeout = self.cfg.runtime.poll_ceiling
             if not self.running and not self.buffer and not self.committing:
-                timeout = await self._idle_timeout()
+                timeout = await self._idle_timeout(came_back_empty=claimed == 0)
                 await self._claim_durability(wait_for_disk=False)
             await self._wait(timeout)
 
     async def _claim(self, limit: int) -> list[Claimed]:
         try:
             conn = await self._claim_connection()
-            rows = await self.engine.claim(conn, self.queue_name, limit)
-            if not self._claim_sync:
-                await self._claim_durability(wait_for_disk=True)  # busy again: back to normal
-            return rows
+            return await self.engine.claim(conn, self.queue_name, limit)
         except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
             self.stats.errors += 1
             self.stats.last_error = f"claim failed: {exc!r}"
@@ -341,8 +346,12 @@ class Worker:
             )
         return self._claim_conn
 
-    async def _idle_timeout(self) -> float:
-        """Sleep until the queue's earliest future row is due, at most the poll ceiling."""
+    async def _idle_timeout(self, *, came_back_empty: bool) -> float:
+        """Sleep until the queue's earliest future row is due, at most the poll ceiling.
+
+        Rows due now that the claim just did not get are held by another process (locked,
+        or their concurrency key busy): pause a little rather than spin against it.
+        """
         ceiling = self.cfg.runtime.poll_ceiling
         try:
             async with self.pool.connection() as conn:
@@ -355,6 +364,8 @@ class Worker:
         wait = row[0] if row else None
         if wait is None:
             return ceiling
+        if came_back_empty and wait <= 0:
+            return EMPTY_CLAIM_PAUSE
         return max(0.0, min(ceiling, float(wait) + 0.001))
 
     async def _wait(self, timeout: float) -> None:

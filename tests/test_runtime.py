@@ -359,3 +359,27 @@ def test_buffer_grows_with_quick_steps_up_to_batch():
     w0 = worker(0)
     w0._step_time = 1e-5
     assert w0.room() == 10  # prefetch = 0: no buffer, however quick the steps
+
+
+def test_idle_worker_does_not_spin_on_rows_held_elsewhere(dsn, schema, client, db, sups, tmp_path, runs):
+    """A due row whose concurrency key is busy cannot be claimed; the idle process pauses
+    between looks instead of claiming in a tight loop until the key frees."""
+    start(sups, tmp_path, dsn, schema, processes=2, concurrency=2)
+    first = client.insert("sleepy", {"tag": "holder", "sleep": 3}, concurrency_key="k")
+    wait_until(lambda: db.execute("SELECT count(*) FROM runtime_runs").fetchone()[0] >= 1, what="holder")
+    second = client.insert("sleepy", {"tag": "waiter", "sleep": 0}, concurrency_key="k")
+
+    def commits() -> int:
+        return db.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
+
+    time.sleep(1.0)  # statistics reach the view about once a second
+    before = commits()
+    time.sleep(1.5)
+    looked = commits() - before
+    assert client.wait(first, timeout=30).__class__.__name__ == "Done"
+    assert client.wait(second, timeout=30).__class__.__name__ == "Done"
+    # two idle-ish processes looking every 50 ms, plus heartbeats: well under 200 a second
+    # (spinning, each looks every millisecond or so)
+    assert looked < 300, looked
