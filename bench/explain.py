@@ -13,11 +13,13 @@ import argparse
 import datetime as dt
 import json
 import secrets
+import time
 from typing import Any
 
 import psycopg
 
-from pgdurable import migrations
+from pgdurable import Insert, migrations
+from pgdurable.bulk import Batch
 from pgdurable.queries import Queries
 
 LIVE = 2000
@@ -55,6 +57,21 @@ def explain(conn: psycopg.Connection[Any], title: str, sql: bytes, params: dict[
     with conn.transaction(force_rollback=True):
         for (line,) in conn.execute(b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, SUMMARY ON) " + sql, params):
             print(line)
+
+
+def copy_timing(conn: psycopg.Connection[Any], q: Queries) -> None:
+    """insert_many's COPY cannot be EXPLAINed: time it (1,000 plain rows, rolled back)."""
+    print("\n-- insert_many: instance_ids_allocate + instance_copy_plain (1,000 rows)")
+    batch = Batch.of([Insert("job", {"n": i}, queue="q", version=1, step="perform") for i in range(1000)])
+    for _ in range(3):
+        with conn.transaction(force_rollback=True):
+            t0 = time.perf_counter()
+            now, ids = conn.execute(q["instance_ids_allocate"], {"n": 1000}).fetchone()
+            t1 = time.perf_counter()
+            with conn.cursor().copy(q["instance_copy_plain"]) as copy:
+                copy.write(batch.encode(ids, now, plain=True))
+            t2 = time.perf_counter()
+        print(f"ids drawn in {(t1 - t0) * 1000:.2f} ms, COPY in {(t2 - t1) * 1000:.2f} ms")
 
 
 def main() -> None:
@@ -197,6 +214,7 @@ def main() -> None:
                 {"retention": dt.timedelta(hours=12), "limit": 1000},
             )
             explain(conn, "instance_next_eligible", q["instance_next_eligible"], {"queue": "q"})
+            copy_timing(conn, q)
         finally:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
