@@ -134,6 +134,28 @@ def test_idle_worker_wakes_on_notify_and_delayed_job_starts_on_time(dsn, schema,
     assert 2.0 <= started - t < 10  # not before it is due, and not at the next 60 s poll
 
 
+@pytest.mark.parametrize("how", ["pool", "autocommit conn", "caller's transaction"])
+def test_insert_many_wakes_an_idle_worker(dsn, schema, client, sups, tmp_path, how):
+    """The COPY commits before its notification is sent (or with the caller's commit):
+    the woken worker finds the rows, rather than waiting for its 60 s poll."""
+    import psycopg
+
+    start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60)
+    time.sleep(1.0)  # idle on its 60 s poll ceiling
+    t = time.time()
+    specs = [Insert("stamp", {}) for _ in range(3)]
+    if how == "pool":
+        ids = client.insert_many(specs)
+    else:
+        with psycopg.connect(dsn, autocommit=how == "autocommit conn") as conn:
+            ids = client.insert_many(specs, conn=conn)
+            if how == "caller's transaction":
+                time.sleep(0.5)  # not visible, not notified, until the commit
+                conn.commit()
+    started = [client.wait(i, timeout=20).result["started"] for i in ids]
+    assert max(started) - t < 10
+
+
 def test_bad_config_names_the_key(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[runtime]\nlease = "long"\n[queues.q]\n')
