@@ -45,10 +45,12 @@ def _text(value: str | None) -> str:
 
 
 def _state(raw: bytes) -> str:
-    # JSON text never holds a raw tab, newline or carriage return (they are escaped inside
-    # strings and are plain whitespace elsewhere, which msgspec does not emit); only the
-    # backslashes of JSON's own escapes need doubling.
+    # msgspec's JSON holds no raw tab, newline or carriage return (inside strings they are
+    # escaped, and it emits no whitespace between tokens), so mostly only the backslashes
+    # of JSON's own escapes need doubling; a pre-encoded msgspec.Raw state may be indented.
     text = raw.decode()
+    if "\n" in text or "\r" in text or "\t" in text:
+        return text.translate(_ESCAPES)
     return text.replace("\\", "\\\\") if "\\" in text else text
 
 

@@ -842,3 +842,9 @@ def test_insert_many_plain_batch_uses_the_short_stream(dsn, client):
     assert len(copies) == 2
     assert "(id, fsm, version, step, state, queue) FROM STDIN" in copies[0]
     assert "weight" in copies[1]
+
+
+def test_insert_many_takes_an_indented_raw_state(client):
+    raw = msgspec.Raw(b'{\n\t"a": "x\\\\y\\n",\r\n\t"b": [1,\n 2]\n}')
+    [iid] = client.insert_many([Insert("copied", raw, queue="q")])
+    assert must_get(client, iid).state == {"a": "x\\y\n", "b": [1, 2]}
