@@ -389,12 +389,12 @@ class Client:
         batch = Batch.of(specs)
         try:
             if conn is not None:
-                ids = _in_caller_txn(conn, lambda: self._copy(conn, batch, notify=True))
+                ids = _in_caller_txn(conn, lambda: self._copy(conn, batch, notify=True, prepare=None))
             else:
                 notify = self._emitter.begin()
                 try:
                     with self._get_pool().connection() as c:
-                        ids = self._copy(c, batch, notify=notify)
+                        ids = self._copy(c, batch, notify=notify, prepare=True)
                 finally:
                     self._emitter.end()
                 if not notify:
@@ -404,20 +404,24 @@ class Client:
             raise _many_error(specs, exc) from exc
         return batch.ids_in_input_order(ids)
 
-    def _copy(self, c: psycopg.Connection[Any], batch: Batch, *, notify: bool) -> list[int]:
+    def _copy(
+        self, c: psycopg.Connection[Any], batch: Batch, *, notify: bool, prepare: bool | None
+    ) -> list[int]:
         """Resolve machines named only, draw ids, COPY the rows (see pgdurable/bulk.py),
         then notify their queues. On an autocommit connection the COPY commits alone and
-        the notification follows it: a woken worker finds the rows."""
+        the notification follows it: a woken worker finds the rows. Statements are
+        prepared on the client's own connections only (``prepare=None`` on a caller's:
+        psycopg's own policy, which the caller may have turned off)."""
         if names := batch.unresolved():
-            batch.fill(c.execute(self.q["machines_lookup"], {"names": names}, prepare=True).fetchall())
-        row = c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=True).fetchone()
+            batch.fill(c.execute(self.q["machines_lookup"], {"names": names}, prepare=prepare).fetchall())
+        row = c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=prepare).fetchone()
         assert row is not None
         now, ids = row
         query, plain = _copy_query(self.q, batch)
         with c.cursor().copy(query) as copy:
             copy.write(batch.encode(ids, now, plain=plain))
         if notify:
-            c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=True)
+            c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=prepare)
         return ids
 
     def signal(
@@ -539,12 +543,14 @@ class AsyncClient:
         batch = Batch.of(specs)
         try:
             if conn is not None:
-                ids = await _in_caller_txn_async(conn, lambda: self._copy(conn, batch, notify=True))
+                ids = await _in_caller_txn_async(
+                    conn, lambda: self._copy(conn, batch, notify=True, prepare=None)
+                )
             else:
                 notify = self._emitter.begin()
                 try:
                     async with (await self._get_pool()).connection() as c:
-                        ids = await self._copy(c, batch, notify=notify)
+                        ids = await self._copy(c, batch, notify=notify, prepare=True)
                 finally:
                     self._emitter.end()
                 if not notify:
@@ -554,12 +560,14 @@ class AsyncClient:
             raise _many_error(specs, exc) from exc
         return batch.ids_in_input_order(ids)
 
-    async def _copy(self, c: psycopg.AsyncConnection[Any], batch: Batch, *, notify: bool) -> list[int]:
+    async def _copy(
+        self, c: psycopg.AsyncConnection[Any], batch: Batch, *, notify: bool, prepare: bool | None
+    ) -> list[int]:
         """See ``Client._copy``."""
         if names := batch.unresolved():
-            cur = await c.execute(self.q["machines_lookup"], {"names": names}, prepare=True)
+            cur = await c.execute(self.q["machines_lookup"], {"names": names}, prepare=prepare)
             batch.fill(await cur.fetchall())
-        cur = await c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=True)
+        cur = await c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=prepare)
         row = await cur.fetchone()
         assert row is not None
         now, ids = row
@@ -567,7 +575,7 @@ class AsyncClient:
         async with c.cursor().copy(query) as copy:
             await copy.write(batch.encode(ids, now, plain=plain))
         if notify:
-            await c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=True)
+            await c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=prepare)
         return ids
 
     async def signal(

@@ -151,7 +151,7 @@ def test_insert_many_is_one_copy(dsn, schema, client, db, n):
     """The statement that draws ids, the COPY, the notification: whatever the batch size."""
     specs = [Insert(Counter, Counter.State(n=i), correlation_key=f"k{n - i}") for i in range(n)]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        client.insert_many(specs[:1], conn=conn)  # the first use prepares the statement
+        client.insert_many(specs[:1], conn=conn)  # warm: type lookups of a first use
         with traced(conn) as trace:
             ids = client.insert_many(specs[1:], conn=conn)
     assert trace.statements == 3, trace.sql()
