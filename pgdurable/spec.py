@@ -70,10 +70,11 @@ Child = Insert
 class InsertRow(msgspec.Struct, frozen=True, omit_defaults=True):
     """An Insert resolved to column values (NULLs left for the database to resolve).
 
-    Batches travel to the database as one JSON document of these rows (``rows_json``),
-    unpacked server-side by ``json_to_recordset``: one parameter, encoded by msgspec, with
-    each state embedded as it is (``Raw``), never re-encoded. Fields at their defaults are
-    left out of the document (the statement fills them in), which keeps it small.
+    ``insert_many`` sends them as a COPY stream (``bulk.py``); the children of a ``Spawn``
+    travel as one JSON document of these rows (``rows_json``), unpacked server-side by
+    ``json_to_recordset``: one parameter, encoded by msgspec, with each state embedded as
+    it is (``Raw``), never re-encoded. Fields at their defaults are left out of the
+    document (the statement fills them in), which keeps it small.
     """
 
     fsm: str
