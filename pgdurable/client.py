@@ -216,7 +216,7 @@ class _Emitter:
     bench/notify.py, see docs/performance.md). So while several writes of this client are
     in flight at once, they leave it out, and this thread sends one statement for every
     queue that became due while the previous one was being sent. A write that is alone
-    notifies inside its own transaction: nothing to contend with, one round trip less.
+    notifies itself (in its transaction, or right after its COPY): nothing to contend with.
     Best effort: correctness never depends on a notification.
     """
 
