@@ -23,7 +23,16 @@ from typing import Any
 import msgspec
 
 from .errors import UnknownMachine
-from .spec import LIVE_STATUSES, Insert, InsertRow, MachineInfo, encode_state, machine_info, resolve
+from .spec import (
+    LIVE_STATUSES,
+    Insert,
+    InsertRow,
+    MachineInfo,
+    check_correlation_key,
+    encode_state,
+    machine_info,
+    resolve,
+)
 
 #: The columns the stream carries, in order (the ``instance_copy`` statement names them).
 COLUMNS = (
@@ -94,10 +103,8 @@ class Batch:
                 infos.append(machine_info(spec.fsm))
                 if key is not None:
                     index[key] = k
-            key_text = spec.correlation_key
-            if key_text is not None and not isinstance(key_text, str):
-                raise TypeError(f"correlation_key must be a string, got {key_text!r}")
-            rows.append((k, encode_state(infos[k], spec.state), key_text))
+            check_correlation_key(spec.correlation_key)  # the shape was resolved without it
+            rows.append((k, encode_state(infos[k], spec.state), spec.correlation_key))
         order = list(range(len(rows)))
         if any(r[2] is not None for r in rows):
             # by key, then position; a str compares by code point, which is the "C" order

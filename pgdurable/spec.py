@@ -133,6 +133,11 @@ def encode_state(info: MachineInfo | None, state: Any) -> bytes:
     return _json_encoder.encode(state)
 
 
+def check_correlation_key(key: object) -> None:
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"correlation_key must be a string, got {key!r}")
+
+
 def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
     """Turn an Insert into column values, validating what can be checked here; ``state``,
     when given, stands for the spec's state, already encoded."""
@@ -157,8 +162,7 @@ def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
         raise ValueError(f"weight must be a positive number, got {spec.weight!r}")
     if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
         raise TypeError(f"priority must be an int, got {spec.priority!r}")
-    if spec.correlation_key is not None and not isinstance(spec.correlation_key, str):
-        raise TypeError(f"correlation_key must be a string, got {spec.correlation_key!r}")
+    check_correlation_key(spec.correlation_key)
     if not -32768 <= spec.priority <= 32767:
         raise ValueError(f"priority must fit a smallint, got {spec.priority!r}")
     scope = None if spec.correlation_scope is None else list(spec.correlation_scope)

@@ -848,3 +848,20 @@ def test_insert_many_takes_an_indented_raw_state(client):
     raw = msgspec.Raw(b'{\n\t"a": "x\\\\y\\n",\r\n\t"b": [1,\n 2]\n}')
     [iid] = client.insert_many([Insert("copied", raw, queue="q")])
     assert must_get(client, iid).state == {"a": "x\\y\n", "b": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"correlation_key": 7}, "correlation_key must be a string"),
+        ({"priority": True}, "priority must be an int"),
+    ],
+)
+def test_insert_and_insert_many_refuse_mistyped_options(client, db, schema, bad, match):
+    with pytest.raises(TypeError, match=match):
+        client.insert("copied", {}, queue="q", **bad)
+    # the second row carries the mistake: its shape was already seen, its key was not
+    specs = [Insert("copied", {}, queue="q"), Insert("copied", {}, queue="q", **bad)]
+    with pytest.raises(TypeError, match=match):
+        client.insert_many(specs)
+    assert count(db, schema) == 0
