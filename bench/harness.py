@@ -96,6 +96,9 @@ class System(Protocol):
     async def mark(self) -> Any:
         """A position before a workload: ``done()`` counts only what comes after it."""
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a connection of the harness's own, which no producer uses."""
+
     async def done(self, kind: str, mark: Any) -> int:
         """Finished (committed) no-op jobs ("noop") or 5-step instances ("fsm", "fsm_inline")."""
         ...
@@ -380,6 +383,11 @@ async def latency(system: System, s: Settings, receiver: StampReceiver) -> Outco
     await asyncio.sleep(1.0)  # idle: every worker back asleep
     for seq in range(s.latency):
         await asyncio.sleep(random.uniform(0.15, 0.35))  # noqa: S311 - spread over poll phases
+        # Wake the machine, not the system: on a VM whose idle vCPUs halt, the first query
+        # after 0.2 s of quiet takes ~7 ms longer whoever sends it (a bare SELECT 1: 0.1 ms
+        # busy, 7.5 ms after 0.2 s idle). Unwarmed, every sample carries that hypervisor
+        # delay and its jitter, whichever system is measured.
+        await system.ping()
         receiver.drain()
         sent[seq] = time.time()
         await system.insert_stamp(seq)

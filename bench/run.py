@@ -163,7 +163,11 @@ def run_system(name: str, python: str, script: Path, dsn: str, args: argparse.Na
         cmd = [python, str(script), "run", "--dsn", main_dsn, "--insert-dsn", insert_dsn, "--out", str(out)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--only", args.only] if args.only else []
-        env = {**os.environ, "PYTHONPATH": str(BENCH)}
+        # An outer PYTHONPATH stays behind bench/ (to measure another checkout of pgdurable).
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])),
+        }
         log(f"{name}: {script.relative_to(BENCH.parent)}")
         t0 = time.monotonic()
         proc = subprocess.run(

@@ -69,6 +69,9 @@ class Pgdurable:
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def ping(self) -> None:
+        await (await self._conn()).execute("SELECT 1")
+
     async def done(self, kind: str, mark: int) -> int:
         fsm = {"noop": "bench_noop", "fsm": "bench_five", "fsm_inline": "bench_five_inline"}[kind]
         conn = await self._conn()

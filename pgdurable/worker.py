@@ -1,8 +1,8 @@
 """A worker process: one queue, one event loop, its own pool; claim → run → group commit.
 
-Components, each with start/stop: the listener (LISTEN on the queue's channel, dedicated
-connection, reconnect with backoff), the feeder (claims batches sized to free slots plus
-prefetch and starts steps), the flusher (commits the outcomes that wait together in one
+Components, each with start/stop: the feeder (claims batches sized to free slots plus
+prefetch and starts steps, on a connection of its own that also LISTENs on the queue's
+channel, see feedconn.py), the flusher (commits the outcomes that wait together in one
 transaction), and the heartbeat (one statement extends every lease held, then a report to
 the supervisor over the pipe).
 
@@ -26,7 +26,6 @@ from typing import Any
 
 import psycopg
 import setproctitle
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from .board import RunningBoard
@@ -34,6 +33,7 @@ from .claim import Claimed
 from .config import Config, Queue
 from .engine import Engine
 from .executor import Executor, Result
+from .feedconn import FeedConnection
 from .flusher import continued
 from .fsm import Registry
 
@@ -57,8 +57,6 @@ class Stats:
     stale: int = 0
     errors: int = 0
     last_error: str | None = None
-    listener_ok: bool = False
-    listener_seen: float = 0.0
 
 
 @dataclass
@@ -124,60 +122,6 @@ class Flusher:
         self._task = None
 
 
-class Listener:
-    """LISTEN on the queue's channel on a dedicated autocommit connection; sets ``wake``."""
-
-    def __init__(
-        self, dsn: str, queue: str, channel: str, wake: asyncio.Event, stats: Stats, probe_every: float
-    ):
-        self._dsn, self._queue, self._channel, self._wake, self._stats = dsn, queue, channel, wake, stats
-        self._probe_every = probe_every
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="listener")
-
-    async def _loop(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, application_name=f"pgdurable listener {self._queue}"
-                ) as conn:
-                    # LISTEN takes no parameters; the channel is quoted as an identifier.
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                    self._mark_alive()
-                    self._wake.set()  # anything may have arrived while we were not listening
-                    backoff = 0.1
-                    while True:
-                        async for _ in conn.notifies(timeout=self._probe_every):
-                            self._wake.set()
-                        await conn.execute("SELECT 1")  # liveness probe of this very connection
-                        self._mark_alive()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reconnect with backoff
-                self._stats.listener_ok = False
-                log.warning(
-                    "listener lost: %r; reconnecting in %.1fs", exc, backoff, extra={"event": "listener_lost"}
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def _mark_alive(self) -> None:
-        self._stats.listener_ok = True
-        self._stats.listener_seen = time.monotonic()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._stats.listener_ok = False
-
-
 class Worker:
     """The composition root of one worker process."""
 
@@ -217,8 +161,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self._solo: int | None = None
-        self._claim_conn: psycopg.AsyncConnection[Any] | None = None
-        self._claim_sync = True
+        self.feed: FeedConnection  # set in run(), once the channel is known
         self._step_time = 1.0  # seconds, a moving average; until measured: slow, plain prefetch
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -241,11 +184,14 @@ class Worker:
             assert row is not None
             channel = str(row[0])
         self.flusher = Flusher(self.engine, pool, self.stats, self.queue_name)
-        self.listener = Listener(
-            self.dsn, self.queue_name, channel, self.wake, self.stats, probe_every=self.cfg.runtime.heartbeat
+        self.feed = FeedConnection(
+            self.dsn,
+            self.queue_name,
+            channel,
+            probe_every=self.cfg.runtime.heartbeat,
+            on_connect=self.wake.set,
         )
         self.flusher.start()
-        self.listener.start()
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         try:
             await self._feed()
@@ -254,10 +200,8 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            await self.listener.stop()
             await self.flusher.stop()
-            if self._claim_conn is not None:
-                await self._claim_conn.close()
+            await self.feed.close()
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
         return 0
@@ -290,28 +234,33 @@ class Worker:
                 claimed = self.engine.last_claimed  # admitted or deferred by a limit
                 self.buffer.extend(rows)
             self._start_from_buffer()
-            if claimed and not self._claim_sync:
+            if claimed and not self.feed.sync:
                 # Busy again: claims go back to synchronous commit, while the steps just
                 # started run (not before them: that would add a round trip to the wake-up).
                 await self._claim_durability(wait_for_disk=True)
             if claimed and claimed == demand:
                 continue  # there may be more right away
             timeout = self.cfg.runtime.poll_ceiling
-            if not self.running and not self.buffer and not self.committing:
+            idle = not self.running and not self.buffer and not self.committing
+            if idle:
                 timeout = await self._idle_timeout(came_back_empty=claimed == 0)
                 await self._claim_durability(wait_for_disk=False)
-            await self._wait(timeout)
+            # A notification matters only when the next round would claim: listen for one then.
+            demand = min(self.room() - len(self.running) - len(self.buffer), q.batch)
+            await self._wait(timeout, listen=idle or demand >= min_demand)
 
     async def _claim(self, limit: int) -> list[Claimed]:
         try:
-            conn = await self._claim_connection()
-            return await self.engine.claim(conn, self.queue_name, limit)
+            conn = await self.feed.get()
+            rows = await self.engine.claim(conn, self.queue_name, limit)
+            self.feed.answered()
+            return rows
         except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
             self.stats.errors += 1
             self.stats.last_error = f"claim failed: {exc!r}"
             log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
-            if self._claim_conn is not None and self._claim_conn.closed:
-                self._claim_conn = None
+            if not self.feed.connected:
+                await self.feed.lost(exc)
             await asyncio.sleep(1.0)
             return []
 
@@ -326,25 +275,16 @@ class Worker:
         claims synchronously again: measured faster under load, because rows written by
         not-yet-flushed transactions cannot get their hint bits set and later scans pay.
         """
-        if self._claim_sync == wait_for_disk:
+        if self.feed.sync == wait_for_disk:
             return
         try:
-            conn = await self._claim_connection()
+            conn = await self.feed.get()
             value = "on" if wait_for_disk else "off"
             await conn.execute(self.engine.q["session_synchronous_commit"], {"value": value}, prepare=True)
-            self._claim_sync = wait_for_disk
-        except psycopg.Error:
-            self._claim_conn = None  # reconnected (synchronous) at the next claim
-
-    async def _claim_connection(self) -> psycopg.AsyncConnection[Any]:
-        """The feeder's own connection: claims never wait for a pool connection that the
-        flusher or the heartbeat holds."""
-        if self._claim_conn is None or self._claim_conn.closed:
-            self._claim_sync = True
-            self._claim_conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, application_name=f"pgdurable feeder {self.queue_name}"
-            )
-        return self._claim_conn
+            self.feed.sync = wait_for_disk
+            self.feed.answered()
+        except psycopg.Error as exc:
+            await self.feed.lost(exc)  # reconnected (synchronous) at the next claim
 
     async def _idle_timeout(self, *, came_back_empty: bool) -> float:
         """Sleep until the queue's earliest future row is due, at most the poll ceiling.
@@ -368,13 +308,27 @@ class Worker:
             return EMPTY_CLAIM_PAUSE
         return max(0.0, min(ceiling, float(wait) + 0.001))
 
-    async def _wait(self, timeout: float) -> None:
+    async def _wait(self, timeout: float, *, listen: bool) -> None:
+        """Until ``wake`` (a step finished), ``stopping``, a notification (when ``listen``)
+        or ``timeout``, at most ``heartbeat`` seconds: the feeder connection answers at
+        least that often (a claim, or the probe of ``tend`` while the slots are full)."""
+        await self.feed.tend()
+        timeout = min(timeout, self.cfg.runtime.heartbeat)
         waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stopping.wait())]
+        notified = asyncio.ensure_future(self.feed.notified(timeout)) if listen else None
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters if notified is None else [*waiters, notified],
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             for w in waiters:
                 w.cancel()
+            if notified is not None:
+                # It holds the connection: let it go before the next claim.
+                notified.cancel()
+                await asyncio.wait([notified])
 
     def _start_from_buffer(self) -> None:
         while self.buffer and len(self.running) < self.q.concurrency and not self.stopping.is_set():
@@ -475,7 +429,8 @@ class Worker:
         """One JSON line to the supervisor: alive, load, held rows, errors, listener health."""
         if self.report_fd is None:
             return
-        listener_fresh = time.monotonic() - self.stats.listener_seen < 3 * self.cfg.runtime.heartbeat + 5
+        feed = self.feed
+        listening = feed.listening and time.monotonic() - feed.seen < 3 * self.cfg.runtime.heartbeat + 5
         msg = {
             "pid": os.getpid(),
             "worker": self.engine.worker_id,
@@ -488,7 +443,7 @@ class Worker:
             "errors": self.stats.errors,
             "limit_errors": self.engine.limit_errors,
             "last_error": self.stats.last_error,
-            "listening": self.stats.listener_ok and listener_fresh,
+            "listening": listening,
             **extra,
         }
         self._send((json.dumps(msg) + "\n").encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,6 +91,18 @@ class Supervised:
                         f"supervisor exited {self.proc.returncode}:\n{self.log.read_text()}"
                     ) from None
         raise AssertionError(f"no {message!r} from the supervisor within {timeout}s:\n{self.log.read_text()}")
+
+    def sent_during(self, seconds: float) -> list[str]:
+        """What the supervisor sends in the next ``seconds`` (older messages discarded)."""
+        self._collect()
+        self.sock.settimeout(0.2)
+        fresh: list[str] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                fresh.extend(self.sock.recv(4096).decode().splitlines())
+        self.messages.extend(fresh)
+        return fresh
 
     def ready(self) -> Supervised:
         self.wait_for("READY=1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -200,18 +199,9 @@ def test_watchdog_only_while_workers_report(dsn, schema, sups, tmp_path):
     os.kill(worker, signal.SIGSTOP)  # alive but silent: a fleet that stopped consuming
     try:
         time.sleep(6)  # past the 5 s report deadline
-        sup.sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:  # discard what was sent before the deadline passed
-                sup.sock.recv(4096)
-        sup.sock.settimeout(0.2)
-        sup.messages.clear()
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                sup.messages.extend(sup.sock.recv(4096).decode().splitlines())
-        assert any(m.startswith("STATUS=") for m in sup.messages)
-        assert "WATCHDOG=1" not in sup.messages
+        fresh = sup.sent_during(3)
+        assert any(m.startswith("STATUS=") for m in fresh)
+        assert "WATCHDOG=1" not in fresh
     finally:
         os.kill(worker, signal.SIGCONT)
     sup.messages.clear()
@@ -281,28 +271,45 @@ def test_reaper_returns_rows_whose_lease_expired(dsn, schema, client, db, sups, 
         os.kill(worker, signal.SIGKILL)
 
 
-def test_listener_reconnects_after_its_connection_is_killed(dsn, schema, client, db, sups, tmp_path):
-    sup = start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60, heartbeat=1)
+def test_feeder_reconnects_and_listens_after_its_connection_is_killed(
+    dsn, schema, client, db, sups, tmp_path
+):
+    # heartbeat = 30: an idle feeder looks on its own only every 30 s, so a job that
+    # starts within 3 s was woken by a notification on the new connection.
+    sup = start(sups, tmp_path, dsn, schema, processes=1, poll_ceiling=60, heartbeat=30)
     (worker,) = sup.workers()
     title = Path(f"/proc/{worker}/cmdline").read_bytes()
     assert title.startswith(b"pgdurable: worker rt 1/1")  # process titles say role and queue
 
-    def listener_pids():
+    def feeder_pids():
         return {
             pid
             for (pid,) in db.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgdurable listener rt'"
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgdurable feeder rt'"
                 " AND datname = current_database() AND state IS NOT NULL"
             )
         }
 
-    (old,) = wait_until(listener_pids, what="the listener")
+    (old,) = wait_until(feeder_pids, what="the feeder connection")
     db.execute("SELECT pg_terminate_backend(%s)", [old])
-    wait_until(lambda: (pids := listener_pids()) and old not in pids, what="a new listener connection")
+    wait_until(lambda: (pids := feeder_pids()) and old not in pids, what="a new feeder connection")
     time.sleep(1.0)
     t = time.time()
     res = client.wait(client.insert("stamp", {}), timeout=20)
-    assert res.result["started"] - t < 10  # woken by a notification again, not the 60 s poll
+    assert res.result["started"] - t < 3  # woken by a notification again, not a 30 s look
+
+
+def test_a_full_worker_keeps_probing_its_feeder_connection(dsn, schema, client, sups, tmp_path, runs):
+    """A worker whose slots are all taken does not wait for notifications; it still probes
+    its connection every heartbeat, so its reports stay healthy and systemd's watchdog is
+    fed (stale after 3 × heartbeat + 5 s = 8 s here)."""
+    sup = start(sups, tmp_path, dsn, schema, processes=1, concurrency=1, prefetch=0, heartbeat=1)
+    iid = client.insert("sleepy", {"tag": "full", "sleep": 14})
+    wait_until(lambda: client.get(iid).status == "executing", what="the long step to start")
+    time.sleep(9)
+    assert "WATCHDOG=1" in sup.sent_during(3)
+    assert client.get(iid).status == "executing"  # still full while the watchdog was fed
+    assert client.wait(iid, timeout=30).__class__.__name__ == "Done"
 
 
 def test_inline_run_ahead_in_a_worker(dsn, schema, client, sups, tmp_path):

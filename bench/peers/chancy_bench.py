@@ -98,6 +98,9 @@ class ChancyPeer:
     async def mark(self) -> object:
         return chancy_uuid()  # time-ordered: later jobs have larger ids
 
+    async def ping(self) -> None:
+        await self._one("SELECT 1")
+
     async def done(self, kind: str, mark: object) -> int:
         fn = {"noop": noop, "fsm": fsm_final}[kind]
         return await self._one(

@@ -100,6 +100,9 @@ class Dbos:
     async def mark(self) -> int:
         return await self._one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
 
+    async def ping(self) -> None:
+        await self._one("SELECT 1")
+
     async def done(self, kind: str, mark: int) -> int:
         name = {"noop": "noop_wf", "fsm": "fsm_wf"}[kind]
         return await self._one(

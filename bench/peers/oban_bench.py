@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import importlib.metadata
 import signal
+from typing import Any
 
+import psycopg
 from harness import ProcessFleet, Settings, advance, main, stamp, worker_ready
 from oban import Oban, job
 from oban.schema import install
@@ -61,6 +63,7 @@ class ObanPy:
         self.dsn = dsn
         self.pool = None
         self.oban: Oban | None = None
+        self.conn: psycopg.AsyncConnection[Any] | None = None  # ping(), apart from the producers
 
     async def _oban(self) -> Oban:
         if self.oban is None:
@@ -83,9 +86,16 @@ class ObanPy:
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        if self.conn is not None:
+            await self.conn.close()
 
     async def start_fleet(self, s: Settings) -> ProcessFleet:
         return await ProcessFleet(__file__, self.dsn, s).ready()
+
+    async def ping(self) -> None:
+        if self.conn is None:
+            self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await self.conn.execute("SELECT 1")
 
     async def mark(self) -> int:
         return await self._one("SELECT COALESCE(max(id), 0) FROM oban_jobs")

@@ -38,6 +38,7 @@ class Pgqueuer:
     def __init__(self, dsn: str):
         self.dsn = dsn
         self.pool: asyncpg.Pool | None = None
+        self.conn: asyncpg.Connection | None = None  # ping(), apart from the producers
 
     async def _q(self) -> tuple[asyncpg.Pool, Queries]:
         if self.pool is None:
@@ -56,9 +57,16 @@ class Pgqueuer:
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        if self.conn is not None:
+            await self.conn.close()
 
     async def start_fleet(self, s: Settings) -> ProcessFleet:
         return await ProcessFleet(__file__, self.dsn, s).ready()
+
+    async def ping(self) -> None:
+        if self.conn is None:
+            self.conn = await asyncpg.connect(self.dsn)
+        await self.conn.execute("SELECT 1")
 
     async def mark(self) -> int:
         pool, _ = await self._q()

@@ -96,6 +96,9 @@ class Procrastinate:
     async def mark(self) -> int:
         return await self._one("SELECT COALESCE(max(id), 0) FROM procrastinate_jobs")
 
+    async def ping(self) -> None:
+        await self._one("SELECT 1")
+
     async def done(self, kind: str, mark: int) -> int:
         task = {"noop": "noop", "fsm": "fsm_final"}[kind]
         return await self._one(
