@@ -19,12 +19,19 @@ class Notifier:
         return self._addr is not None
 
     def send(self, *lines: str) -> None:
-        """Send ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``… (errors ignored)."""
+        """Send ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``… (errors ignored).
+
+        Never blocks: when the receiver's queue is full (a datagram socket holds as few as
+        10 messages, ``net.unix.max_dgram_qlen``), the message is dropped rather than the
+        supervisor stopped; the next one follows a second later.
+        """
         if self._addr is None:
             return
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto("\n".join(lines).encode(), self._addr)
         except OSError:
             pass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from pgdurable import Insert
 from pgdurable.migrations import latest
+from pgdurable.systemd import Notifier
 
 from .supervised import ROOT, alive, start, wait_until
 
@@ -412,3 +415,20 @@ def test_idle_worker_does_not_spin_on_rows_held_elsewhere(dsn, schema, client, d
     # two idle-ish processes looking every 50 ms, plus heartbeats: well under 200 a second
     # (spinning, each looks every millisecond or so)
     assert looked < 300, looked
+
+
+def test_sd_notify_never_blocks_the_supervisor(tmp_path):
+    """A receiver that does not read (systemd busy): the supervisor drops messages instead
+    of stopping in sendto() once the socket's queue is full."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    notifier = Notifier(str(tmp_path / "notify"))
+    sender = threading.Thread(target=lambda: [notifier.send("STATUS=x") for _ in range(1000)], daemon=True)
+    sender.start()
+    sender.join(10)
+    try:
+        assert not sender.is_alive()
+        assert sock.recv(100) == b"STATUS=x"  # what fitted was delivered
+    finally:
+        notifier.close()
+        sock.close()
