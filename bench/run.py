@@ -55,6 +55,7 @@ ROWS: list[tuple[str, str, bool]] = [
     ("latency:p95", "(d) wake latency p95 (ms)", False),
     ("latency:p99", "(d) wake latency p99 (ms)", False),
     ("backlog", "(e) no-op burst, table holds 1M done + 100k future rows (jobs/s)", True),
+    ("backlog:of_before", "(e) the same, % of the same fleet's burst before seeding", True),
     ("mem:idle:supervisor", "(f) RSS supervisor, idle (MiB)", False),
     ("mem:load:supervisor", "(f) RSS supervisor, under load (MiB)", False),
     ("mem:idle:worker", "(f) RSS per worker process, idle (MiB)", False),
