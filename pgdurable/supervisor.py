@@ -86,6 +86,7 @@ class Supervisor:
         self._next_gc = 0.0
         self._next_status = 0.0
         self._ready = False
+        self._ready_sent = False  # READY=1 reached systemd (re-sent with each status until then)
 
     # -- start -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -229,7 +230,7 @@ class Supervisor:
                 child.last_seen = time.monotonic()
         if not self._ready and self._all_reported():
             self._ready = True
-            self.notifier.send("READY=1", f"STATUS={self._status()}")
+            self._ready_sent = self.notifier.send("READY=1", f"STATUS={self._status()}")
 
     def _all_reported(self) -> bool:
         return bool(self.children) and all(c.last_report for c in self.children.values())
@@ -452,9 +453,12 @@ class Supervisor:
         status = self._status()
         setproctitle.setproctitle(f"pgdurable: supervisor {self.cfg.path} {status}")
         lines = [f"STATUS={status}"]
+        if self._ready and not self._ready_sent:
+            lines.insert(0, "READY=1")
         if self._ready and self._healthy():
             lines.append("WATCHDOG=1")
-        self.notifier.send(*lines)
+        sent = self.notifier.send(*lines)
+        self._ready_sent = self._ready_sent or (self._ready and sent)
 
 
 def _supervisor_alive(pid: int) -> bool:

@@ -18,15 +18,16 @@ class Notifier:
     def enabled(self) -> bool:
         return self._addr is not None
 
-    def send(self, *lines: str) -> None:
-        """Send ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``… (errors ignored).
+    def send(self, *lines: str) -> bool:
+        """Send ``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``…; True if sent
+        (or outside systemd), False if dropped (errors are not raised).
 
         Never blocks: when the receiver's queue is full (a datagram socket holds as few as
         10 messages, ``net.unix.max_dgram_qlen``), the message is dropped rather than the
-        supervisor stopped; the next one follows a second later.
+        supervisor stopped; the caller sends again at its next tick.
         """
         if self._addr is None:
-            return
+            return True
         try:
             if self._sock is None:
                 self._sock = socket.socket(
@@ -34,7 +35,8 @@ class Notifier:
                 )
             self._sock.sendto("\n".join(lines).encode(), self._addr)
         except OSError:
-            pass
+            return False
+        return True
 
     def close(self) -> None:
         if self._sock is not None:

@@ -40,7 +40,14 @@ batch = 20
 
 class Supervised:
     def __init__(
-        self, tmp: Path, dsn: str, schema: str, name: str = "sup", extra: str = "", **settings: object
+        self,
+        tmp: Path,
+        dsn: str,
+        schema: str,
+        name: str = "sup",
+        extra: str = "",
+        prefill: int = 0,
+        **settings: object,
     ):
         opts = {
             "lease": 60,
@@ -58,6 +65,9 @@ class Supervised:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
         self.sock.settimeout(0.2)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:  # a full queue, for tests
+            for _ in range(prefill):
+                filler.sendto(b"X=filler", str(self.sock_path))
         self.messages: list[str] = []
         self.log = tmp / f"{name}.log"
         env = {

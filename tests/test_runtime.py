@@ -17,7 +17,7 @@ from pgdurable import Insert
 from pgdurable.migrations import latest
 from pgdurable.systemd import Notifier
 
-from .supervised import ROOT, alive, start, wait_until
+from .supervised import ROOT, Supervised, alive, start, wait_until
 
 
 def statuses(db, schema):
@@ -432,3 +432,15 @@ def test_sd_notify_never_blocks_the_supervisor(tmp_path):
     finally:
         notifier.close()
         sock.close()
+
+
+def test_ready_is_sent_again_when_systemd_missed_it(dsn, schema, sups, tmp_path):
+    """The notify socket's queue is full when the workers are up: READY=1 is dropped, and
+    the supervisor sends it again with a later status instead of never."""
+    qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    sup = Supervised(tmp_path, dsn, schema, processes=1, prefill=qlen + 1)  # full past qlen
+    sups.append(sup)
+    time.sleep(6)  # workers up, READY=1 tried against the full queue
+    sup.ready()
+    assert "X=filler" in sup.messages  # the queue was full indeed
+    assert sup.stop() == 0
