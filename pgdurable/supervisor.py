@@ -230,7 +230,7 @@ class Supervisor:
                 child.last_seen = time.monotonic()
         if not self._ready and self._all_reported():
             self._ready = True
-            self._ready_sent = self.notifier.send("READY=1", f"STATUS={self._status()}")
+            self._status_and_watchdog()  # READY=1 goes out with this status
 
     def _all_reported(self) -> bool:
         return bool(self.children) and all(c.last_report for c in self.children.values())
@@ -457,8 +457,8 @@ class Supervisor:
             lines.insert(0, "READY=1")
         if self._ready and self._healthy():
             lines.append("WATCHDOG=1")
-        sent = self.notifier.send(*lines)
-        self._ready_sent = self._ready_sent or (self._ready and sent)
+        if self.notifier.send(*lines) and lines[0] == "READY=1":
+            self._ready_sent = True
 
 
 def _supervisor_alive(pid: int) -> bool:

@@ -294,6 +294,18 @@ def test_feeder_reconnects_and_listens_after_its_connection_is_killed(
         }
 
     (old,) = wait_until(feeder_pids, what="the feeder connection")
+    names = [
+        n
+        for (n,) in db.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'pgdurable%%rt'"
+            " AND datname = current_database()"
+        )
+    ]
+    # the pool and the feeder, which LISTENs: no connection of its own for LISTEN
+    assert names.count("pgdurable feeder rt") == 1 and set(names) <= {
+        "pgdurable feeder rt",
+        "pgdurable worker rt",
+    }
     db.execute("SELECT pg_terminate_backend(%s)", [old])
     wait_until(lambda: (pids := feeder_pids()) and old not in pids, what="a new feeder connection")
     time.sleep(1.0)
