@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,9 @@ import psycopg
 from psycopg import sql
 
 log = logging.getLogger("pgdurable.worker")
+
+RETRY_FIRST = 0.1  # seconds before the first retry after a failed claim or connection
+RETRY_MAX = 5.0  # the back-off's ceiling
 
 
 class FeedConnection:
@@ -44,6 +48,7 @@ class FeedConnection:
         self.sync = True  # the session's synchronous_commit (see Worker._claim_durability)
         self.listening = False
         self.seen = 0.0
+        self.failures = 0  # claims failed in a row (reset by the worker after one succeeded)
 
     @property
     def connected(self) -> bool:
@@ -71,6 +76,14 @@ class FeedConnection:
     def answered(self) -> None:
         """The connection just completed a round trip."""
         self.seen = time.monotonic()
+
+    def retry_delay(self) -> float:
+        """Seconds to wait after one more failure: doubling from ``RETRY_FIRST`` up to
+        ``RETRY_MAX``, each drawn at random from its upper half, so that a fleet's workers
+        do not all reconnect in the same instant after a database restart."""
+        self.failures += 1
+        ceiling = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrets
 
     async def lost(self, exc: BaseException) -> None:
         """Drop the connection after an error; the next ``get`` reconnects."""

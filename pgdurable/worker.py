@@ -254,6 +254,7 @@ class Worker:
             conn = await self.feed.get()
             rows = await self.engine.claim(conn, self.queue_name, limit)
             self.feed.answered()
+            self.feed.failures = 0
             return rows
         except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
             self.stats.errors += 1
@@ -261,7 +262,7 @@ class Worker:
             log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
             if not self.feed.connected:
                 await self.feed.lost(exc)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.feed.retry_delay())
             return []
 
     async def _claim_durability(self, *, wait_for_disk: bool) -> None:

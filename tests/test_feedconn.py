@@ -65,3 +65,20 @@ def test_notified_returns_at_a_notification_and_after_the_timeout(dsn):
     assert 0.25 <= idle < 5
     assert woken < 5  # not the 30 s timeout
     assert usable
+
+
+def test_retries_back_off_with_jitter_up_to_a_ceiling():
+    """After failures in a row the feeder waits longer each time, up to ``RETRY_MAX``, at a
+    random point of the upper half: a fleet that lost its database does not come back in
+    lockstep. A success (the worker resets ``failures``) starts over."""
+    from pgdurable.feedconn import RETRY_FIRST, RETRY_MAX
+
+    feed = FeedConnection("postgresql://unused", "q", "c", probe_every=1, on_connect=lambda: None)
+    delays = [feed.retry_delay() for _ in range(12)]
+    for k, delay in enumerate(delays):
+        ceiling = min(RETRY_MAX, RETRY_FIRST * 2**k)
+        assert ceiling / 2 <= delay <= ceiling
+    assert delays[-1] >= RETRY_MAX / 2
+    assert len({round(d, 6) for d in delays[-4:]}) > 1  # jittered, not one fixed value
+    feed.failures = 0
+    assert feed.retry_delay() <= RETRY_FIRST
