@@ -265,7 +265,9 @@ class Worker:
             log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
             if not self.feed.connected:
                 await self.feed.lost(exc)
-            await asyncio.sleep(self.feed.retry_delay())
+            # Backing off, but a stop (SIGTERM) is not kept waiting for it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.feed.retry_delay())
             return []
 
     async def _claim_durability(self, *, wait_for_disk: bool) -> None:
