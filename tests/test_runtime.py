@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from pgdurable import Insert
 from pgdurable.migrations import latest
@@ -456,3 +457,30 @@ def test_ready_is_sent_again_when_systemd_missed_it(dsn, schema, sups, tmp_path)
     sup.ready()
     assert "X=filler" in sup.messages  # the queue was full indeed
     assert sup.stop() == 0
+
+
+def test_failing_claims_back_off_and_a_stop_cuts_the_back_off_short(dsn, schema, client, db, sups, tmp_path):
+    """Claims that keep failing are retried after a growing back-off (not in a loop), and
+    SIGTERM during a long back-off stops the worker at once rather than after it."""
+    sup = start(sups, tmp_path, dsn, schema, processes=1)
+    # Every claim now fails (its UPDATE to 'executing' violates the constraint); inserts work.
+    table = sql.Identifier(schema, "instances")
+    forbid = "ALTER TABLE {} ADD CONSTRAINT no_claims CHECK (status <> 'executing') NOT VALID"
+    db.execute(sql.SQL(forbid).format(table))
+    try:
+        client.insert("stamp", {})
+
+        def failures() -> int:
+            return sup.log.read_text().count("claim failed")
+
+        t0 = time.monotonic()
+        wait_until(lambda: failures() >= 7, timeout=30, what="seven failed claims")
+        # back-offs of 0.05-0.1, 0.1-0.2, ... 1.6-3.2 s before the seventh: at least 3.15 s
+        assert time.monotonic() - t0 >= 3.0
+        # the seventh back-off is 2.5-5 s long; a stop does not wait for it
+        t1 = time.monotonic()
+        assert sup.stop() == 0
+        assert time.monotonic() - t1 < 2.0
+        assert failures() <= 8
+    finally:
+        db.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT no_claims").format(table))
