@@ -473,10 +473,14 @@ def test_failing_claims_back_off_and_a_stop_cuts_the_back_off_short(dsn, schema,
         def failures() -> int:
             return sup.log.read_text().count("claim failed")
 
+        wait_until(lambda: failures() >= 1, timeout=30, what="a failed claim")
         t0 = time.monotonic()
+        wait_until(lambda: failures() >= 4, timeout=30, what="four failed claims")
+        # the first back-offs are short (0.05-0.1, 0.1-0.2, 0.2-0.4 s): not a second each
+        assert time.monotonic() - t0 < 2.0
         wait_until(lambda: failures() >= 7, timeout=30, what="seven failed claims")
-        # back-offs of 0.05-0.1, 0.1-0.2, ... 1.6-3.2 s before the seventh: at least 3.15 s
-        assert time.monotonic() - t0 >= 3.0
+        # ...and they grow (0.4-0.8, 0.8-1.6, 1.6-3.2 s next): not a tight loop either
+        assert time.monotonic() - t0 >= 2.5
         # the seventh back-off is 2.5-5 s long; a stop does not wait for it
         t1 = time.monotonic()
         assert sup.stop() == 0
