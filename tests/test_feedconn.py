@@ -7,7 +7,7 @@ import time
 
 import psycopg
 
-from pgdurable.feedconn import FeedConnection
+from pgdurable.feedconn import RETRY_FIRST, RETRY_MAX, FeedConnection
 
 
 def test_a_busy_feeder_does_not_keep_notifications_forever(dsn):
@@ -71,8 +71,6 @@ def test_retries_back_off_with_jitter_up_to_a_ceiling():
     """After failures in a row the feeder waits longer each time, up to ``RETRY_MAX``, at a
     random point of the upper half: a fleet that lost its database does not come back in
     lockstep. A success (the worker resets ``failures``) starts over."""
-    from pgdurable.feedconn import RETRY_FIRST, RETRY_MAX
-
     feed = FeedConnection("postgresql://unused", "q", "c", probe_every=1, on_connect=lambda: None)
     delays = [feed.retry_delay() for _ in range(12)]
     for k, delay in enumerate(delays):
