@@ -16,10 +16,11 @@ import time
 
 import psycopg
 
-from pgdurable import Insert, job, migrations
+from pgdurable import Insert, job
 from pgdurable.client import AsyncClient
+from pgdurable.contract.fsm import Registry
+from pgdurable.db import migrations
 from pgdurable.engine import Engine
-from pgdurable.fsm import Registry
 
 
 @job(name="bench_noop", queue="bench")

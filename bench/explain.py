@@ -18,9 +18,10 @@ from typing import Any
 
 import psycopg
 
-from pgdurable import Insert, migrations
-from pgdurable.bulk import Batch
-from pgdurable.queries import Queries
+from pgdurable import Insert
+from pgdurable.client.bulk import Batch
+from pgdurable.db import migrations
+from pgdurable.db.queries import Queries
 
 LIVE = 2000
 

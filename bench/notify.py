@@ -18,8 +18,8 @@ import time
 
 import psycopg
 
-from pgdurable import migrations
 from pgdurable.client import Client
+from pgdurable.db import migrations
 
 INSERT = "INSERT INTO {t} (payload) VALUES (%s)"
 INSERT_NOTIFY = (

@@ -3,7 +3,7 @@
     python bench/workloads_pgdurable.py run --dsn postgresql://.../scratch --insert-dsn ... [--quick]
 
 Run by bench/run.py with pgdurable's interpreter; the database must exist (the schema is
-created here with ``pgdurable.migrations``).
+created here with ``pgdurable.db.migrations``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from fleet import SupervisorFleet  # noqa: E402
 from harness import Settings, main  # noqa: E402
 from pgdurable_machines import QUEUE, Five, FiveInline, FiveState, noop, stamped  # noqa: E402
 
-from pgdurable import Insert, migrations  # noqa: E402
+from pgdurable import Insert
 from pgdurable.client import AsyncClient  # noqa: E402
+from pgdurable.db import migrations  # noqa: E402
 
 SCHEMA = "pgdurable"
 PREFETCH = 10

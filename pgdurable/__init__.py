@@ -1,24 +1,64 @@
-"""pgdurable: durable finite-state machines and jobs on PostgreSQL."""
+"""pgdurable: durable finite-state machines and jobs on PostgreSQL.
 
-from .errors import (
-    ConfigError,
-    DefinitionError,
-    DrainLimitExceeded,
-    DuplicateInstance,
-    InvalidOutcome,
-    NoTarget,
-    PgdurableError,
-    SchemaVersionError,
-    StateDecodeError,
-    UnknownMachine,
-)
-from .fsm import FSM, ChildInfo, Context, Registry, Signal, job, step
-from .outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
-from .spec import Child, Insert
+The names below are loaded on first use (PEP 562), so that ``import pgdurable.client`` —
+which imports this package first — stays light: a producer never loads the machine
+machinery, the engine or the runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgdurable.contract.errors import (
+        ConfigError,
+        DefinitionError,
+        DrainLimitExceeded,
+        DuplicateInstance,
+        InvalidOutcome,
+        NoTarget,
+        PgdurableError,
+        SchemaVersionError,
+        StateDecodeError,
+        StepTimeout,
+        UnknownMachine,
+    )
+    from pgdurable.contract.fsm import FSM, ChildInfo, Context, Registry, Signal, job, step
+    from pgdurable.contract.outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
+    from pgdurable.contract.spec import Child, Insert
+
+_WHERE = {
+    "pgdurable.contract.errors": (
+        "ConfigError",
+        "DefinitionError",
+        "DrainLimitExceeded",
+        "DuplicateInstance",
+        "InvalidOutcome",
+        "NoTarget",
+        "PgdurableError",
+        "SchemaVersionError",
+        "StateDecodeError",
+        "StepTimeout",
+        "UnknownMachine",
+    ),
+    "pgdurable.contract.fsm": ("FSM", "ChildInfo", "Context", "Registry", "Signal", "job", "step"),
+    "pgdurable.contract.outcomes": (
+        "KEEP",
+        "Await",
+        "Cancel",
+        "Done",
+        "Next",
+        "Outcome",
+        "Retry",
+        "Spawn",
+        "Stop",
+    ),
+    "pgdurable.contract.spec": ("Child", "Insert"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
 __all__ = [
-    "FSM",
-    "KEEP",
     "Await",
     "Cancel",
     "Child",
@@ -29,8 +69,10 @@ __all__ = [
     "Done",
     "DrainLimitExceeded",
     "DuplicateInstance",
+    "FSM",
     "Insert",
     "InvalidOutcome",
+    "KEEP",
     "Next",
     "NoTarget",
     "Outcome",
@@ -41,9 +83,23 @@ __all__ = [
     "Signal",
     "Spawn",
     "StateDecodeError",
+    "StepTimeout",
     "Stop",
     "UnknownMachine",
     "job",
     "step",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pgdurable' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -20,11 +20,12 @@ from pathlib import Path
 import msgspec
 import psycopg
 
-from . import config, migrations
-from .client import AsyncClient
-from .fsm import FSM, Context, step
-from .outcomes import Await, Done, Next, Retry, Spawn, Stop
-from .spec import Child
+from pgdurable.client import AsyncClient
+from pgdurable.contract.fsm import FSM, Context, step
+from pgdurable.contract.outcomes import Await, Done, Next, Retry, Spawn, Stop
+from pgdurable.contract.spec import Child
+from pgdurable.db import migrations
+from pgdurable.runtime import config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
@@ -121,7 +122,7 @@ def main() -> None:
     cfg = config.load(args.config)
     dsn = cfg.dsn()
     if dsn is None:  # the embedded server, shared with the supervisor (same data directory)
-        from .embedded import start
+        from pgdurable.runtime.embedded import start
 
         data = Path(cfg.database.data_dir)
         data = data if data.is_absolute() else cfg.base_dir / data

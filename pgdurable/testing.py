@@ -17,12 +17,12 @@ from typing import Any
 
 import psycopg
 
-from .client import Client, Instance
-from .engine import Engine
-from .errors import DrainLimitExceeded
-from .flusher import continued
-from .fsm import FSM, Registry
-from .limits import Limits
+from pgdurable.client import Client, Instance
+from pgdurable.contract.errors import DrainLimitExceeded
+from pgdurable.contract.fsm import FSM, Registry
+from pgdurable.engine.commit import continued
+from pgdurable.engine.limits import Limits
+from pgdurable.engine.pipeline import Engine
 
 #: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
 COLLAPSED = dt.timedelta(days=365 * 100)

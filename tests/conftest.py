@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgdurable import migrations
 from pgdurable.client import Client
+from pgdurable.db import migrations
 
 from .dbserver import throwaway_server
 from .supervised import Supervised

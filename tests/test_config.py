@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgdurable.config import load, parse
-from pgdurable.errors import ConfigError
+from pgdurable.contract.errors import ConfigError
+from pgdurable.runtime.config import load, parse
 
 Q = {"queues": {"q": {}}}
 

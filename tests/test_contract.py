@@ -29,7 +29,7 @@ from pgdurable import (
     step,
 )
 from pgdurable.client import Instance
-from pgdurable.fsm import default_backoff
+from pgdurable.contract.fsm import default_backoff
 from pgdurable.testing import assert_done, assert_failed, assert_status, drain
 
 # --------------------------------------------------------------------------- helpers

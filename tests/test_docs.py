@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgdurable import migrations
+from pgdurable.db import migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -47,7 +47,7 @@ def test_config_examples_are_valid(path):
     """Every complete config shown in the docs (one with queues) passes validation."""
     import tomllib
 
-    from pgdurable.config import parse
+    from pgdurable.runtime.config import parse
 
     for block in TOML.findall(path.read_text()):
         data = tomllib.loads(block)
@@ -56,7 +56,7 @@ def test_config_examples_are_valid(path):
 
 
 def test_shipped_configs_are_valid():
-    from pgdurable.config import load
+    from pgdurable.runtime.config import load
 
     for cfg in [ROOT / "systemd" / "config.toml", ROOT / "examples" / "demo.toml"]:
         assert load(cfg).queues

@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from pgdurable import Insert
+from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
-from pgdurable.fsm import Registry
 
 from .machines import Counter, EmailArgs, send_email
 from .trace import traced
@@ -140,7 +140,7 @@ def test_inline_run_ahead_skips_the_re_pick(dsn, schema, client):
     async def go():
         engine = Engine(Registry([Steps]), schema=schema)
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            from pgdurable.flusher import continued
+            from pgdurable.engine.commit import continued
 
             with traced(conn) as t:
                 rows = await engine.claim(conn, "inline", 10)
@@ -159,8 +159,8 @@ def test_default_scope_in_sql_matches_the_live_statuses():
     """The statements spell the default correlation scope out; it must be LIVE_STATUSES."""
     import re
 
-    from pgdurable.queries import _raw
-    from pgdurable.spec import LIVE_STATUSES
+    from pgdurable.contract.spec import LIVE_STATUSES
+    from pgdurable.db.queries import _raw
 
     literals = {m for body in _raw().values() for m in re.findall(r"'\{(runnable,[a-z_,]+)\}'", body)}
     assert literals == {",".join(LIVE_STATUSES)}
@@ -168,7 +168,7 @@ def test_default_scope_in_sql_matches_the_live_statuses():
 
 def test_default_scope_of_the_table_is_the_live_statuses(db, schema):
     """A plain batch (COPY without the scope column) stores what an insert would."""
-    from pgdurable.spec import LIVE_STATUSES
+    from pgdurable.contract.spec import LIVE_STATUSES
 
     (default,) = db.execute(
         "SELECT column_default FROM information_schema.columns"

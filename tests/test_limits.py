@@ -8,11 +8,12 @@ import datetime as dt
 import psycopg
 import pytest
 
-from pgdurable import Insert, maintenance
-from pgdurable.claim import claim
+from pgdurable import Insert
+from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
-from pgdurable.fsm import Registry
-from pgdurable.limits import Limits
+from pgdurable.engine.claim import claim
+from pgdurable.engine.limits import Limits
+from pgdurable.runtime import sweeps as maintenance
 from pgdurable.testing import assert_failed, drain
 
 from .limit_machines import Chain, work
@@ -152,7 +153,7 @@ def test_gate_counters_repaired_from_truth(dsn, schema, client, db):
         f"UPDATE \"{schema}\".instances SET status = 'runnable', concurrency_shard = NULL"
         ' WHERE id IN (SELECT id FROM "' + schema + "\".instances WHERE status = 'executing' LIMIT 1)"
     )
-    from pgdurable.queries import for_schema
+    from pgdurable.db.queries import for_schema
 
     repaired, _ = maintenance.limits(db, for_schema(schema))
     assert repaired == 1 and slots(db, schema, "stripe:1") == (1, 2)  # capacity minus the one holder
@@ -206,7 +207,7 @@ def test_misconfigured_limits_are_loud(dsn, schema, client):
 
 
 def test_buckets_correct_after_gc_pruned_them(dsn, schema, client, db):
-    from pgdurable.queries import for_schema
+    from pgdurable.db.queries import for_schema
 
     client.insert_many([Insert(work, {}, rate_limit="api") for _ in range(5)])
     drain(dsn, ALL, schema=schema, limits=RATE)

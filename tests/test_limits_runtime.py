@@ -8,8 +8,9 @@ import signal
 import threading
 from collections import defaultdict
 
-from pgdurable import Insert, maintenance
-from pgdurable.queries import for_schema
+from pgdurable import Insert
+from pgdurable.db.queries import for_schema
+from pgdurable.runtime import sweeps as maintenance
 
 from .supervised import start, wait_until
 

@@ -16,8 +16,9 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from pgdurable import SchemaVersionError, migrations
-from pgdurable.queries import Queries, for_schema
+from pgdurable import SchemaVersionError
+from pgdurable.db import migrations
+from pgdurable.db.queries import Queries, for_schema
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pgdurable.queries import for_schema
+from pgdurable.db.queries import for_schema
 
 TERMINAL, FUTURE, LIVE = 200_000, 20_000, 500
 
@@ -19,7 +19,7 @@ def big_schema(dsn):
 
     import psycopg
 
-    from pgdurable import migrations
+    from pgdurable.db import migrations
 
     name = f"plans_{secrets.token_hex(4)}"
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -10,9 +10,9 @@ from typing import Any
 
 import psycopg
 
+from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
-from pgdurable.flusher import _park_params, _spawn_params
-from pgdurable.fsm import Registry
+from pgdurable.engine.commit import _park_params, _spawn_params
 from pgdurable.testing import assert_done, assert_status, drain
 
 from .coord_machines import Leaf, Pack, Parent, Payment

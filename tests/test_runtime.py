@@ -15,8 +15,8 @@ import pytest
 from psycopg import sql
 
 from pgdurable import Insert
-from pgdurable.migrations import latest
-from pgdurable.systemd import Notifier
+from pgdurable.db.migrations import latest
+from pgdurable.runtime.systemd import Notifier
 
 from .supervised import ROOT, Supervised, alive, start, wait_until
 
@@ -380,9 +380,9 @@ def test_slow_steps_keep_the_buffer_at_prefetch(dsn, schema, client, db, sups, t
 
 
 def test_buffer_grows_with_quick_steps_up_to_batch():
-    from pgdurable.config import parse
-    from pgdurable.fsm import Registry
-    from pgdurable.worker import BUFFER_HORIZON, Worker
+    from pgdurable.contract.fsm import Registry
+    from pgdurable.runtime.config import parse
+    from pgdurable.runtime.worker import BUFFER_HORIZON, Worker
 
     def worker(prefetch: int) -> Worker:
         cfg = parse(

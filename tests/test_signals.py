@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from pgdurable import NoTarget
+from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
-from pgdurable.fsm import Registry
 from pgdurable.testing import assert_done, assert_status, drain
 
 from .coord_machines import Pack, Payment, RetryOnce

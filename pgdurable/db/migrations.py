@@ -9,8 +9,8 @@ from typing import Any
 
 import psycopg
 
-from .errors import SchemaVersionError
-from .queries import for_schema, quote_ident, render, sql_dir
+from pgdurable.contract.errors import SchemaVersionError
+from pgdurable.db.queries import for_schema, quote_ident, render, sql_dir
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pgdurable.contract.errors import ConfigError
 
 
 def start(data_dir: str | Path, *, cleanup: str | None = "stop") -> Any:

@@ -19,11 +19,11 @@ from typing import Any
 import msgspec
 import psycopg
 
-from .claim import Claimed
-from .executor import Result
-from .limits import credits
-from .queries import Queries, int_array
-from .spec import encode_json, rows_json
+from pgdurable.contract.spec import encode_json, rows_json
+from pgdurable.db.queries import Queries, int_array
+from pgdurable.engine.claim import Claimed
+from pgdurable.engine.executor import Result
+from pgdurable.engine.limits import credits
 
 _STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
 

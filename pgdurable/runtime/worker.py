@@ -28,14 +28,14 @@ import psycopg
 import setproctitle
 from psycopg_pool import AsyncConnectionPool
 
-from .board import RunningBoard
-from .claim import Claimed
-from .config import Config, Queue
-from .engine import Engine
-from .executor import Executor, Result
-from .feedconn import FeedConnection
-from .flusher import continued
-from .fsm import Registry
+from pgdurable.contract.fsm import Registry
+from pgdurable.engine.claim import Claimed
+from pgdurable.engine.commit import continued
+from pgdurable.engine.executor import Executor, Result
+from pgdurable.engine.pipeline import Engine
+from pgdurable.runtime.board import RunningBoard
+from pgdurable.runtime.config import Config, Queue
+from pgdurable.runtime.feedconn import FeedConnection
 
 log = logging.getLogger("pgdurable.worker")
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import psycopg
 
-from .claim import Claimed
-from .errors import ConfigError
-from .queries import Queries
+from pgdurable.contract.errors import ConfigError
+from pgdurable.db.queries import Queries
+from pgdurable.engine.claim import Claimed
 
 log = logging.getLogger("pgdurable.limits")
 

@@ -1,4 +1,4 @@
-"""What a step returns. Frozen value types; validated in one place (pgdurable.executor)."""
+"""What a step returns. Frozen value types; validated in one place (pgdurable.engine.executor)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from .spec import Insert
+from pgdurable.contract.spec import Insert
 
 
 class _Keep:

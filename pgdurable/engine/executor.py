@@ -17,12 +17,12 @@ from typing import Any, assert_never
 
 import msgspec
 
-from .claim import Claimed
-from .errors import InvalidOutcome, StateDecodeError, StepTimeout
-from .fsm import FSM, Context, Registry, StepDef, decode_state
-from .limits import Limits
-from .outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
-from .spec import InsertRow, MachineInfo, limit_key, resolve, seconds
+from pgdurable.contract.errors import InvalidOutcome, StateDecodeError, StepTimeout
+from pgdurable.contract.fsm import FSM, Context, Registry, StepDef, decode_state
+from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
+from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
+from pgdurable.engine.claim import Claimed
+from pgdurable.engine.limits import Limits
 
 log = logging.getLogger("pgdurable.executor")
 
@@ -207,7 +207,7 @@ def _encode(info: MachineInfo, state: Any) -> bytes | None:
 
 
 def _child(registry: Registry, spec: Any) -> InsertRow:
-    from .spec import Insert, machine_info
+    from pgdurable.contract.spec import Insert, machine_info
 
     if not isinstance(spec, Insert):
         if machine_info(spec) is not None or isinstance(spec, str):

@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from .queries import Queries
+from pgdurable.db.queries import Queries
 
 
 def gc(

@@ -9,8 +9,8 @@ import sys
 
 import psycopg
 
-from . import migrations
-from .errors import PgdurableError
+from pgdurable.contract.errors import PgdurableError
+from pgdurable.db import migrations
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -39,7 +39,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from .supervisor import supervise
+    from pgdurable.runtime.supervisor import supervise
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -11,9 +11,9 @@ import sys
 
 import setproctitle
 
-from .board import RunningBoard
-from .config import Config
-from .fsm import Registry
+from pgdurable.contract.fsm import Registry
+from pgdurable.runtime.board import RunningBoard
+from pgdurable.runtime.config import Config
 
 _PR_SET_PDEATHSIG = 1
 
@@ -62,7 +62,7 @@ def worker_main(
 
     import uvloop
 
-    from .worker import Worker
+    from pgdurable.runtime.worker import Worker
 
     worker = Worker(cfg, dsn, queue, index, registry, worker_id, report_fd, board)
     return uvloop.run(worker.run()) if hasattr(uvloop, "run") else asyncio.run(worker.run())

@@ -26,15 +26,16 @@ from typing import Any
 import psycopg
 import setproctitle
 
-from . import config as config_mod
-from . import maintenance, migrations
-from .board import RunningBoard
-from .config import Config
-from .engine import registration
-from .errors import PgdurableError
-from .fsm import Registry
-from .queries import for_schema
-from .systemd import Notifier
+from pgdurable.contract.errors import PgdurableError
+from pgdurable.contract.fsm import Registry
+from pgdurable.db import migrations
+from pgdurable.db.queries import for_schema
+from pgdurable.engine.pipeline import registration
+from pgdurable.runtime import config as config_mod
+from pgdurable.runtime import sweeps as maintenance
+from pgdurable.runtime.board import RunningBoard
+from pgdurable.runtime.config import Config
+from pgdurable.runtime.systemd import Notifier
 
 log = logging.getLogger("pgdurable.supervisor")
 
@@ -95,7 +96,7 @@ class Supervisor:
         self.registry = Registry.from_modules(self.cfg.runtime.modules)
         dsn = self.cfg.dsn()
         if dsn is None:
-            from .embedded import start
+            from pgdurable.runtime.embedded import start
 
             data = Path(self.cfg.database.data_dir)
             if not data.is_absolute():
@@ -181,7 +182,7 @@ class Supervisor:
             os.close(r)
             code = 1
             try:
-                from .worker_main import worker_main
+                from pgdurable.runtime.worker_main import worker_main
 
                 code = worker_main(
                     self.cfg,

@@ -37,9 +37,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import ConfigError
-from .limits import Limits
-from .queries import check_schema_name
+from pgdurable.contract.errors import ConfigError
+from pgdurable.db.queries import check_schema_name
+from pgdurable.engine.limits import Limits
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")

@@ -26,17 +26,17 @@ from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from .bulk import Batch
-from .errors import DuplicateInstance, NoTarget, UnknownMachine
-from .outcomes import Done
-from .queries import Queries, for_schema
-from .spec import (
+from pgdurable.client.bulk import Batch
+from pgdurable.contract.errors import DuplicateInstance, NoTarget, UnknownMachine
+from pgdurable.contract.outcomes import Done
+from pgdurable.contract.spec import (
     TERMINAL_STATUSES,
     Child,
     Insert,
     encode_json,
     resolve,
 )
+from pgdurable.db.queries import Queries, for_schema
 
 __all__ = ["AsyncClient", "Busy", "Child", "Client", "Done", "Failed", "Insert", "Instance"]
 

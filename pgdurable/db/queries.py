@@ -21,7 +21,7 @@ def sql_dir() -> Path:
     packaged = resources.files("pgdurable") / "sql"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql"
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 def check_schema_name(schema: str) -> str:

@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 
-from .claim import Claimed, claim, enrich
-from .executor import Executor, Result
-from .flusher import FlushReport, flush
-from .fsm import Registry
-from .limits import Limits, admit, needs_admission
-from .queries import Queries, for_schema
-from .spec import encode_json
+from pgdurable.contract.fsm import Registry
+from pgdurable.contract.spec import encode_json
+from pgdurable.db.queries import Queries, for_schema
+from pgdurable.engine.claim import Claimed, claim, enrich
+from pgdurable.engine.commit import FlushReport, flush
+from pgdurable.engine.executor import Executor, Result
+from pgdurable.engine.limits import Limits, admit, needs_admission
 
 
 def new_worker_id() -> str:

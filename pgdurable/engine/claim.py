@@ -14,8 +14,8 @@ import msgspec
 import psycopg
 from psycopg import errors as pgerrors
 
-from .fsm import ChildInfo, Signal
-from .queries import Queries
+from pgdurable.contract.fsm import ChildInfo, Signal
+from pgdurable.db.queries import Queries
 
 #: How often a claim that lost a concurrency-key race is retried before giving up this round.
 CLAIM_RETRIES = 3

@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from .errors import UnknownMachine
-from .spec import (
+from pgdurable.contract.errors import UnknownMachine
+from pgdurable.contract.spec import (
     LIVE_STATUSES,
     Insert,
     InsertRow,

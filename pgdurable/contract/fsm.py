@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from .errors import DefinitionError
-from .outcomes import Cancel, Done, Outcome, Retry, Stop
-from .spec import MachineInfo
+from pgdurable.contract.errors import DefinitionError
+from pgdurable.contract.outcomes import Cancel, Done, Outcome, Retry, Stop
+from pgdurable.contract.spec import MachineInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""The database layer: named queries rendered for a schema, and the migrations."""

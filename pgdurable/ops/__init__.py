@@ -1,0 +1,1 @@
+"""Operations: the ``pgdurable`` command line."""
