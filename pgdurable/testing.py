@@ -66,8 +66,12 @@ async def adrain(
     batch: int = 100,
     limits: Limits | None = None,
 ) -> Tally:
-    """Async ``drain``. ``limits``: the concurrency gates and rate limits to apply (as a
-    supervisor's config would; ``Limits.parse(concurrency_limits=..., rate_limits=...)``)."""
+    """Async ``drain``.
+
+    ``limits``: the concurrency gates and rate limits to apply, as a supervisor's config
+    would; ``pgdurable.runtime.config.parse_limits(concurrency_limits=..., rate_limits=...)``
+    builds them from the same tables.
+    """
     engine = Engine(_registry(machines), schema=schema, limits=limits)
     horizon = COLLAPSED if collapse_time else dt.timedelta(0)
     counts: Counter[str] = Counter()

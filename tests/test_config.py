@@ -58,3 +58,74 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML") as err:
         load(bad)
     assert err.value.file == str(bad)
+
+
+@pytest.mark.parametrize(
+    ("limits", "key", "message"),
+    [
+        (
+            {"concurrency_limits": {"a:b": {"limit": 1}}},
+            "concurrency_limits.a:b",
+            "a limit name must be non-empty and contain no ':'",
+        ),
+        ({"concurrency_limits": {"s": 3}}, "concurrency_limits.s", "expected a table, got 3"),
+        (
+            {"concurrency_limits": {"s": {"limit": 2, "size": 1}}},
+            "concurrency_limits.s.size",
+            "unknown key (expected ['limit', 'shards'])",
+        ),
+        ({"concurrency_limits": {"s": {}}}, "concurrency_limits.s.limit", "missing"),
+        (
+            {"concurrency_limits": {"s": {"limit": True}}},
+            "concurrency_limits.s.limit",
+            "expected a positive integer, got True",
+        ),
+        (
+            {"concurrency_limits": {"s": {"limit": 2, "shards": 0}}},
+            "concurrency_limits.s.shards",
+            "expected a positive integer, got 0",
+        ),
+        ({"rate_limits": {"r": {"period": 1}}}, "rate_limits.r.allowed", "missing"),
+        (
+            {"rate_limits": {"r": {"allowed": -1, "period": 1}}},
+            "rate_limits.r.allowed",
+            "expected a positive number, got -1",
+        ),
+        (
+            {"rate_limits": {"r": {"allowed": 1, "period": 1, "burst": 0}}},
+            "rate_limits.r.burst",
+            "expected a positive number, got 0",
+        ),
+        (
+            {"rate_limits": {"r": {"allowed": 1, "period": "soon"}}},
+            "rate_limits.r.period",
+            "expected seconds or a duration like \"1m\", got 'soon'",
+        ),
+        (
+            {"rate_limits": {"r": {"allowed": 1, "period": "0s"}}},
+            "rate_limits.r.period",
+            "expected a positive duration, got '0s'",
+        ),
+        ({"rate_limits": 3}, "rate_limits", "expected a table"),
+    ],
+)
+def test_limit_errors_name_file_and_key(limits, key, message):
+    with pytest.raises(ConfigError) as err:
+        parse({**Q, **limits}, "/etc/pgdurable/x.toml")
+    assert err.value.key == key and err.value.file == "/etc/pgdurable/x.toml"
+    assert str(err.value) == f"{message} (file /etc/pgdurable/x.toml, key {key!r})"
+
+
+def test_limits_are_parsed():
+    cfg = parse(
+        {
+            **Q,
+            "concurrency_limits": {"stripe": {"limit": 3, "shards": 5}},
+            "rate_limits": {"geo": {"allowed": 6, "period": "1m"}, "api": {"allowed": 0, "period": 2.5}},
+        },
+        "x.toml",
+    )
+    assert cfg.limits.gates["stripe"].limit == 3 and cfg.limits.gates["stripe"].shards == 3
+    geo, api = cfg.limits.rates["geo"], cfg.limits.rates["api"]
+    assert (geo.allowed, geo.period, geo.burst, geo.shards, geo.rate) == (6.0, 60.0, 6.0, 1, 0.1)
+    assert (api.allowed, api.period, api.burst) == (0.0, 2.5, 1.0)

@@ -12,8 +12,8 @@ from pgdurable import Insert
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
 from pgdurable.engine.claim import claim
-from pgdurable.engine.limits import Limits
 from pgdurable.runtime import sweeps as maintenance
+from pgdurable.runtime.config import parse_limits
 from pgdurable.testing import assert_failed, drain
 
 from .limit_machines import Chain, work
@@ -21,8 +21,8 @@ from .test_races import wait_until_blocked
 from .trace import traced
 
 ALL = [work, Chain]
-GATE = Limits.parse(concurrency_limits={"stripe": {"limit": 2}})
-RATE = Limits.parse(rate_limits={"api": {"allowed": 5, "period": "1h", "burst": 5}})
+GATE = parse_limits(concurrency_limits={"stripe": {"limit": 2}})
+RATE = parse_limits(rate_limits={"api": {"allowed": 5, "period": "1h", "burst": 5}})
 
 
 def engine(schema, limits=None):
@@ -135,7 +135,7 @@ def test_gate_admits_at_most_limit_and_credits_on_outcome(dsn, schema, client, d
 
 
 def test_gate_shards_split_the_limit(dsn, schema, client, db):
-    limits = Limits.parse(concurrency_limits={"pool": {"limit": 5, "shards": 2}})
+    limits = parse_limits(concurrency_limits={"pool": {"limit": 5, "shards": 2}})
     client.insert_many([Insert(work, {}, concurrency_key="pool:a") for _ in range(8)])
     rows = run(claim_once(dsn, engine(schema, limits)))
     assert len(rows) == 5 and sorted(r.shard for r in rows) == [0, 0, 0, 1, 1]
@@ -223,7 +223,7 @@ def test_buckets_correct_after_gc_pruned_them(dsn, schema, client, db):
 
 def test_rows_without_limits_pay_nothing(dsn, schema, client, db):
     client.insert_many([Insert(work, {}) for _ in range(11)])
-    eng = engine(schema, Limits.parse({"stripe": {"limit": 2}}, {"api": {"allowed": 1, "period": 1}}))
+    eng = engine(schema, parse_limits({"stripe": {"limit": 2}}, {"api": {"allowed": 1, "period": 1}}))
 
     async def go():
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:

@@ -20,10 +20,11 @@ import psycopg
 from pgdurable.contract.fsm import Registry
 from pgdurable.contract.spec import encode_json
 from pgdurable.db.queries import Queries, for_schema
+from pgdurable.engine.admission import admit, needs_admission
 from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
 from pgdurable.engine.executor import Executor, Result
-from pgdurable.engine.limits import Limits, admit, needs_admission
+from pgdurable.engine.limits import Limits
 
 
 def new_worker_id() -> str:

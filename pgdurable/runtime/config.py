@@ -29,6 +29,7 @@ batch = 50                     # most rows one claim takes
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -39,10 +40,12 @@ import msgspec
 
 from pgdurable.contract.errors import ConfigError
 from pgdurable.db.queries import check_schema_name
-from pgdurable.engine.limits import Limits
+from pgdurable.engine.limits import Gate, Limits, Rate
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class Database(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -150,6 +153,83 @@ def _convert(value: Any, typ: type[Any], key: str, path: str) -> Any:
         raise ConfigError(message, file=path, key=full) from None
 
 
+def parse_limits(
+    concurrency_limits: dict[str, Any] | None = None,
+    rate_limits: dict[str, Any] | None = None,
+    *,
+    file: str | None = None,
+) -> Limits:
+    """Validate the ``[concurrency_limits]`` and ``[rate_limits]`` tables.
+
+    Also how a test builds the limits it gives ``testing.drain()``.
+    """
+    gates: dict[str, Gate] = {}
+    for name, spec in (concurrency_limits or {}).items():
+        key = f"concurrency_limits.{name}"
+        _check_name(name, key, file)
+        spec = _table(spec, key, file, {"limit", "shards"})
+        limit = _int(spec.get("limit"), f"{key}.limit", file, required=True)
+        shards = _int(spec.get("shards", 1), f"{key}.shards", file)
+        gates[name] = Gate(limit, min(shards, limit))
+    rates: dict[str, Rate] = {}
+    for name, spec in (rate_limits or {}).items():
+        key = f"rate_limits.{name}"
+        _check_name(name, key, file)
+        spec = _table(spec, key, file, {"allowed", "period", "burst", "shards"})
+        allowed = _number(spec.get("allowed"), f"{key}.allowed", file, required=True, zero_ok=True)
+        period = _period(spec.get("period"), f"{key}.period", file)
+        burst = _number(spec.get("burst", max(allowed, 1.0)), f"{key}.burst", file)
+        shards = _int(spec.get("shards", 1), f"{key}.shards", file)
+        rates[name] = Rate(allowed, period, burst, shards)
+    return Limits(gates, rates)
+
+
+def _check_name(name: str, key: str, file: str | None) -> None:
+    if not name or ":" in name:
+        raise ConfigError("a limit name must be non-empty and contain no ':'", file=file, key=key)
+
+
+def _table(spec: Any, key: str, file: str | None, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"expected a table, got {spec!r}", file=file, key=key)
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key (expected {sorted(allowed)})", file=file, key=f"{key}.{unknown[0]}")
+    return spec
+
+
+def _int(value: Any, key: str, file: str | None, *, required: bool = False) -> int:
+    if value is None and required:
+        raise ConfigError("missing", file=file, key=key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"expected a positive integer, got {value!r}", file=file, key=key)
+    return value
+
+
+def _number(
+    value: Any, key: str, file: str | None, *, required: bool = False, zero_ok: bool = False
+) -> float:
+    if value is None and required:
+        raise ConfigError("missing", file=file, key=key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"expected a positive number, got {value!r}", file=file, key=key)
+    return float(value)
+
+
+def _period(value: Any, key: str, file: str | None) -> float:
+    """Seconds, from a number or a string such as "500ms", "30s", "1m", "1h", "1d"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _PERIOD.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f'expected seconds or a duration like "1m", got {value!r}', file=file, key=key)
+    if seconds <= 0:
+        raise ConfigError(f"expected a positive duration, got {value!r}", file=file, key=key)
+    return seconds
+
+
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Validate a decoded TOML document."""
     sections: dict[str, type[Any]] = {"database": Database, "runtime": Runtime, "maintenance": Maintenance}
@@ -160,7 +240,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     for key in ("concurrency_limits", "rate_limits"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError("expected a table", file=path, key=key)
-    limits = Limits.parse(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
+    limits = parse_limits(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
     if not isinstance(raw_queues, dict):
