@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import psycopg
 import pytest
 
@@ -153,6 +154,45 @@ def test_inline_run_ahead_skips_the_re_pick(dsn, schema, client):
     t = asyncio.run(go())
     assert client.get(iid).result == 4
     assert t.statements == 1 + 5, t.sql()  # no second claim
+
+
+def test_inline_continue_hands_the_next_step_the_state_as_a_claim_reads_it(dsn, schema, client, db):
+    """A claim carries the stored state as JSON text; the claim an inline continue hands
+    to the next step must carry it the same way (text, not the encoder's bytes), holding
+    what the previous step returned and what was committed."""
+    from pgdurable import FSM, Done, Next, step
+    from pgdurable.engine.commit import continued
+
+    class Carry(FSM, name="carry", queue="carry"):
+        @step(initial=True)
+        def first(self, ctx):
+            return Next(self.second, {"n": ctx.state["n"] + 1, "who": "zoë"}, inline=True)
+
+        @step
+        def second(self, ctx):
+            return Done(ctx.state)
+
+    iid = client.insert(Carry, {"n": 0})
+
+    async def go():
+        engine = Engine(Registry([Carry]), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            (row,) = await engine.claim(conn, "carry", 10)
+            result = await engine.run(row)
+            report = await engine.flush(conn, [result])
+            assert result.inline and report.committed == {iid}
+            nxt = continued(row, result)
+            cur = await conn.execute(f'SELECT state::text FROM "{schema}".instances WHERE id = %s', [iid])
+            (stored,) = await cur.fetchone()
+            done = await engine.run(nxt)
+            await engine.flush(conn, [done])
+            return row, nxt, stored
+
+    row, nxt, stored = asyncio.run(go())
+    assert type(row.state) is str and type(nxt.state) is str
+    assert msgspec.json.decode(nxt.state) == msgspec.json.decode(stored) == {"n": 1, "who": "zoë"}
+    assert (nxt.step, nxt.depth) == ("second", 1)
+    assert client.get(iid).result == {"n": 1, "who": "zoë"}
 
 
 def test_default_scope_in_sql_matches_the_live_statuses():

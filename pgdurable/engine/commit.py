@@ -156,7 +156,9 @@ def continued(row: Claimed, r: Result) -> Claimed:
         row,
         step=r.step,
         version=r.version,
-        state=r.state if r.state is not None else row.state,
+        # A claim carries the state as JSON text (what instance_claim reads); the flush
+        # stored the same document (jsonb may differ only in spacing and key order).
+        state=r.state.decode() if r.state is not None else row.state,
         attempt=0,
         crashes=0,
         awaits=None,
