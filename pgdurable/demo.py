@@ -104,7 +104,7 @@ async def produce(dsn: str, orders: int, supervisor: subprocess.Popen[bytes]) ->
             while supervisor.poll() is None:
                 async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                     cur = await conn.execute(q["instance_count_by_status"], {"fsm": "order"})
-                    counts = dict(await cur.fetchall())
+                    counts: dict[str, int] = dict(await cur.fetchall())
                 if not set(counts) - {"done", "failed"}:
                     print(f"all {orders} orders settled: {counts}", flush=True)
                     return

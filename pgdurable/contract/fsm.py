@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import msgspec
 
@@ -72,6 +72,17 @@ class StepDef:
     timeout: float | None
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+@overload
+def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ...) -> _Fn: ...
+
+
+@overload
+def step(fn: None = None, *, initial: bool = ..., timeout: float | None = ...) -> Callable[[_Fn], _Fn]: ...
+
+
 def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
@@ -93,7 +104,7 @@ def default_backoff(attempt: int, *, base: float = 1.0, cap: float = 300.0) -> f
 
     The jitter takes up to a quarter off, so instances that failed together spread out.
     """
-    delay = min(cap, base * (2 ** min(attempt, 32)))
+    delay = min(cap, base * (2.0 ** min(attempt, 32)))
     return delay * random.uniform(0.75, 1.0)
 
 
@@ -202,7 +213,9 @@ def job(
     def build(f: Callable[..., Any]) -> type[FSM]:
         args_type = _args_type(f)
         takes_ctx = len(inspect.signature(f).parameters) >= 2
-        call = (lambda a, c: f(a, c)) if takes_ctx else (lambda a, c: f(a))
+
+        def call(args: Any, ctx: Context) -> Any:
+            return f(args, ctx) if takes_ctx else f(args)
 
         if inspect.iscoroutinefunction(f):
 

@@ -7,7 +7,7 @@ row that has any, whatever the batch size. Rows with neither cost no extra state
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import msgspec
@@ -31,7 +31,7 @@ class Claimed:
     fsm: str
     version: int | None
     step: str | None
-    state: str
+    state: str  # the stored JSON as text (state::text); decode_state reads it
     attempt: int
     crashes: int
     queue: str
@@ -46,6 +46,7 @@ class Claimed:
     has_inbox: bool
     has_children: bool
     gated: bool
+    _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted
     depth: int = 0  # steps run ahead inline on this claim so far

@@ -237,7 +237,6 @@ def prepare(
     limits: Limits | None = None,
 ) -> Result:
     """The one validation boundary: an outcome becomes absolute column values or raises."""
-    base = {"version": info.version, "step": step_name}
     match outcome:
         case Next():
             target = _step_name(info, outcome.step, "Next")
@@ -275,18 +274,19 @@ def prepare(
             )
         case Retry():
             try:
-                delay = seconds(outcome.delay) if outcome.delay is not None else None
+                retry_delay = seconds(outcome.delay) if outcome.delay is not None else None
             except TypeError as exc:
                 raise InvalidOutcome(str(exc)) from exc
-            if delay is None:
+            if retry_delay is None:
                 cls_inst = registry.get(info.name, info.version)
-                delay = cls_inst[1].backoff(row.attempt) if cls_inst else 0.0
+                retry_delay = cls_inst[1].backoff(row.attempt) if cls_inst else 0.0
             return Result(
                 row,
                 "retry",
-                **base,
+                version=info.version,
+                step=step_name,
                 state=_encode(info, outcome.state),
-                delay=delay,
+                delay=retry_delay,
                 attempt=row.attempt + 1,
                 keep_awaits=True,
                 keep_rate=True,
@@ -328,8 +328,17 @@ def prepare(
                 result = _encoder.encode(outcome.result)
             except (TypeError, msgspec.EncodeError) as exc:
                 raise InvalidOutcome(f"Done result does not encode to JSON: {exc}") from exc
-            return Result(row, "done", **base, result=result, attempt=row.attempt)
+            return Result(
+                row, "done", version=info.version, step=step_name, result=result, attempt=row.attempt
+            )
         case Stop():
-            return Result(row, "stop", **base, error=str(outcome.reason), attempt=row.attempt)
+            return Result(
+                row,
+                "stop",
+                version=info.version,
+                step=step_name,
+                error=str(outcome.reason),
+                attempt=row.attempt,
+            )
         case _:
             assert_never(outcome)

@@ -30,4 +30,5 @@ def start(data_dir: str | Path, *, cleanup: str | None = "stop") -> Any:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pgserver.get_server(path, cleanup_mode=cleanup)
+        # get_server is re-exported by pgserver/__init__.py without __all__.
+        return pgserver.get_server(path, cleanup_mode=cleanup)  # type: ignore[attr-defined]
