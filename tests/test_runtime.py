@@ -380,29 +380,34 @@ def test_slow_steps_keep_the_buffer_at_prefetch(dsn, schema, client, db, sups, t
 
 
 def test_buffer_grows_with_quick_steps_up_to_batch():
-    from pgdurable.contract.fsm import Registry
-    from pgdurable.runtime.config import parse
-    from pgdurable.runtime.worker import BUFFER_HORIZON, Worker
+    import logging
 
-    def worker(prefetch: int) -> Worker:
+    from pgdurable.contract.fsm import Registry
+    from pgdurable.engine import Engine
+    from pgdurable.runtime.config import parse
+    from pgdurable.runtime.context import Runtime
+    from pgdurable.runtime.slots import BUFFER_HORIZON, Slots
+
+    def slots(prefetch: int) -> Slots:
         cfg = parse(
             {
                 "database": {"dsn": "postgresql://unused"},
                 "queues": {"q": {"concurrency": 10, "prefetch": prefetch, "batch": 50}},
             }
         )
-        return Worker(cfg, "postgresql://unused", "q", 0, Registry([]), "w", None)
+        rt = Runtime(cfg, "postgresql://unused", "q", 0, Engine(Registry([])), None, logging.getLogger("t"))
+        return Slots(rt, flusher=None)
 
-    w = worker(10)
+    w = slots(10)
     assert w.room() == 20  # nothing measured yet: concurrency + prefetch
-    w._step_time = 10 * BUFFER_HORIZON / 30  # ten slots start 30 rows within the horizon
+    w.step_time = 10 * BUFFER_HORIZON / 30  # ten slots start 30 rows within the horizon
     assert w.room() == 10 + 30
-    w._step_time = 1e-5  # no-op steps: capped at the batch
+    w.step_time = 1e-5  # no-op steps: capped at the batch
     assert w.room() == 10 + 50
-    w._step_time = 5.0  # slow steps: the configured prefetch, no more
+    w.step_time = 5.0  # slow steps: the configured prefetch, no more
     assert w.room() == 20
-    w0 = worker(0)
-    w0._step_time = 1e-5
+    w0 = slots(0)
+    w0.step_time = 1e-5
     assert w0.room() == 10  # prefetch = 0: no buffer, however quick the steps
 
 

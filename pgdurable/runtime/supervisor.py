@@ -182,20 +182,19 @@ class Supervisor:
             os.close(r)
             code = 1
             try:
-                from pgdurable.runtime.worker_main import worker_main
+                from pgdurable.runtime import worker
 
-                code = worker_main(
-                    self.cfg,
-                    self.dsn,
-                    slot.queue,
-                    slot.index,
-                    self.registry,
-                    f"{worker_id}/{os.getpid()}",
-                    w,
-                    parent_pid,
-                    old_mask,
-                    board,
+                spec = worker.WorkerSpec(
+                    cfg=self.cfg,
+                    dsn=self.dsn,
+                    queue=slot.queue,
+                    index=slot.index,
+                    registry=self.registry,
+                    worker_id=f"{worker_id}/{os.getpid()}",
+                    report_fd=w,
+                    board=board,
                 )
+                code = worker.main(spec, parent_pid=parent_pid, signal_mask=old_mask)
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
                 logging.getLogger("pgdurable.worker").exception("worker crashed")
             finally:

@@ -1,0 +1,75 @@
+"""The flusher: group commit of a worker process's outcomes.
+
+Outcomes submitted while a flush runs wait together and are committed by the next flush, in
+one transaction of a fixed few statements whatever their number (``engine.commit``). Each
+step's task waits until its outcome is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pgdurable.engine.executor import Result
+from pgdurable.runtime.context import Runtime
+from pgdurable.runtime.lifecycle import Component
+
+
+@dataclass
+class _Pending:
+    result: Result
+    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Flusher(Component):
+    """Group commit: outcomes submitted while a flush runs are committed together next."""
+
+    name = "flusher"
+
+    def __init__(self, rt: Runtime):
+        super().__init__()
+        self.rt = rt
+        self._waiting: list[_Pending] = []
+        self._wake = asyncio.Event()
+
+    async def submit(self, result: Result) -> bool:
+        """Wait until the outcome is durable; False when it was stale (claim lost)."""
+        item = _Pending(result)
+        self._waiting.append(item)
+        self._wake.set()
+        return await item.done
+
+    def close(self) -> None:
+        super().close()
+        self._wake.set()
+
+    async def run(self) -> None:
+        # Closing, it still flushes whatever is waiting, then returns.
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._waiting = self._waiting, []
+            if batch:
+                await self._flush(batch)
+            elif self.closing.is_set():
+                return
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        rt = self.rt
+        try:
+            async with rt.pool.connection() as conn:
+                report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
+        except Exception as exc:  # noqa: BLE001 - rows stay executing; recovery reclaims them
+            rt.stats.error(f"flush failed: {exc!r}")
+            rt.log.exception("flush failed", extra={"event": "flush_failed"})
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(exc)
+            return
+        for p in batch:
+            stale = p.result.row.id in report.stale
+            rt.stats.stale += stale
+            if not p.done.done():
+                p.done.set_result(not stale)
+        if self.closing.is_set():
+            self._wake.set()  # look once more: return when nothing is left

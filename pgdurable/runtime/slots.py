@@ -1,0 +1,152 @@
+"""The slots of a worker process: the rows it holds and the steps it runs.
+
+A claimed row waits in the ``buffer`` (prefetched, or the next step of an inline
+continuation), takes a slot while its step's code runs (``running``), and is ``committing``
+while its outcome waits for the group commit. The feeder fills the buffer; a finished step
+sets ``wake`` so the feeder looks again.
+
+Stopping is the drain: give the buffered rows back, let running steps finish within the
+drain timeout, cancel what is left and give it back (guarded by each claim's token, so a row
+whose outcome did commit meanwhile is untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pgdurable.engine.claim import Claimed
+from pgdurable.engine.commit import continued
+from pgdurable.runtime.board import RunningBoard
+from pgdurable.runtime.context import Runtime
+from pgdurable.runtime.flusher import Flusher
+from pgdurable.runtime.lifecycle import Component
+
+#: The most steps one claim runs ahead inline before the row goes back to the queue.
+MAX_INLINE = 100
+#: While steps are short, the buffer holds what the slots start within this many seconds
+#: (more than ``prefetch``, at most ``batch`` rows): bigger claims and commits for quick
+#: steps, no hoarding of rows by a process whose steps are slow.
+BUFFER_HORIZON = 0.02
+
+
+class Slots(Component):
+    name = "slots"
+
+    def __init__(self, rt: Runtime, flusher: Flusher, board: RunningBoard | None = None):
+        super().__init__()
+        self.rt, self.flusher, self.board = rt, flusher, board
+        self.buffer: list[Claimed] = []  # claimed, not started (prefetch, inline continues)
+        self.running: dict[int, Claimed] = {}  # step code running: these take the slots
+        self.committing: dict[int, Claimed] = {}  # step done, outcome waiting for its commit
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()  # set when a step finished or a row was given back
+        self._solo: int | None = None
+        self.step_time = 1.0  # seconds, a moving average; until measured: slow, plain prefetch
+
+    # -- what the feeder asks ---------------------------------------------------------------
+    def room(self) -> int:
+        """Rows this process may hold, running or waiting to start: its slots plus a buffer
+        of ``prefetch`` rows, or, while steps are quick, of what the slots start within
+        ``BUFFER_HORIZON`` (at most ``batch``). ``prefetch = 0`` means no buffer at all."""
+        q = self.rt.settings
+        if q.prefetch == 0:
+            return q.concurrency
+        quick = int(q.concurrency * BUFFER_HORIZON / max(self.step_time, 1e-6))
+        return q.concurrency + max(q.prefetch, min(quick, q.batch))
+
+    def demand(self) -> int:
+        """How many rows a claim may take now."""
+        return min(self.room() - len(self.running) - len(self.buffer), self.rt.settings.batch)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.buffer and not self.committing
+
+    def held(self) -> list[int]:
+        """Every row id this process holds a claim on (the heartbeat extends their leases)."""
+        return [r.id for r in self.buffer] + list(self.running) + list(self.committing)
+
+    # -- running steps ----------------------------------------------------------------------
+    def fill(self, rows: list[Claimed]) -> None:
+        """Buffer claimed rows and start as many as there are free slots."""
+        self.buffer.extend(rows)
+        self.start_from_buffer()
+
+    def start_from_buffer(self) -> None:
+        while self.buffer and len(self.running) < self.rt.settings.concurrency and not self.closing.is_set():
+            if self._solo is not None:
+                break  # a suspect runs alone
+            if self.buffer[0].crashes > 0:
+                # Its worker died during this step before: run it alone, so that if it kills
+                # this process too, no innocent neighbour is blamed for the crash.
+                if self.running:
+                    break
+                self._solo = self.buffer[0].id
+            row = self.buffer.pop(0)
+            self.running[row.id] = row
+            # On the board before the step runs: if this process dies now, this step is a
+            # suspect and counts a crash; rows merely held are innocent.
+            if self.board is not None:
+                self.board.start(row.id)
+            self.tasks[row.id] = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
+
+    async def _run_one(self, row: Claimed) -> None:
+        rt = self.rt
+        try:
+            started = rt.clock()
+            try:
+                result = await rt.engine.run(row)
+            finally:
+                self.step_time += 0.2 * (rt.clock() - started - self.step_time)
+                # The step's code is done: its slot is free while the outcome waits for the
+                # group commit (the row stays held, and heartbeated, until then).
+                self.running.pop(row.id, None)
+                if self.board is not None:
+                    self.board.stop(row.id)
+                if self._solo == row.id:
+                    self._solo = None
+                self.committing[row.id] = row
+                self.wake.set()
+            committed = await self.flusher.submit(result)
+            rt.stats.steps += 1
+            if committed and result.inline:
+                # The continue kept the claim: its next step goes first in line.
+                nxt = continued(row, result)
+                if self.closing.is_set() or nxt.depth > MAX_INLINE:
+                    await self.release([nxt])
+                else:
+                    self.buffer.insert(0, nxt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the row stays executing; recovery reclaims it
+            rt.stats.error(repr(exc))
+        finally:
+            self.committing.pop(row.id, None)
+            self.tasks.pop(row.id, None)
+            self.wake.set()
+
+    async def release(self, rows: list[Claimed]) -> None:
+        """Give claimed rows that will not run here back to runnable."""
+        if rows:
+            async with self.rt.pool.connection() as conn:
+                await self.rt.engine.release(conn, rows)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.closing.wait()
+
+    async def stop(self, timeout: float = 0.0) -> None:
+        """The drain: buffered rows go back now, running steps get ``timeout`` seconds."""
+        self.close()
+        buffered, self.buffer = self.buffer, []
+        await self.release(buffered)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=timeout)
+        leftover = [*self.running.values(), *self.committing.values()]
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()))
+        # Guarded by the claim's token: a row whose outcome did commit meanwhile is untouched.
+        await self.release(leftover)
+        await super().stop(0)
