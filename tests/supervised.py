@@ -118,12 +118,19 @@ class Supervised:
         self.wait_for("READY=1")
         return self
 
-    def workers(self) -> list[int]:
+    def children(self) -> list[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         try:
             return [int(p) for p in children.read_text().split()]
         except FileNotFoundError:
             return []
+
+    def workers(self) -> list[int]:
+        """The worker processes (every child but the maintenance process)."""
+        return [p for p in self.children() if not _is_maintenance(p)]
+
+    def maintenance(self) -> list[int]:
+        return [p for p in self.children() if _is_maintenance(p)]
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -181,3 +188,10 @@ def start(sups, tmp_path, dsn, schema, **kw) -> Supervised:
     s = Supervised(tmp_path, dsn, schema, name=f"sup{len(sups)}", **kw)
     sups.append(s)
     return s.ready()
+
+
+def _is_maintenance(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"pgdurable: maintenance")
+    except OSError:
+        return False

@@ -10,7 +10,7 @@ import psycopg
 from pgdurable.contract.fsm import Registry
 from pgdurable.db.queries import for_schema
 from pgdurable.engine import Engine
-from pgdurable.runtime.sweeps import gc
+from pgdurable.runtime.sweeps.gc import gc
 from pgdurable.testing import assert_done, assert_status, drain
 
 from .coord_machines import GrandParent, Leaf, Parent

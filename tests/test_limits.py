@@ -12,8 +12,8 @@ from pgdurable import Insert
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
 from pgdurable.engine.claim import claim
-from pgdurable.runtime import sweeps as maintenance
 from pgdurable.runtime.config import parse_limits
+from pgdurable.runtime.sweeps import gc as maintenance
 from pgdurable.testing import assert_failed, drain
 
 from .limit_machines import Chain, work

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from pgdurable import Insert
 from pgdurable.db.queries import for_schema
-from pgdurable.runtime import sweeps as maintenance
+from pgdurable.runtime.sweeps import gc as maintenance
 
 from .supervised import start, wait_until
 

@@ -1,23 +1,21 @@
 """The reporter: once a second, one JSON line to the supervisor over the report pipe, and
 the process title.
 
-The supervisor's health checks, status line, systemd watchdog and metrics all come from
-these lines. A report never blocks the loop: when the supervisor lags, a line is dropped;
-when the pipe is gone (the supervisor died), the process stops.
+The supervisor's health checks, status line and systemd watchdog come from these lines. A
+report never blocks the loop: when the supervisor lags, a line is dropped; when the pipe is
+gone (the supervisor died), the process stops.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import setproctitle
 
-from pgdurable.runtime.context import Runtime
-from pgdurable.runtime.feedconn import FeedConnection
 from pgdurable.runtime.lifecycle import Component, sleep_unless
-from pgdurable.runtime.slots import Slots
 
 REPORT_EVERY = 1.0
 
@@ -25,9 +23,15 @@ REPORT_EVERY = 1.0
 class Reporter(Component):
     name = "reporter"
 
-    def __init__(self, rt: Runtime, slots: Slots, feed: FeedConnection, fd: int | None):
+    def __init__(
+        self,
+        fd: int | None,
+        snapshot: Callable[[], dict[str, Any]],
+        title: Callable[[], str],
+        on_gone: Callable[[], None],
+    ):
         super().__init__()
-        self.rt, self.slots, self.feed, self.fd = rt, slots, feed, fd
+        self.fd, self.snapshot, self.title, self.on_gone = fd, snapshot, title, on_gone
 
     async def run(self) -> None:
         while True:
@@ -35,42 +39,15 @@ class Reporter(Component):
             if await sleep_unless(self.closing, REPORT_EVERY):
                 return
 
-    def report(self, **extra: Any) -> None:
-        """Send one report line (alive, load, held rows, errors, LISTEN health)."""
-        rt, slots = self.rt, self.slots
-        q = rt.settings
-        setproctitle.setproctitle(
-            f"pgdurable: worker {rt.queue} {rt.index + 1}/{q.processes} "
-            f"busy {len(slots.running)}/{q.concurrency}"
-        )
+    def report(self) -> None:
+        """Set the process title and send one report line."""
+        setproctitle.setproctitle(self.title())
         if self.fd is None:
             return
-        feed = self.feed
-        listening = feed.listening and rt.clock() - feed.seen < 3 * rt.cfg.runtime.heartbeat + 5
-        msg = {
-            "pid": os.getpid(),
-            "worker": rt.worker_id,
-            "queue": rt.queue,
-            "busy": len(slots.running),
-            "buffered": len(slots.buffer),
-            "held": len(slots.held()),
-            "concurrency": q.concurrency,
-            "steps": rt.stats.steps,
-            "stale": rt.stats.stale,
-            "errors": rt.stats.errors,
-            "limit_errors": rt.engine.limit_errors,
-            "last_error": rt.stats.last_error,
-            "listening": listening,
-            **extra,
-        }
-        self.send((json.dumps(msg) + "\n").encode())
-
-    def send(self, data: bytes) -> None:
-        if self.fd is None:
-            return
+        msg = {"pid": os.getpid(), **self.snapshot()}
         try:
-            os.write(self.fd, data)
+            os.write(self.fd, (json.dumps(msg) + "\n").encode())
         except BlockingIOError:
             pass  # the supervisor is behind: a report may be dropped, never block the loop
         except OSError:
-            self.rt.stopping.set()  # the supervisor is gone: stop
+            self.on_gone()  # the supervisor is gone: stop

@@ -1,15 +1,16 @@
-"""``pgdurable supervise config.toml``: one per host. Forks per-queue workers, replaces the
-ones that die (returning their rows at once), runs the maintenance sweeps, talks to systemd.
+"""``pgdurable supervise config.toml``: one per host. Forks per-queue workers and one
+maintenance process, replaces the ones that die (returning a dead worker's rows at once),
+talks to systemd.
 
 The supervisor itself is a plain synchronous loop: no event loop, no threads, and no
-connection open while it forks, so every worker starts clean. Its database work (reclaims,
-sweeps) runs on short-lived connections. Workers report over a pipe, one JSON line a second.
+connection open while it forks, so every child starts clean. Its own database work (the
+reclaims) runs on short-lived connections; the sweeps run in the maintenance process
+(``runtime.maintenance``). Children report over a pipe, one JSON line a second.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -32,15 +33,19 @@ from pgdurable.db import migrations
 from pgdurable.db.queries import for_schema
 from pgdurable.engine.pipeline import registration
 from pgdurable.runtime import config as config_mod
-from pgdurable.runtime import sweeps as maintenance
 from pgdurable.runtime.board import RunningBoard
 from pgdurable.runtime.config import Config
+from pgdurable.runtime.sweeps.reaper import reclaim
 from pgdurable.runtime.systemd import Notifier
 
 log = logging.getLogger("pgdurable.supervisor")
 
 RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
+#: The slot key of the maintenance process (queues are keyed by (name, index >= 0)).
+MAINTENANCE = ("", -1)
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Child:
     worker_id: str
     fd: int
     generation: int
-    board: RunningBoard
+    board: RunningBoard | None  # None for the maintenance process: it holds no rows
     started: float = field(default_factory=time.monotonic)
     last_report: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
@@ -66,6 +71,10 @@ class Slot:
     index: int
     failures: int = 0
     restart_at: float = 0.0
+
+    @property
+    def maintenance(self) -> bool:
+        return (self.queue, self.index) == MAINTENANCE
 
 
 class Supervisor:
@@ -83,8 +92,6 @@ class Supervisor:
         self._embedded: Any = None
         self.dsn = ""
         self.registry = Registry()
-        self._next_sweep = 0.0
-        self._next_gc = 0.0
         self._next_status = 0.0
         self._ready = False
         self._ready_sent = False  # READY=1 reached systemd (re-sent with each status until then)
@@ -166,37 +173,28 @@ class Supervisor:
         self.slots = {
             (name, i): Slot(name, i) for name, q in self.cfg.queues.items() for i in range(q.processes)
         }
+        if self.cfg.maintenance.enabled:
+            self.slots[MAINTENANCE] = Slot(*MAINTENANCE)
         for slot in self.slots.values():
             self._spawn(slot)
 
     def _spawn(self, slot: Slot) -> None:
         r, w = os.pipe()
         parent_pid = os.getpid()
-        worker_id = f"{self.node}/{slot.queue}/{slot.index}"
+        role = "maintenance" if slot.maintenance else f"{slot.queue}/{slot.index}"
+        worker_id = f"{self.node}/{role}"
+        board = None if slot.maintenance else RunningBoard(self.cfg.queues[slot.queue].concurrency)
         # Signals stay blocked across the fork until the child installed its own handlers,
-        # so a SIGTERM in between is delivered to the worker's handler, not lost.
-        board = RunningBoard(self.cfg.queues[slot.queue].concurrency)
+        # so a SIGTERM in between is delivered to the child's handler, not lost.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         pid = os.fork()
         if pid == 0:  # the child: nothing of ours is open but the pipe
             os.close(r)
             code = 1
             try:
-                from pgdurable.runtime import worker
-
-                spec = worker.WorkerSpec(
-                    cfg=self.cfg,
-                    dsn=self.dsn,
-                    queue=slot.queue,
-                    index=slot.index,
-                    registry=self.registry,
-                    worker_id=f"{worker_id}/{os.getpid()}",
-                    report_fd=w,
-                    board=board,
-                )
-                code = worker.main(spec, parent_pid=parent_pid, signal_mask=old_mask)
+                code = self._child_main(slot, f"{worker_id}/{os.getpid()}", w, parent_pid, old_mask, board)
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
-                logging.getLogger("pgdurable.worker").exception("worker crashed")
+                logging.getLogger("pgdurable.worker").exception("%s crashed", role)
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -205,7 +203,39 @@ class Supervisor:
         child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation, board)
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
-        log.info("worker %s started for queue %s", pid, slot.queue, extra={"event": "worker_started"})
+        if slot.maintenance:
+            log.info("maintenance process %s started", pid, extra={"event": "maintenance_started"})
+        else:
+            log.info("worker %s started for queue %s", pid, slot.queue, extra={"event": "worker_started"})
+
+    def _child_main(
+        self,
+        slot: Slot,
+        worker_id: str,
+        report_fd: int,
+        parent_pid: int,
+        mask: set[int | signal.Signals],
+        board: RunningBoard | None,
+    ) -> int:
+        """Runs in the forked child (imports what only the child needs)."""
+        if slot.maintenance:
+            from pgdurable.runtime import maintenance
+
+            mspec = maintenance.MaintenanceSpec(self.cfg, self.dsn, self.registry, report_fd)
+            return maintenance.main(mspec, parent_pid=parent_pid, signal_mask=mask)
+        from pgdurable.runtime import worker
+
+        spec = worker.WorkerSpec(
+            cfg=self.cfg,
+            dsn=self.dsn,
+            queue=slot.queue,
+            index=slot.index,
+            registry=self.registry,
+            worker_id=worker_id,
+            report_fd=report_fd,
+            board=board,
+        )
+        return worker.main(spec, parent_pid=parent_pid, signal_mask=mask)
 
     def _read_reports(self, pid: int) -> None:
         child = self.children.get(pid)
@@ -252,7 +282,11 @@ class Supervisor:
                 os.close(child.fd)
             code = os.waitstatus_to_exitcode(status)
             graceful = code == 0 and (self.stopping or child.generation != self.generation)
-            if not graceful:
+            if not graceful and child.board is None:
+                log.warning(
+                    "maintenance process %s died (exit %s)", pid, code, extra={"event": "maintenance_died"}
+                )
+            elif not graceful:
                 log.warning(
                     "worker %s of queue %s died (exit %s)",
                     pid,
@@ -260,10 +294,11 @@ class Supervisor:
                     code,
                     extra={"event": "worker_died"},
                 )
-            # Whatever it still held goes back now, not when its leases expire; a crash is
-            # counted only for the steps it had started, not for its prefetched rows.
-            self._reclaim(workers=[child.worker_id], crashed=child.board.running())
-            child.board.close()
+            if child.board is not None:
+                # Whatever it still held goes back now, not when its leases expire; a crash
+                # is counted only for the steps it had started, not for its prefetched rows.
+                self._reclaim(workers=[child.worker_id], crashed=child.board.running())
+                child.board.close()
             slot = self.slots.get((child.queue, child.index))
             if slot is not None and not self.stopping and child.generation == self.generation:
                 alive = time.monotonic() - child.started
@@ -328,23 +363,9 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signal.SIGKILL)
             return
-        if self.cfg.maintenance.enabled:
-            self._maintenance(now)
         if now >= self._next_status:
             self._next_status = now + 1.0
             self._status_and_watchdog()
-
-    def _maintenance(self, now: float) -> None:
-        try:
-            if now >= self._next_sweep:
-                self._next_sweep = now + self.cfg.maintenance.interval
-                self._reclaim(expired=True)
-                self._expire_awaits()
-            if now >= self._next_gc:
-                self._next_gc = now + self.cfg.maintenance.gc_interval
-                self._gc()
-        except psycopg.Error as exc:
-            log.warning("maintenance failed: %r", exc, extra={"event": "maintenance_failed"})
 
     # -- database work (short connections) -------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -364,37 +385,21 @@ class Supervisor:
         """Return rows of dead owners to runnable. ``crashed``: the ids whose step had started
         (a crash counts only for them); None counts a crash for every reclaimed row."""
 
-        q = for_schema(self.cfg.database.schema)
-        own = [m for m in self.registry.machines() if m.max_crashes is not None]
-        params = {
-            "workers": list(workers),
-            "nodes": list(nodes),
-            "expired": expired,
-            "count_all": crashed is None,
-            "crashed": list(crashed or ()),
-            "fsms": [m.__pgdurable__.name for m in own],
-            "versions": [m.__pgdurable__.version for m in own],
-            "max_crashes": [m.max_crashes for m in own],
-            "default_max": self.cfg.runtime.max_crashes,
-        }
         try:
-            with self._connect() as conn, conn.transaction():
-                rows = conn.execute(q["instance_reclaim"], params).fetchall()
-                parents: dict[int, int] = {}
-                for _rid, status, parent_id, *_ in rows:
-                    if status == "failed" and parent_id is not None:
-                        parents[parent_id] = parents.get(parent_id, 0) + 1
-                if parents:
-                    ids = sorted(parents)
-                    conn.execute(
-                        q["instance_join_parents_many"], {"parents": ids, "counts": [parents[p] for p in ids]}
-                    )
+            with self._connect() as conn:
+                return reclaim(
+                    conn,
+                    for_schema(self.cfg.database.schema),
+                    self.registry,
+                    self.cfg.runtime.max_crashes,
+                    workers=workers,
+                    nodes=nodes,
+                    expired=expired,
+                    crashed=crashed,
+                )
         except psycopg.Error as exc:
             log.warning("reclaim failed: %r", exc, extra={"event": "reclaim_failed"})
             return 0
-        if rows:
-            log.info("reclaimed %d rows", len(rows), extra={"event": "reclaimed"})
-        return len(rows)
 
     def _reclaim_dead_incarnations(self) -> None:
         """Rows held by a previous supervisor of this host whose process is gone."""
@@ -405,38 +410,14 @@ class Supervisor:
         if dead:
             self._reclaim(nodes=dead)
 
-    def _expire_awaits(self) -> None:
-        q = for_schema(self.cfg.database.schema)
-        with self._connect() as conn:
-            while (
-                len(conn.execute(q["instance_await_expire"], {"horizon": "0", "limit": 1000}).fetchall())
-                == 1000
-            ):
-                pass
-
-    def _gc(self) -> None:
-        q = for_schema(self.cfg.database.schema)
-        with self._connect() as conn:
-            deleted = maintenance.gc(
-                conn,
-                q,
-                retention=dt.timedelta(seconds=self.cfg.maintenance.retention),
-                batch=self.cfg.maintenance.gc_batch,
-                max_batches=10,  # the rest next time: keep the loop responsive
-            )
-            repaired, pruned = maintenance.limits(conn, q)
-        if deleted:
-            log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
-        if repaired:
-            log.warning("gc repaired %d gate counters", repaired, extra={"event": "gate_repaired"})
-
     # -- health ----------------------------------------------------------------------------
     def _status(self) -> str:
-        busy = sum(int(c.last_report.get("busy", 0)) for c in self.children.values())
-        cap = sum(int(c.last_report.get("concurrency", 0)) for c in self.children.values())
-        steps = sum(int(c.last_report.get("steps", 0)) for c in self.children.values())
-        held = sum(int(c.last_report.get("limit_errors", 0)) for c in self.children.values())
-        status = f"{len(self.children)} workers, busy {busy}/{cap}, {steps} steps"
+        workers = [c for c in self.children.values() if c.board is not None]
+        busy = sum(int(c.last_report.get("busy", 0)) for c in workers)
+        cap = sum(int(c.last_report.get("concurrency", 0)) for c in workers)
+        steps = sum(int(c.last_report.get("steps", 0)) for c in workers)
+        held = sum(int(c.last_report.get("limit_errors", 0)) for c in workers)
+        status = f"{len(workers)} workers, busy {busy}/{cap}, {steps} steps"
         return status + (f", {held} held by misconfigured limits" if held else "")
 
     def _healthy(self) -> bool:
@@ -446,7 +427,7 @@ class Supervisor:
         return (
             len(current) == expected
             and all(now - c.last_seen < max(5.0, 2 * self.cfg.runtime.heartbeat) for c in current)
-            and all(c.last_report.get("listening") for c in current)
+            and all(c.last_report.get("listening") for c in current if c.board is not None)
         )
 
     def _status_and_watchdog(self) -> None:

@@ -18,14 +18,12 @@ left; the flusher commits what waits; exit 0.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import datetime as dt
 import logging
-import os
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import setproctitle
@@ -40,6 +38,7 @@ from pgdurable.runtime.context import Pool, Runtime
 from pgdurable.runtime.feedconn import FeedConnection
 from pgdurable.runtime.feeder import Feeder
 from pgdurable.runtime.flusher import Flusher
+from pgdurable.runtime.forked import reset_after_fork, run_loop
 from pgdurable.runtime.heartbeat import Heartbeat
 from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
@@ -47,7 +46,6 @@ from pgdurable.runtime.slots import Slots
 
 log = logging.getLogger("pgdurable.worker")
 
-_PR_SET_PDEATHSIG = 1
 #: How long a stopping feeder may take to finish the claim it is in before it is cancelled.
 FEEDER_STOP_TIMEOUT = 5.0
 
@@ -119,7 +117,12 @@ class Worker:
                 flusher,
                 slots,
                 Heartbeat(rt, slots),
-                Reporter(rt, slots, feed, spec.report_fd),
+                Reporter(
+                    spec.report_fd,
+                    partial(_snapshot, rt, slots, feed),
+                    partial(_title, rt, slots),
+                    stopping.set,
+                ),
                 feeder,
             ]
             for c in components:
@@ -158,42 +161,37 @@ class Worker:
         return any(c.failed() is not None for c in components)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGTERM us when the supervisor dies (Linux), so no worker outlives
-    it; the graceful drain then runs. Elsewhere, the report pipe breaking stops us."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]:
+    """A worker's report: load, held rows, errors, and whether its LISTEN answers."""
+    listening = feed.listening and rt.clock() - feed.seen < 3 * rt.cfg.runtime.heartbeat + 5
+    return {
+        "role": "worker",
+        "worker": rt.worker_id,
+        "queue": rt.queue,
+        "busy": len(slots.running),
+        "buffered": len(slots.buffer),
+        "held": len(slots.held()),
+        "concurrency": rt.settings.concurrency,
+        "steps": rt.stats.steps,
+        "stale": rt.stats.stale,
+        "errors": rt.stats.errors,
+        "limit_errors": rt.engine.limit_errors,
+        "last_error": rt.stats.last_error,
+        "listening": listening,
+    }
+
+
+def _title(rt: Runtime, slots: Slots) -> str:
+    q = rt.settings
+    return (
+        f"pgdurable: worker {rt.queue} {rt.index + 1}/{q.processes} busy {len(slots.running)}/{q.concurrency}"
+    )
 
 
 def main(spec: WorkerSpec, *, parent_pid: int, signal_mask: set[int | signal.Signals]) -> int:
-    """Run a forked worker process to its end; returns its exit code.
-
-    Entered with the supervisor's signals blocked (see ``Supervisor._spawn``).
-    """
-    signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe is not ours
-    for sig in (signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    # Ctrl-C reaches the whole process group: the supervisor decides, workers wait for its
-    # SIGTERM so that a drain is orderly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # Everything but SIGTERM back to normal; SIGTERM stays blocked (pending, not lost) until
-    # the event loop has its graceful-stop handler (Worker.run).
-    signal.pthread_sigmask(signal.SIG_SETMASK, set(signal_mask) | {signal.SIGTERM})
-    _die_with_parent(parent_pid)
-    if spec.report_fd is not None:
-        os.set_blocking(spec.report_fd, False)  # reports never block the event loop
+    """Run a forked worker process to its end; returns its exit code."""
+    reset_after_fork(parent_pid, signal_mask, spec.report_fd)
     q = spec.cfg.queues[spec.queue]
     setproctitle.setproctitle(f"pgdurable: worker {spec.queue} {spec.index + 1}/{q.processes}")
     log.debug("worker %s starting", spec.worker_id)
-
-    import uvloop
-
-    worker = Worker(spec)
-    return uvloop.run(worker.run()) if hasattr(uvloop, "run") else asyncio.run(worker.run())
+    return run_loop(Worker(spec).run())

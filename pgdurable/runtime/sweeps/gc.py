@@ -1,13 +1,17 @@
-"""Housekeeping sweeps. Each is safe with several nodes running it at once (SKIP LOCKED)."""
+"""Garbage collection of finished rows, and the repair of limit counters."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 import psycopg
 
 from pgdurable.db.queries import Queries
+from pgdurable.runtime.sweeps.base import Connect, Sweep
+
+log = logging.getLogger("pgdurable.maintenance")
 
 
 def gc(
@@ -54,3 +58,21 @@ def limits(conn: psycopg.Connection[Any], q: Queries) -> tuple[int, int]:
             repaired = len(rows)
     pruned = conn.execute(q["gate_slots_prune"]).rowcount + conn.execute(q["rate_buckets_prune"]).rowcount
     return repaired, pruned
+
+
+class Collector(Sweep):
+    """Garbage collection of finished rows past ``retention``, then the limit counters."""
+
+    name = "gc"
+
+    def __init__(self, connect: Connect, q: Queries, interval: float, retention: float, batch: int):
+        super().__init__(connect, interval, log)
+        self.q, self.retention, self.batch = q, dt.timedelta(seconds=retention), batch
+
+    def sweep(self, conn: psycopg.Connection[Any]) -> None:
+        deleted = gc(conn, self.q, retention=self.retention, batch=self.batch, max_batches=10)
+        repaired, _pruned = limits(conn, self.q)
+        if deleted:
+            log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
+        if repaired:
+            log.warning("gc repaired %d gate counters", repaired, extra={"event": "gate_repaired"})

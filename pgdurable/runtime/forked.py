@@ -1,0 +1,50 @@
+"""The first steps of a process the supervisor forked: reset what it inherited."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def reset_after_fork(parent_pid: int, signal_mask: set[int | signal.Signals], report_fd: int | None) -> None:
+    """Entered with the supervisor's signals blocked (see ``Supervisor._spawn``): restore
+    default handlers, keep SIGTERM blocked (pending, not lost) until the child's event loop
+    has its graceful-stop handler, and die with the supervisor."""
+    signal.set_wakeup_fd(-1)  # the supervisor's wake-up pipe is not ours
+    for sig in (signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C reaches the whole process group: the supervisor decides, children wait for its
+    # SIGTERM so that a drain is orderly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set(signal_mask) | {signal.SIGTERM})
+    _die_with_parent(parent_pid)
+    if report_fd is not None:
+        os.set_blocking(report_fd, False)  # reports never block the event loop
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGTERM us when the supervisor dies (Linux), so no child outlives
+    it; the graceful drain then runs. Elsewhere, the report pipe breaking stops us."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_loop(main: object) -> int:
+    """Run a coroutine to its end on uvloop (asyncio where uvloop has no ``run``)."""
+    import asyncio
+
+    import uvloop
+
+    runner = uvloop.run if hasattr(uvloop, "run") else asyncio.run
+    return int(runner(main))  # type: ignore[arg-type]

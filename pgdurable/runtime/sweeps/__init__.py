@@ -1,0 +1,7 @@
+"""The maintenance sweeps, one module each: the reaper (expired leases), await deadlines,
+and garbage collection (with the repair of limit counters).
+
+Each sweep is safe with any number of nodes running it at once: it claims its rows with
+ordered ``SKIP LOCKED``. The maintenance process (``runtime.maintenance``) runs them as
+components; the supervisor calls the reaper's ``reclaim`` itself when a worker dies.
+"""

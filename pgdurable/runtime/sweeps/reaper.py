@@ -1,0 +1,79 @@
+"""Reclaims: executing rows go back to runnable when their worker is gone.
+
+Three callers, fastest first: the supervisor when one of its workers dies (its rows, at
+once); a starting supervisor for the rows its dead previous incarnations on this host held;
+and the ``Reaper`` sweep for rows whose lease expired (the floor for a dead host). Each
+reclaim counts toward the step's ``max_crashes`` — only for steps that had started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from pgdurable.contract.fsm import Registry
+from pgdurable.db.queries import Queries
+from pgdurable.runtime.sweeps.base import Connect, Sweep
+
+log = logging.getLogger("pgdurable.supervisor")
+
+
+def reclaim(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    registry: Registry,
+    default_max_crashes: int,
+    *,
+    workers: Sequence[str] = (),
+    nodes: Sequence[str] = (),
+    expired: bool = False,
+    crashed: Sequence[int] | None = None,
+) -> int:
+    """Return rows of dead owners to runnable, in one transaction; returns the count.
+
+    ``crashed``: the ids whose step had started (a crash counts only for them); None counts
+    a crash for every reclaimed row. A row that reaches ``max_crashes`` fails, and its
+    parent's join counts it.
+    """
+    own = [m for m in registry.machines() if m.max_crashes is not None]
+    params = {
+        "workers": list(workers),
+        "nodes": list(nodes),
+        "expired": expired,
+        "count_all": crashed is None,
+        "crashed": list(crashed or ()),
+        "fsms": [m.__pgdurable__.name for m in own],
+        "versions": [m.__pgdurable__.version for m in own],
+        "max_crashes": [m.max_crashes for m in own],
+        "default_max": default_max_crashes,
+    }
+    with conn.transaction():
+        rows = conn.execute(q["instance_reclaim"], params).fetchall()
+        parents: dict[int, int] = {}
+        for _rid, status, parent_id, *_ in rows:
+            if status == "failed" and parent_id is not None:
+                parents[parent_id] = parents.get(parent_id, 0) + 1
+        if parents:
+            ids = sorted(parents)
+            conn.execute(
+                q["instance_join_parents_many"], {"parents": ids, "counts": [parents[p] for p in ids]}
+            )
+    if rows:
+        log.info("reclaimed %d rows", len(rows), extra={"event": "reclaimed"})
+    return len(rows)
+
+
+class Reaper(Sweep):
+    """Rows whose lease expired (their worker's host is gone, or it stopped heartbeating)."""
+
+    name = "reaper"
+
+    def __init__(self, connect: Connect, q: Queries, registry: Registry, max_crashes: int, interval: float):
+        super().__init__(connect, interval, log)
+        self.q, self.registry, self.max_crashes = q, registry, max_crashes
+
+    def sweep(self, conn: psycopg.Connection[Any]) -> None:
+        reclaim(conn, self.q, self.registry, self.max_crashes, expired=True)
