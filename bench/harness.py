@@ -383,7 +383,7 @@ async def latency(system: System, s: Settings, receiver: StampReceiver) -> Outco
     sent: dict[int, float] = {}
     await asyncio.sleep(1.0)  # idle: every worker back asleep
     for seq in range(s.latency):
-        await asyncio.sleep(random.uniform(0.15, 0.35))  # noqa: S311 - spread over poll phases
+        await asyncio.sleep(random.uniform(0.15, 0.35))
         # Wake the machine, not the system: on a VM whose idle vCPUs halt, the first query
         # after 0.2 s of quiet takes ~7 ms longer whoever sends it (a bare SELECT 1: 0.1 ms
         # busy, 7.5 ms after 0.2 s idle). Unwarmed, every sample carries that hypervisor

@@ -15,14 +15,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psycopg  # noqa: E402
-from fleet import SupervisorFleet  # noqa: E402
-from harness import Settings, main  # noqa: E402
-from pgdurable_machines import QUEUE, Five, FiveInline, FiveState, noop, stamped  # noqa: E402
+import psycopg
+from fleet import SupervisorFleet
+from harness import Settings, main
+from pgdurable_machines import QUEUE, Five, FiveInline, FiveState, noop, stamped
 
 from pgdurable import Insert
-from pgdurable.client import AsyncClient  # noqa: E402
-from pgdurable.db import migrations  # noqa: E402
+from pgdurable.client import AsyncClient
+from pgdurable.db import migrations
 
 SCHEMA = "pgdurable"
 PREFETCH = 10

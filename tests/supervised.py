@@ -27,6 +27,7 @@ drain_timeout = {drain_timeout}
 max_crashes = 3
 
 [maintenance]
+enabled = {maintenance_enabled}
 interval = 1
 gc_interval = 3600
 
@@ -57,6 +58,7 @@ class Supervised:
             "processes": 2,
             "concurrency": 4,
             "prefetch": 4,
+            "maintenance_enabled": "true",
         }
         opts.update(settings)
         self.config = tmp / f"{name}.toml"

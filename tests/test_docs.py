@@ -30,7 +30,7 @@ def test_examples_run(server_dsn, path):
             migrations.migrate(conn)
         for i, block in enumerate(BLOCK.findall(path.read_text())):
             code = compile(block, f"{path.name}[block {i}]", "exec")
-            exec(code, namespace)  # noqa: S102 - the documentation's own examples
+            exec(code, namespace)
     finally:
         for value in namespace.values():
             if hasattr(value, "close") and type(value).__name__ in ("Client",):

@@ -45,7 +45,7 @@ class Background(threading.Thread):
     def run(self):
         try:
             self.result = self.fn()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self.error = exc
 
     def value(self, timeout=15.0):

@@ -101,7 +101,7 @@ Outcome: TypeAlias = Next | Retry | Await | Spawn | Done | Stop
 OUTCOME_TYPES: Final = (Next, Retry, Await, Spawn, Done, Stop)
 
 
-class Cancel(Exception):  # noqa: N818 - raised by user code, reads as a verb
+class Cancel(Exception):  # raised by user code: named as a verb, not "...Error"
     """Raise from a job to fail it at once, without further attempts."""
 
     def __init__(self, reason: str = "cancelled"):

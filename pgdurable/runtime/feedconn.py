@@ -83,7 +83,7 @@ class FeedConnection:
         do not all reconnect in the same instant after a database restart."""
         self.failures += 1
         ceiling = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrets
+        return random.uniform(ceiling / 2, ceiling)
 
     async def lost(self, exc: BaseException) -> None:
         """Drop the connection after an error; the next ``get`` reconnects."""

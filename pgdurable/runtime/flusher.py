@@ -59,7 +59,7 @@ class Flusher(Component):
         try:
             async with rt.pool.connection() as conn:
                 report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
-        except Exception as exc:  # noqa: BLE001 - rows stay executing; recovery reclaims them
+        except Exception as exc:
             rt.stats.error(f"flush failed: {exc!r}")
             rt.log.exception("flush failed", extra={"event": "flush_failed"})
             for p in batch:

@@ -193,7 +193,7 @@ class Supervisor:
             code = 1
             try:
                 code = self._child_main(slot, f"{worker_id}/{os.getpid()}", w, parent_pid, old_mask, board)
-            except BaseException:  # noqa: BLE001 - whatever happens, never return into the parent's code
+            except BaseException:
                 logging.getLogger("pgdurable.worker").exception("%s crashed", role)
             finally:
                 os._exit(code)
