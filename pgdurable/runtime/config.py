@@ -54,7 +54,7 @@ class Database(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     data_dir: str = ".pgdurable/data"  # embedded PostgreSQL, relative to the config file
 
 
-class Runtime(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     modules: list[str] = []
     lease: float = 60.0
     heartbeat: float = 10.0
@@ -71,7 +71,7 @@ class Maintenance(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     gc_batch: int = 1000
 
 
-class Queue(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     processes: int = 1
     concurrency: int = 10
     prefetch: int = 10
@@ -80,9 +80,9 @@ class Queue(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database: Database = Database()
-    runtime: Runtime = Runtime()
+    runtime: RuntimeSettings = RuntimeSettings()
     maintenance: Maintenance = Maintenance()
-    queues: dict[str, Queue] = {}
+    queues: dict[str, QueueSettings] = {}
     path: str = ""
     limits: Limits = Limits()
 
@@ -232,7 +232,11 @@ def _period(value: Any, key: str, file: str | None) -> float:
 
 def parse(data: dict[str, Any], path: str = "") -> Config:
     """Validate a decoded TOML document."""
-    sections: dict[str, type[Any]] = {"database": Database, "runtime": Runtime, "maintenance": Maintenance}
+    sections: dict[str, type[Any]] = {
+        "database": Database,
+        "runtime": RuntimeSettings,
+        "maintenance": Maintenance,
+    }
     known = [*sections, "queues", "concurrency_limits", "rate_limits"]
     for key in data:
         if key not in known:
@@ -247,7 +251,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         raise ConfigError("expected a table of [queues.NAME] tables", file=path, key="queues")
     if not raw_queues:
         raise ConfigError("no queues configured: add a [queues.NAME] table", file=path, key="queues")
-    queues = {name: _convert(q, Queue, f"queues.{name}", path) for name, q in raw_queues.items()}
+    queues = {name: _convert(q, QueueSettings, f"queues.{name}", path) for name, q in raw_queues.items()}
     cfg = Config(queues=queues, path=path, limits=limits, **parts)
     _positive(cfg)
     return cfg

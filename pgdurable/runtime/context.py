@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgdurable.db.queries import Queries
 from pgdurable.engine import Engine
-from pgdurable.runtime.config import Config, Queue
+from pgdurable.runtime.config import Config, QueueSettings
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
@@ -54,11 +54,11 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def settings(self) -> Queue:
+    def settings(self) -> QueueSettings:
         return self.cfg.queues[self.queue]
 
     @property
-    def q(self) -> Queries:
+    def queries(self) -> Queries:
         return self.engine.q
 
     @property

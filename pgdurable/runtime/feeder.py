@@ -38,13 +38,13 @@ class Feeder(Component):
         self.slots.wake.set()  # cut a wait short
 
     async def run(self) -> None:
-        rt, slots, q = self.rt, self.slots, self.rt.settings
+        rt, slots, settings = self.rt, self.slots, self.rt.settings
         while not self.closing.is_set():
             # Cleared before looking: whatever happens from here on (a step finishing, a
             # notification) sets it again and cuts the wait below short; nothing is missed
             # and nothing spins.
             slots.wake.clear()
-            min_demand = max(1, min(q.batch, slots.room() // 4))
+            min_demand = max(1, min(settings.batch, slots.room() // 4))
             demand = slots.demand()
             claimed = 0
             if demand > 0 and (demand >= min_demand or slots.idle):
@@ -103,7 +103,7 @@ class Feeder(Component):
         try:
             conn = await self.feed.get()
             value = "on" if wait_for_disk else "off"
-            await conn.execute(self.rt.q["session_synchronous_commit"], {"value": value}, prepare=True)
+            await conn.execute(self.rt.queries["session_synchronous_commit"], {"value": value}, prepare=True)
             self.feed.sync = wait_for_disk
             self.feed.answered()
         except psycopg.Error as exc:
@@ -119,7 +119,9 @@ class Feeder(Component):
         ceiling = rt.cfg.runtime.poll_ceiling
         try:
             async with rt.pool.connection() as conn:
-                cur = await conn.execute(rt.q["instance_next_eligible"], {"queue": rt.queue}, prepare=True)
+                cur = await conn.execute(
+                    rt.queries["instance_next_eligible"], {"queue": rt.queue}, prepare=True
+                )
                 row = await cur.fetchone()
         except Exception:  # noqa: BLE001
             return min(ceiling, 1.0)

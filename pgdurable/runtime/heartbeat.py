@@ -28,7 +28,7 @@ class Heartbeat(Component):
         try:
             async with rt.pool.connection() as conn:
                 await conn.execute(
-                    rt.q["instance_lease_extend_many"],
+                    rt.queries["instance_lease_extend_many"],
                     {"worker": rt.worker_id, "ids": held, "lease": rt.engine.lease},
                     prepare=True,
                 )

@@ -48,12 +48,12 @@ class Maintenance:
     def __init__(self, spec: MaintenanceSpec):
         self.spec = spec
         cfg = spec.cfg
-        q = for_schema(cfg.database.schema)
+        queries = for_schema(cfg.database.schema)
         m = cfg.maintenance
         self.sweeps: list[Sweep] = [
-            Reaper(self.connect, q, spec.registry, cfg.runtime.max_crashes, m.interval),
-            AwaitDeadlines(self.connect, q, m.interval, log),
-            Collector(self.connect, q, m.gc_interval, m.retention, m.gc_batch),
+            Reaper(self.connect, queries, spec.registry, cfg.runtime.max_crashes, m.interval),
+            AwaitDeadlines(self.connect, queries, m.interval, log),
+            Collector(self.connect, queries, m.gc_interval, m.retention, m.gc_batch),
         ]
 
     def connect(self) -> psycopg.Connection[Any]:

@@ -48,11 +48,11 @@ class Slots(Component):
         """Rows this process may hold, running or waiting to start: its slots plus a buffer
         of ``prefetch`` rows, or, while steps are quick, of what the slots start within
         ``BUFFER_HORIZON`` (at most ``batch``). ``prefetch = 0`` means no buffer at all."""
-        q = self.rt.settings
-        if q.prefetch == 0:
-            return q.concurrency
-        quick = int(q.concurrency * BUFFER_HORIZON / max(self.step_time, 1e-6))
-        return q.concurrency + max(q.prefetch, min(quick, q.batch))
+        settings = self.rt.settings
+        if settings.prefetch == 0:
+            return settings.concurrency
+        quick = int(settings.concurrency * BUFFER_HORIZON / max(self.step_time, 1e-6))
+        return settings.concurrency + max(settings.prefetch, min(quick, settings.batch))
 
     def demand(self) -> int:
         """How many rows a claim may take now."""

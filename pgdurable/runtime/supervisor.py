@@ -49,7 +49,7 @@ MAINTENANCE = ("", -1)
 
 
 @dataclass
-class Child:
+class ChildProcess:
     queue: str
     index: int
     pid: int
@@ -83,7 +83,7 @@ class Supervisor:
         self.host = socket.gethostname()
         self.node = f"{self.host}:{os.getpid()}:{os.urandom(3).hex()}"
         self.notifier = notifier or Notifier()
-        self.children: dict[int, Child] = {}
+        self.children: dict[int, ChildProcess] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
         self.generation = 0
         self.stopping = False
@@ -114,14 +114,14 @@ class Supervisor:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 migrations.migrate(conn, self.cfg.database.schema)
         self.dsn = dsn
-        q = for_schema(self.cfg.database.schema)
+        queries = for_schema(self.cfg.database.schema)
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrations.check(conn, self.cfg.database.schema)
             machines, held = registration(self.registry)
             if machines["names"]:
                 with conn.transaction():
-                    conn.execute(q["machine_register_many"], machines)
-                    conn.execute(q["instance_release_held"], held)
+                    conn.execute(queries["machine_register_many"], machines)
+                    conn.execute(queries["instance_release_held"], held)
         unknown = sorted(set(self.cfg.queues) - set(self.registry.queues()))
         if unknown:
             log.warning("queues %s run no machine of the configured modules", unknown)
@@ -171,7 +171,9 @@ class Supervisor:
     def _spawn_all(self) -> None:
         self.generation += 1
         self.slots = {
-            (name, i): Slot(name, i) for name, q in self.cfg.queues.items() for i in range(q.processes)
+            (name, i): Slot(name, i)
+            for name, settings in self.cfg.queues.items()
+            for i in range(settings.processes)
         }
         if self.cfg.maintenance.enabled:
             self.slots[MAINTENANCE] = Slot(*MAINTENANCE)
@@ -200,7 +202,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(w)
         os.set_blocking(r, False)
-        child = Child(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation, board)
+        child = ChildProcess(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation, board)
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
         if slot.maintenance:
@@ -403,9 +405,9 @@ class Supervisor:
 
     def _reclaim_dead_incarnations(self) -> None:
         """Rows held by a previous supervisor of this host whose process is gone."""
-        q = for_schema(self.cfg.database.schema)
+        queries = for_schema(self.cfg.database.schema)
         with self._connect() as conn:
-            nodes = [r[0] for r in conn.execute(q["instance_node_owners"], {"host": self.host})]
+            nodes = [r[0] for r in conn.execute(queries["instance_node_owners"], {"host": self.host})]
         dead = [n for n in nodes if n != self.node and not _supervisor_alive(int(n.split(":")[-2]))]
         if dead:
             self._reclaim(nodes=dead)

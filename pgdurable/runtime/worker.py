@@ -182,16 +182,15 @@ def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]
 
 
 def _title(rt: Runtime, slots: Slots) -> str:
-    q = rt.settings
-    return (
-        f"pgdurable: worker {rt.queue} {rt.index + 1}/{q.processes} busy {len(slots.running)}/{q.concurrency}"
-    )
+    settings = rt.settings
+    busy = f"busy {len(slots.running)}/{settings.concurrency}"
+    return f"pgdurable: worker {rt.queue} {rt.index + 1}/{settings.processes} {busy}"
 
 
 def main(spec: WorkerSpec, *, parent_pid: int, signal_mask: set[int | signal.Signals]) -> int:
     """Run a forked worker process to its end; returns its exit code."""
     reset_after_fork(parent_pid, signal_mask, spec.report_fd)
-    q = spec.cfg.queues[spec.queue]
-    setproctitle.setproctitle(f"pgdurable: worker {spec.queue} {spec.index + 1}/{q.processes}")
+    processes = spec.cfg.queues[spec.queue].processes
+    setproctitle.setproctitle(f"pgdurable: worker {spec.queue} {spec.index + 1}/{processes}")
     log.debug("worker %s starting", spec.worker_id)
     return run_loop(Worker(spec).run())
