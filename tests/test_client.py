@@ -1,4 +1,5 @@
-"""The light client (Client / AsyncClient) against a real database."""
+"""The light client against a real database: every test that takes ``client`` runs against
+``Client`` and against ``AsyncClient`` (through the blocking facade of client_facade.py)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgdurable import FSM, Done, DuplicateInstance, Insert, Registry, UnknownMachine, step
-from pgdurable.client import AsyncClient, Busy, Client, Failed, Instance
+from pgdurable.client import AsyncClient, Busy, Failed, Instance
 from pgdurable.contract.errors import NoTarget
 from pgdurable.contract.spec import LIVE_STATUSES
 from pgdurable.engine import Engine
 from pgdurable.testing import drain
 
+from .client_facade import AsyncSide, SyncSide
+from .coord_machines import Payment
 from .machines import Boom, Counter
 from .trace import traced
 
@@ -62,6 +67,32 @@ class VersionedV2(FSM, name="versioned", version=2, queue="vq2"):
         return Done(2)
 
 
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=["sync", "async"])
+def side(request: pytest.FixtureRequest) -> Iterator[SyncSide | AsyncSide]:
+    """Which client the test drives: ``Client``, or ``AsyncClient`` behind the facade."""
+    chosen = SyncSide() if request.param == "sync" else AsyncSide()
+    try:
+        yield chosen
+    finally:
+        chosen.close()
+
+
+@pytest.fixture
+def client(side: SyncSide | AsyncSide, dsn: str, schema: str) -> Iterator[Any]:
+    """This module's client: the side's, on the test's schema (conftest's is sync only)."""
+    with side.make_client(dsn, schema=schema) as c:
+        yield c
+
+
+@pytest.fixture
+def connect(side: SyncSide | AsyncSide, dsn: str) -> Callable[..., Any]:
+    """Open a caller's connection of the kind the client takes for ``conn=``."""
+    return lambda **kw: side.connect(dsn, **kw)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -81,7 +112,7 @@ def count(db: psycopg.Connection[Any], schema: str) -> int:
     return int(row[0])
 
 
-def must_get(client: Client, iid: int) -> Instance:
+def must_get(client: Any, iid: int) -> Instance:
     inst = client.get(iid)
     assert inst is not None, f"instance {iid} missing"
     return inst
@@ -147,10 +178,10 @@ def test_insert_by_name_without_queue_for_unregistered_machine_raises(client, db
 
 
 @pytest.mark.parametrize("n", [4, 400])
-def test_insert_many_is_one_copy(dsn, schema, client, db, n):
+def test_insert_many_is_one_copy(connect, schema, client, db, n):
     """The statement that draws ids, the COPY, the notification: whatever the batch size."""
     specs = [Insert(Counter, Counter.State(n=i), correlation_key=f"k{n - i}") for i in range(n)]
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(autocommit=True) as conn:
         client.insert_many(specs[:1], conn=conn)  # warm: type lookups of a first use
         with traced(conn) as trace:
             ids = client.insert_many(specs[1:], conn=conn)
@@ -162,7 +193,7 @@ def test_insert_many_is_one_copy(dsn, schema, client, db, n):
     assert count(db, schema) == n
 
 
-def test_insert_many_by_name_looks_machines_up_once(dsn, schema, client, db):
+def test_insert_many_by_name_looks_machines_up_once(connect, schema, client, db):
     db.execute(
         f'INSERT INTO "{schema}".machines (name, version, initial_step, queue, steps)'
         " VALUES ('named', 1, 'a', 'q1', '{a}'), ('named', 2, 'b', 'q2', '{b}'),"
@@ -170,7 +201,7 @@ def test_insert_many_by_name_looks_machines_up_once(dsn, schema, client, db):
     )
     specs = [Insert("named", {"i": 1}), Insert("named", {"i": 2}, version=1), Insert("other")]
     specs += [Insert("named", {"i": 3}, queue="elsewhere"), Insert("unknown", queue="q4")]
-    with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
+    with connect(autocommit=True) as conn, traced(conn) as trace:
         ids = client.insert_many(specs, conn=conn)
     assert trace.statements == 4, trace.sql()  # one lookup for all the names
     got = [must_get(client, i) for i in ids]
@@ -244,9 +275,9 @@ def test_insert_many_key_duplicated_within_batch(client, db, schema):
     assert count(db, schema) == 0
 
 
-def test_insert_many_refused_leaves_callers_transaction_usable(dsn, schema, client, db):
+def test_insert_many_refused_leaves_callers_transaction_usable(connect, schema, client, db):
     client.insert("batchy", queue="q", correlation_key="taken")
-    with psycopg.connect(dsn) as conn:
+    with connect() as conn:
         mine = client.insert("batchy", queue="q", correlation_key="mine", conn=conn)
         with pytest.raises(DuplicateInstance):
             client.insert_many([Insert("batchy", queue="q", correlation_key="taken")], conn=conn)
@@ -258,9 +289,11 @@ def test_insert_many_refused_leaves_callers_transaction_usable(dsn, schema, clie
 
 
 @pytest.mark.parametrize("autocommit", [False, True], ids=["idle-txn", "autocommit"])
-def test_insert_many_refused_as_first_statement_leaves_connection_usable(dsn, schema, client, db, autocommit):
+def test_insert_many_refused_as_first_statement_leaves_connection_usable(
+    connect, schema, client, db, autocommit
+):
     client.insert("batchy", queue="q", correlation_key="taken")
-    with psycopg.connect(dsn, autocommit=autocommit) as conn:
+    with connect(autocommit=autocommit) as conn:
         with pytest.raises(DuplicateInstance):
             client.insert_many(
                 [
@@ -290,9 +323,9 @@ def test_insert_duplicate_key_raises(client, db, schema):
     assert must_get(client, first).correlation_key == "order-1"
 
 
-def test_insert_duplicate_in_callers_transaction_keeps_it_usable(dsn, schema, client, db):
+def test_insert_duplicate_in_callers_transaction_keeps_it_usable(connect, schema, client, db):
     client.insert("batchy", queue="q", correlation_key="order-1")
-    with psycopg.connect(dsn) as conn:
+    with connect() as conn:
         conn.execute(f'CREATE TABLE "{schema}".side (x int)')
         before = client.insert("batchy", queue="q", correlation_key="before", conn=conn)
         with pytest.raises(DuplicateInstance):
@@ -373,7 +406,7 @@ def test_scope_of_live_and_terminal_statuses_flushes_cleanly(dsn, schema, client
 # --------------------------------------------------------------------------- 5. transactions
 
 
-def _in_transaction(dsn: str, style: str, commit: bool, work: Callable[[Any], Any]) -> Any:
+def _in_transaction(connect: Callable[..., Any], style: str, commit: bool, work: Callable[[Any], Any]) -> Any:
     """Run ``work(conn)`` inside a caller's transaction, then commit or roll it back.
 
     block: an explicit ``conn.transaction()`` on an autocommit connection;
@@ -381,14 +414,14 @@ def _in_transaction(dsn: str, style: str, commit: bool, work: Callable[[Any], An
     first: a non-autocommit connection where ``work`` is the first statement.
     """
     if style == "block":
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with connect(autocommit=True) as conn:
             out = None
             with conn.transaction():
                 out = work(conn)
                 if not commit:
                     raise psycopg.Rollback()
             return out
-    with psycopg.connect(dsn) as conn:
+    with connect() as conn:
         if style == "implicit":
             conn.execute("SELECT 1")
         out = work(conn)
@@ -403,82 +436,26 @@ STYLES = ["block", "implicit", "first"]
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
-def test_transactional_insert(dsn, schema, client, db, style, commit):
-    iid = _in_transaction(dsn, style, commit, lambda c: client.insert("batchy", queue="q", conn=c))
+def test_transactional_insert(connect, schema, client, db, style, commit):
+    iid = _in_transaction(connect, style, commit, lambda c: client.insert("batchy", queue="q", conn=c))
     assert (client.get(iid) is not None) is commit
     assert count(db, schema) == (1 if commit else 0)
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_transactional_insert_many_rollback(dsn, schema, client, db, style):
+def test_transactional_insert_many_rollback(connect, schema, client, db, style):
     specs = [Insert("batchy", {"i": i}, queue="q") for i in range(3)]
-    ids = _in_transaction(dsn, style, False, lambda c: client.insert_many(specs, conn=c))
+    ids = _in_transaction(connect, style, False, lambda c: client.insert_many(specs, conn=c))
     assert len(ids) == 3
     assert count(db, schema) == 0
     assert all(client.get(i) is None for i in ids)
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_transactional_insert_many_commit(dsn, schema, client, db, style):
+def test_transactional_insert_many_commit(connect, schema, client, db, style):
     specs = [Insert("batchy", {"i": i}, queue="q") for i in range(3)]
-    ids = _in_transaction(dsn, style, True, lambda c: client.insert_many(specs, conn=c))
+    ids = _in_transaction(connect, style, True, lambda c: client.insert_many(specs, conn=c))
     assert [must_get(client, i).state for i in ids] == [{"i": 0}, {"i": 1}, {"i": 2}]
-
-
-async def _async_in_transaction(dsn: str, style: str, commit: bool, work: Any) -> Any:
-    if style == "block":
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            out = None
-            async with conn.transaction():
-                out = await work(conn)
-                if not commit:
-                    raise psycopg.Rollback()
-            return out
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        if style == "implicit":
-            await conn.execute("SELECT 1")
-        out = await work(conn)
-        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-        await (conn.commit() if commit else conn.rollback())
-        return out
-
-
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
-def test_async_transactional_insert(dsn, schema, client, db, style, commit):
-    async def main() -> int:
-        async with AsyncClient(dsn, schema=schema) as ac:
-            return await _async_in_transaction(
-                dsn, style, commit, lambda c: ac.insert("batchy", queue="q", conn=c)
-            )
-
-    iid = asyncio.run(main())
-    assert (client.get(iid) is not None) is commit
-    assert count(db, schema) == (1 if commit else 0)
-
-
-def _async_insert_many(dsn: str, schema: str, style: str, commit: bool, n: int) -> list[int]:
-    specs = [Insert("batchy", {"i": i}, queue="q") for i in range(n)]
-
-    async def main() -> list[int]:
-        async with AsyncClient(dsn, schema=schema) as ac:
-            return await _async_in_transaction(dsn, style, commit, lambda c: ac.insert_many(specs, conn=c))
-
-    return asyncio.run(main())
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_async_transactional_insert_many_rollback(dsn, schema, client, db, style):
-    ids = _async_insert_many(dsn, schema, style, False, 2)
-    assert len(ids) == 2
-    assert count(db, schema) == 0
-    assert all(client.get(i) is None for i in ids)
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_async_transactional_insert_many_commit(dsn, schema, client, db, style):
-    ids = _async_insert_many(dsn, schema, style, True, 2)
-    assert [must_get(client, i).state for i in ids] == [{"i": 0}, {"i": 1}]
 
 
 # --------------------------------------------------------------------------- 6. get
@@ -531,8 +508,8 @@ def test_get_missing_is_none(client):
     assert client.get(987654321) is None
 
 
-def test_get_with_conn_sees_uncommitted_insert(dsn, client):
-    with psycopg.connect(dsn) as conn:
+def test_get_with_conn_sees_uncommitted_insert(connect, client):
+    with connect() as conn:
         iid = client.insert("batchy", queue="q", conn=conn)
         inside = client.get(iid, conn=conn)
         assert inside is not None and inside.id == iid
@@ -601,6 +578,8 @@ def test_wait_missing_raises(client):
 
 
 def test_async_client_roundtrip(dsn, schema):
+    """The coroutine API as an asyncio program uses it (the other tests go through the facade)."""
+
     async def main() -> None:
         async with AsyncClient(dsn, schema=schema) as ac:
             one = await ac.insert(Counter, Counter.State(limit=1), correlation_key="a1")
@@ -662,6 +641,9 @@ def test_async_client_roundtrip(dsn, schema):
 def test_client_import_is_light():
     forbidden = [
         "uvloop",
+        "pgdurable.contract.fsm",
+        "pgdurable.engine",
+        "pgdurable.runtime",
         "pgdurable.engine.pipeline",
         "pgdurable.engine.executor",
         "pgdurable.engine.commit",
@@ -702,8 +684,8 @@ def test_client_import_is_light():
     ],
     ids=["both-schedules", "naive-at", "zero-weight", "negative-weight", "bad-scope", "prio"],
 )
-def test_insert_validation_errors(options, message):
-    with Client(UNREACHABLE, schema="nowhere") as c:
+def test_insert_validation_errors(side, options, message):
+    with side.make_client(UNREACHABLE, schema="nowhere") as c:
         start = time.monotonic()
         with pytest.raises(ValueError, match=message):
             c.insert("batchy", queue="q", **options)
@@ -713,8 +695,8 @@ def test_insert_validation_errors(options, message):
         assert c._pool is None  # and never even opened a pool
 
 
-def test_state_type_validated_before_touching_db():
-    with Client(UNREACHABLE, schema="nowhere") as c:
+def test_state_type_validated_before_touching_db(side):
+    with side.make_client(UNREACHABLE, schema="nowhere") as c:
         start = time.monotonic()
         with pytest.raises(msgspec.ValidationError):
             c.insert(Counter, {"n": "not a number"})
@@ -834,8 +816,8 @@ def test_insert_many_rows_equal_single_inserts(client, db, schema):
     assert row(plain[0])[:13] == row(one[0])[:13] == row(plain[1])[:13]
 
 
-def test_insert_many_plain_batch_uses_the_short_stream(dsn, client):
-    with psycopg.connect(dsn, autocommit=True) as conn, traced(conn) as trace:
+def test_insert_many_plain_batch_uses_the_short_stream(connect, client):
+    with connect(autocommit=True) as conn, traced(conn) as trace:
         client.insert_many([Insert("copied", {"i": i}, queue="q") for i in range(3)], conn=conn)
         client.insert_many([Insert("copied", {"i": 3}, queue="q", priority=1)], conn=conn)
     copies = [ln for ln in trace.sql() if "FROM STDIN" in ln]
@@ -865,3 +847,99 @@ def test_insert_and_insert_many_refuse_mistyped_options(client, db, schema, bad,
     with pytest.raises(TypeError, match=match):
         client.insert_many(specs)
     assert count(db, schema) == 0
+
+
+# --------------------------------------------------------------------------- 12. signal
+
+
+def _inbox(db: psycopg.Connection[Any], schema: str, iid: int) -> list[tuple[str, Any]]:
+    rows = db.execute(f'SELECT name, payload FROM "{schema}".signals WHERE target_id = %s ORDER BY id', [iid])
+    return [(name, payload) for name, payload in rows]
+
+
+def test_signal_by_id_or_key_and_dedup(client, db, schema):
+    iid = client.insert("sig", queue="q", correlation_key="order:1")
+    by_id = client.signal(iid, "paid", {"n": 1})
+    by_key = client.signal("order:1", "paid")
+    first = client.signal(iid, "note", {"n": 2}, dedup_key="evt-1")
+    again = client.signal("order:1", "note", {"n": 3}, dedup_key="evt-1")
+    assert None not in (by_id, by_key, first) and len({by_id, by_key, first}) == 3
+    assert again is None
+    assert _inbox(db, schema, iid) == [("paid", {"n": 1}), ("paid", {}), ("note", {"n": 2})]
+
+
+def test_signal_wakes_a_parked_instance(dsn, schema, client):
+    iid = client.insert(Payment)
+    drain(dsn, [Payment], schema=schema)
+    assert must_get(client, iid).status == "awaiting_signal"
+    assert client.signal(iid, "other") is not None  # not awaited: stored, the row stays parked
+    assert must_get(client, iid).status == "awaiting_signal"
+    assert client.signal(iid, "paid", {"n": 5}) is not None
+    assert must_get(client, iid).status == "runnable"
+    drain(dsn, [Payment], schema=schema)
+    assert client.wait(iid, timeout=1) == Done({"seen": ["paid:5"], "inbox": ["other", "paid"]})
+
+
+def test_signal_to_unknown_or_finished_target_is_refused(client, db, schema):
+    with pytest.raises(NoTarget):
+        client.signal(987654321, "paid")
+    with pytest.raises(NoTarget):
+        client.signal("no-such-key", "paid")
+    iid = client.insert("sig", queue="q", correlation_key="gone")
+    db.execute(f'UPDATE "{schema}".instances SET status = %s WHERE id = %s', ["done", iid])
+    with pytest.raises(NoTarget):
+        client.signal(iid, "paid")
+    with pytest.raises(NoTarget):
+        client.signal("gone", "paid")
+    assert _inbox(db, schema, iid) == []
+
+
+def test_signal_validated_before_touching_db(side):
+    with side.make_client(UNREACHABLE, schema="nowhere") as c:
+        start = time.monotonic()
+        for target in (True, 1.5, None, b"key"):
+            with pytest.raises(TypeError, match="signal target"):
+                c.signal(target, "paid")
+        with pytest.raises(ValueError, match="name"):
+            c.signal(1, "")
+        assert time.monotonic() - start < 2
+        assert c._pool is None
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+def test_transactional_signal(connect, schema, client, db, style, commit):
+    iid = client.insert("sig", queue="q")
+    sid = _in_transaction(connect, style, commit, lambda c: client.signal(iid, "paid", {"n": 1}, conn=c))
+    assert sid is not None
+    assert _inbox(db, schema, iid) == ([("paid", {"n": 1})] if commit else [])
+
+
+# --------------------------------------------------------------------------- 13. notifications
+
+
+def test_every_queue_written_is_notified(dsn, schema, client):
+    """A write alone notifies its queue itself; writes in flight together leave it to the
+    client's emitter (a thread, or a task), which must still notify every queue."""
+    queues = [f"nq{i}" for i in range(5)]
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        channels = {}
+        for q in queues:
+            row = listener.execute(f'SELECT "{schema}".notify_channel(%s)', [q]).fetchone()
+            assert row is not None
+            channels[row[0]] = q
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(row[0])))
+        client.insert("n", queue=queues[0])
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client.insert, "n", queue=q) for q in queues[1:] * 4]
+            futures += [
+                pool.submit(client.insert_many, [Insert("n", queue=queues[-1])] * 3) for _ in range(4)
+            ]
+            for f in futures:
+                f.result()
+        seen: set[str] = set()
+        deadline = time.monotonic() + 10
+        while seen != set(queues) and time.monotonic() < deadline:
+            for note in listener.notifies(timeout=max(0.0, deadline - time.monotonic()), stop_after=1):
+                seen.add(channels[note.channel])
+    assert seen == set(queues)

@@ -1,0 +1,241 @@
+"""``AsyncClient``: insert, signal, read and wait, for producers on asyncio.
+
+The source of both clients: ``sync.py`` (``Client``) is generated from this module by
+``tools/gen_sync_client.py``, which drops ``async`` and ``await`` and renames the asyncio
+names (``AsyncConnection`` → ``Connection``, ``TaskEmitter`` → ``ThreadEmitter``, …). What
+cannot be written once lives in ``concurrency.py``; the pure parts in ``common.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool
+
+from pgdurable.client.bulk import Batch
+from pgdurable.client.common import (
+    Busy,
+    Instance,
+    WaitResult,
+    copy_query,
+    insert_params,
+    insert_result,
+    insert_spec,
+    instance_of,
+    many_error,
+    outcome_of,
+    signal_params,
+    signal_result,
+)
+from pgdurable.client.concurrency import ALock, TaskEmitter, asleep
+from pgdurable.contract.errors import NoTarget
+from pgdurable.contract.spec import Insert
+from pgdurable.db.queries import Queries, for_schema
+
+__all__ = ["AsyncClient"]
+
+
+@contextlib.asynccontextmanager
+async def _caller_txn(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Run a write on the caller's connection without spoiling their transaction.
+
+    Inside their open transaction: in a savepoint, so a refused batch leaves it usable.
+    Otherwise the write is atomic on its own; if it opened an implicit transaction and
+    fails, that transaction held nothing else and is rolled back.
+    """
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        async with conn.transaction():
+            yield
+        return
+    try:
+        yield
+    except psycopg.Error:
+        if not conn.autocommit:
+            await conn.rollback()
+        raise
+
+
+class AsyncClient:
+    """A producer's client over a small connection pool (opened on first use).
+
+    Every call runs one named statement (``insert_many``: a ``COPY`` and the statement
+    that draws its ids, see ``bulk.py``); pass ``conn=`` to run it on your own connection,
+    inside your transaction (transactional enqueue). Inserts accept a machine class or just
+    its name.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "pgdurable", max_connections: int = 4):
+        self.q: Queries = for_schema(schema)
+        self._dsn = dsn
+        self._max = max_connections
+        self._pool: AsyncConnectionPool | None = None
+        self._opening = ALock()  # concurrent first calls must not open two pools
+        self._emitter = TaskEmitter(self._notify)
+
+    async def _get_pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    pool = AsyncConnectionPool(
+                        self._dsn, min_size=1, max_size=self._max, kwargs={"autocommit": True}, open=False
+                    )
+                    await pool.open()
+                    self._pool = pool
+        return self._pool
+
+    async def close(self) -> None:
+        """Send the notifications still pending, then close the pool."""
+        await self._emitter.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _one(self, name: str, params: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None) -> Any:
+        if conn is not None:
+            return await (await conn.execute(self.q[name], params)).fetchone()
+        async with (await self._get_pool()).connection() as c:
+            return await (await c.execute(self.q[name], params, prepare=True)).fetchone()
+
+    async def _notify(self, queues: list[str]) -> None:
+        """The emitter's statement (it drops a failure: notifications are best effort)."""
+        async with (await self._get_pool()).connection() as c:
+            await c.execute(self.q["queue_notify_many"], {"queues": queues}, prepare=True)
+
+    async def insert(
+        self,
+        fsm: Any,
+        state: Any = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+        **options: Any,
+    ) -> int:
+        """Insert one instance; returns its id. Options are those of ``Insert``.
+
+        Raises DuplicateInstance when the correlation key is occupied (without aborting a
+        caller's transaction) and UnknownMachine for an unregistered name without queue.
+        """
+        params = insert_params(insert_spec(fsm, state, options))
+        # Inside the caller's transaction the NOTIFY must ride it (it fires at their commit).
+        params["notify"] = conn is not None or self._emitter.begin()
+        try:
+            row = await self._one("instance_insert_one", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
+        iid = insert_result(params, row)
+        if not params["notify"]:
+            self._emitter.add(row[2])
+        return iid
+
+    async def insert_many(
+        self, specs: Sequence[Insert], *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> list[int]:
+        """Insert a batch with one COPY; ids in the order given. All or nothing."""
+        if not specs:
+            return []
+        batch = Batch.of(specs)
+        try:
+            if conn is not None:
+                async with _caller_txn(conn):
+                    ids = await self._copy(conn, batch, notify=True, prepare=None)
+            else:
+                notify = self._emitter.begin()
+                try:
+                    async with (await self._get_pool()).connection() as c:
+                        ids = await self._copy(c, batch, notify=notify, prepare=True)
+                finally:
+                    self._emitter.end()
+                if not notify:
+                    for queue in batch.queues():
+                        self._emitter.add(queue)
+        except pgerrors.UniqueViolation as exc:
+            raise many_error(specs, exc) from exc
+        return batch.ids_in_input_order(ids)
+
+    async def _copy(
+        self, c: psycopg.AsyncConnection[Any], batch: Batch, *, notify: bool, prepare: bool | None
+    ) -> list[int]:
+        """Resolve machines named only, draw ids, COPY the rows (see bulk.py), then notify
+        their queues. On an autocommit connection the COPY commits alone and the
+        notification follows it: a woken worker finds the rows. Statements are prepared on
+        the client's own connections only (``prepare=None`` on a caller's: psycopg's own
+        policy, which the caller may have turned off)."""
+        if names := batch.unresolved():
+            batch.fill(
+                await (
+                    await c.execute(self.q["machines_lookup"], {"names": names}, prepare=prepare)
+                ).fetchall()
+            )
+        row = await (
+            await c.execute(self.q["instance_ids_allocate"], {"n": len(batch.rows)}, prepare=prepare)
+        ).fetchone()
+        assert row is not None
+        now: dt.datetime = row[0]
+        ids: list[int] = row[1]
+        query, plain = copy_query(self.q, batch)
+        async with c.cursor().copy(query) as copy:
+            await copy.write(batch.encode(ids, now, plain=plain))
+        if notify:
+            await c.execute(self.q["queue_notify_many"], {"queues": batch.queues()}, prepare=prepare)
+        return ids
+
+    async def signal(
+        self,
+        target: int | str,
+        name: str,
+        payload: Any = None,
+        *,
+        dedup_key: str | None = None,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> int | None:
+        """Deliver a signal to a live instance (id or correlation key) in one statement.
+
+        Returns the stored signal's id, or None when ``dedup_key`` was already delivered.
+        Raises NoTarget when the target is unknown or finished.
+        """
+        params = signal_params(target, name, payload, dedup_key, notify=conn is not None)
+        if conn is None:
+            params["notify"] = self._emitter.begin()
+        try:
+            row = await self._one("signal_deliver", params, conn)
+        finally:
+            if conn is None:
+                self._emitter.end()
+        result = signal_result(target, row)
+        if not params["notify"] and row[2] == "runnable":
+            self._emitter.add(row[3])
+        return result
+
+    async def get(self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None) -> Instance | None:
+        """A snapshot of the instance, or None when there is no such id."""
+        row = await self._one("instance_get", {"id": iid}, conn)
+        return None if row is None else instance_of(row)
+
+    async def wait(self, iid: int, timeout: float = 10.0) -> WaitResult:
+        """Wait up to ``timeout`` seconds for the instance to finish: ``Done``, ``Failed``,
+        or ``Busy`` with its last snapshot. It polls, 5 ms apart at first, then up to 200 ms.
+        Raises NoTarget when there is no such id."""
+        deadline = time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            inst = await self.get(iid)
+            if inst is None:
+                raise NoTarget(f"no instance {iid}")
+            res = outcome_of(inst)
+            if not isinstance(res, Busy) or time.monotonic() >= deadline:
+                return res
+            await asleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)

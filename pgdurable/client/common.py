@@ -1,0 +1,180 @@
+"""What ``Client`` and ``AsyncClient`` share: the result types, the parameters of each
+statement and the reading of its row. No I/O here: the clients only add the talking to
+the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from psycopg import errors as pgerrors
+
+from pgdurable.client.bulk import Batch
+from pgdurable.contract.errors import DuplicateInstance, NoTarget, UnknownMachine
+from pgdurable.contract.outcomes import Done
+from pgdurable.contract.spec import TERMINAL_STATUSES, Insert, encode_json, resolve
+from pgdurable.db.queries import Queries
+
+__all__ = [
+    "Busy",
+    "Failed",
+    "Instance",
+    "WaitResult",
+    "copy_query",
+    "insert_params",
+    "insert_result",
+    "insert_spec",
+    "instance_of",
+    "many_error",
+    "outcome_of",
+    "signal_params",
+    "signal_result",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A snapshot of one instance row."""
+
+    id: int
+    fsm: str
+    version: int | None
+    step: str | None
+    status: str
+    queue: str
+    priority: int
+    attempt: int
+    crashes: int
+    state: Any
+    result: Any
+    last_error: str | None
+    awaits: list[str] | None
+    await_deadline: dt.datetime | None
+    parent_id: int | None
+    children_pending: int
+    correlation_key: str | None
+    concurrency_key: str | None
+    rate_limit: str | None
+    weight: float
+    eligible_at: dt.datetime
+    inserted_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """wait(): the instance ended failed (or cancelled) with ``error``."""
+
+    error: str | None
+    status: str = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """wait(): the instance had not finished when the timeout passed."""
+
+    instance: Instance
+
+
+WaitResult = Done | Failed | Busy
+
+
+def _json(raw: str | None) -> Any:
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+def instance_of(row: Sequence[Any]) -> Instance:
+    """An ``instance_get`` row as an ``Instance``, its state and result decoded."""
+    values = list(row)
+    values[9] = _json(values[9])  # state
+    values[10] = _json(values[10])  # result
+    return Instance(*values)
+
+
+def outcome_of(inst: Instance) -> WaitResult:
+    if inst.status == "done":
+        return Done(inst.result)
+    if inst.status in TERMINAL_STATUSES:
+        return Failed(inst.last_error, inst.status)
+    return Busy(inst)
+
+
+def insert_spec(fsm: Any, state: Any, options: dict[str, Any]) -> Insert:
+    """The ``Insert`` of an ``insert(fsm, state, **options)`` call (or the one it was given)."""
+    return fsm if isinstance(fsm, Insert) and state is None and not options else Insert(fsm, state, **options)
+
+
+def insert_params(spec: Insert) -> dict[str, Any]:
+    """The parameters of ``instance_insert_one`` but ``notify``, which the caller decides."""
+    r = resolve(spec)
+    return {
+        "fsm": r.fsm,
+        "version": r.version,
+        "step": r.step,
+        "state": bytes(r.state).decode(),
+        "queue": r.queue,
+        "priority": r.priority,
+        "at": r.at,
+        "delay": r.delay,
+        "correlation_key": r.correlation_key,
+        "correlation_scope": r.scope,
+        "concurrency_key": r.concurrency_key,
+        "rate_limit": r.rate_limit,
+        "weight": r.weight,
+    }
+
+
+def insert_result(params: dict[str, Any], row: Sequence[Any] | None) -> int:
+    """The new id from the ``instance_insert_one`` row, or the error it stands for."""
+    assert row is not None
+    iid, known, _queue, _notified = row
+    if not known:
+        raise UnknownMachine(
+            f"machine {params['fsm']!r} is not registered by any worker of this schema and no "
+            "queue was given; start a worker that runs it or pass queue="
+        )
+    if iid is None:
+        raise DuplicateInstance([params["correlation_key"]])
+    return int(iid)
+
+
+def many_error(specs: Sequence[Insert], exc: pgerrors.UniqueViolation) -> DuplicateInstance:
+    """The ``DuplicateInstance`` of a refused batch: the key the database names, if it does."""
+    detail = exc.diag.message_detail or ""
+    key = detail.partition(")=(")[2].rpartition(") already exists")[0]
+    return DuplicateInstance([key] if key else [s.correlation_key or "?" for s in specs])
+
+
+def copy_query(q: Queries, batch: Batch) -> tuple[bytes, bool]:
+    """The COPY statement for ``batch``, and whether it is the short stream."""
+    plain = batch.plain()
+    return q["instance_copy_plain" if plain else "instance_copy"], plain
+
+
+def signal_params(
+    target: int | str, name: str, payload: Any, dedup_key: str | None, *, notify: bool
+) -> dict[str, Any]:
+    """The parameters of ``signal_deliver``, checked before any connection is touched."""
+    if isinstance(target, bool) or not isinstance(target, int | str):
+        raise TypeError(f"signal target must be an instance id or a correlation key, got {target!r}")
+    if not name:
+        raise ValueError("signal name must not be empty")
+    return {
+        "target_id": target if isinstance(target, int) else None,
+        "target_key": target if isinstance(target, str) else None,
+        "name": name,
+        "payload": encode_json({} if payload is None else payload),
+        "dedup_key": dedup_key,
+        "notify": notify,
+    }
+
+
+def signal_result(target: int | str, row: Sequence[Any] | None) -> int | None:
+    """The stored signal's id from the ``signal_deliver`` row (None: a duplicate)."""
+    if row is None:
+        raise NoTarget(f"no live instance {target!r} to signal (unknown or already finished)")
+    return None if row[1] is None else int(row[1])
