@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgdurable import FSM, Await, Done, Next, job, step
+from pgdurable import FSM, Await, Done, Next, Retry, job, step
 
 
 def _record(args: dict, what: str) -> None:
@@ -76,3 +76,22 @@ class Relay(FSM, name="relay", queue="rt"):
     @step
     def c(self, ctx):
         return Done({"pids": [*ctx.state["pids"], os.getpid()]})
+
+
+class Later(FSM, name="later", queue="rt"):
+    """Moves on after a delay (``Next``) or retries once after one (``Retry``), and says how
+    late its second step started against when it was due."""
+
+    @step(initial=True)
+    def first(self, ctx):
+        delay = ctx.state["delay"]
+        due = {"due": time.time() + delay}
+        if ctx.state["how"] == "retry" and ctx.attempt == 0:
+            return Retry({**ctx.state, **due}, delay=delay)
+        if ctx.state["how"] == "retry":
+            return Done({"late": time.time() - ctx.state["due"]})
+        return Next(self.second, {**ctx.state, **due}, delay=delay)
+
+    @step
+    def second(self, ctx):
+        return Done({"late": time.time() - ctx.state["due"]})

@@ -137,6 +137,28 @@ def test_idle_worker_wakes_on_notify_and_delayed_job_starts_on_time(dsn, schema,
     assert 2.0 <= started - t < 10  # not before it is due, and not at the next 60 s poll
 
 
+def test_delayed_work_starts_on_time_while_its_worker_is_busy(dsn, schema, client, sups, tmp_path, runs):
+    """Next(delay=), Retry(delay=) and schedule_in start when due although their worker
+    process has another step running all along (with a 10 s heartbeat and a 60 s poll
+    ceiling, they used to start up to heartbeat - delay seconds late)."""
+    start(sups, tmp_path, dsn, schema, processes=1, concurrency=4, heartbeat=10, poll_ceiling=60)
+    busy = client.insert("sleepy", {"tag": "busy", "sleep": 12})
+    wait_until(lambda: client.get(busy).status == "executing", what="the long step")
+    time.sleep(0.5)
+    nxt = client.insert("later", {"how": "next", "delay": 2})
+    retry = client.insert("later", {"how": "retry", "delay": 2})
+    t = time.time()
+    scheduled = client.insert("stamp", {}, schedule_in=3)
+    lateness = {
+        "next": client.wait(nxt, timeout=30).result["late"],
+        "retry": client.wait(retry, timeout=30).result["late"],
+        "schedule_in": client.wait(scheduled, timeout=30).result["started"] - (t + 3),
+    }
+    for what, late in lateness.items():
+        assert -0.05 <= late < 1.0, (what, lateness)
+    assert client.get(busy).status == "executing", "the worker was busy all along"
+
+
 @pytest.mark.parametrize("how", ["pool", "autocommit conn", "caller's transaction"])
 def test_insert_many_wakes_an_idle_worker(dsn, schema, client, sups, tmp_path, how):
     """The COPY commits before its notification is sent (or with the caller's commit):

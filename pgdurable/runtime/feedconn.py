@@ -49,6 +49,7 @@ class FeedConnection:
         self.listening = False
         self.seen = 0.0
         self.failures = 0  # claims failed in a row (reset by the worker after one succeeded)
+        self.heard = 0  # notifications read so far (the feeder looks again after new ones)
 
     @property
     def connected(self) -> bool:
@@ -103,6 +104,7 @@ class FeedConnection:
             return
         try:
             async for _ in conn.notifies(timeout=timeout, stop_after=1):
+                self.heard += 1
                 self.answered()
             self._drained = time.monotonic()  # psycopg hands over what it kept first
         except psycopg.Error as exc:
@@ -124,7 +126,7 @@ class FeedConnection:
             if now - self._drained >= self._probe_every:
                 self._drained = now
                 async for _ in conn.notifies(timeout=0):
-                    pass
+                    self.heard += 1
         except psycopg.Error as exc:
             await self.lost(exc)
 

@@ -5,6 +5,13 @@ LISTENs on the queue's channel (``feedconn``). Between claims it sleeps until a 
 finishes, a notification arrives, or the queue's earliest future row is due — busy or idle
 — at most ``poll_ceiling`` seconds, so delayed and retried work starts on time without
 polling.
+
+Knowing when the next row is due: an idle feeder asks the database
+(``instance_next_eligible``) before each sleep. A busy one asks only when something may have
+changed it — a notification was read (producers notify for every insert, future ones
+included), or its own claim deferred rows for a limit — and learns the due time of its own
+delayed outcomes (``Next(delay=)``, ``Retry``, delayed children) from the flusher, which
+calls ``due_in`` after their commit. Busy or idle, a delayed row starts on time.
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ class Feeder(Component):
     def __init__(self, rt: Runtime, slots: Slots, feed: FeedConnection):
         super().__init__()
         self.rt, self.slots, self.feed = rt, slots, feed
+        self.next_due: float | None = None  # the clock's time when the earliest known row is due
+        self._heard = 0  # feed.heard when the feeder last asked the database for next_due
+        self._look = True  # ask the database before the next sleep, even when busy
+
+    def due_in(self, seconds: float) -> None:
+        """A row of this queue becomes due in ``seconds`` (told by the flusher after it
+        committed a delayed outcome): wake up then, busy or idle."""
+        due = self.rt.clock() + max(0.0, seconds)
+        if self.next_due is None or due < self.next_due:
+            self.next_due = due
+            self.slots.wake.set()  # the current sleep was computed without it
 
     def close(self) -> None:
         super().close()
@@ -50,6 +68,8 @@ class Feeder(Component):
             if demand > 0 and (demand >= min_demand or slots.idle):
                 rows = await self._claim(demand)
                 claimed = rt.engine.last_claimed  # admitted or deferred by a limit
+                if len(rows) < claimed:
+                    self._look = True  # rows deferred by a limit: when they are due is new
                 slots.buffer.extend(rows)
             slots.start_from_buffer()
             if claimed and not self.feed.sync:
@@ -61,10 +81,9 @@ class Feeder(Component):
                 await self._claim_durability(wait_for_disk=True)
             if claimed and claimed == demand:
                 continue  # there may be more right away
-            timeout = rt.cfg.runtime.poll_ceiling
             idle = slots.idle
+            timeout = await self._due_timeout(idle=idle)
             if idle:
-                timeout = await self._idle_timeout(came_back_empty=claimed == 0)
                 await self._claim_durability(wait_for_disk=False)
             # A notification matters only when the next round would claim: listen for one then.
             await self._wait(timeout, listen=idle or slots.demand() >= min_demand)
@@ -109,34 +128,50 @@ class Feeder(Component):
         except psycopg.Error as exc:
             await self.feed.lost(exc)  # reconnected (synchronous) at the next claim
 
-    async def _idle_timeout(self, *, came_back_empty: bool) -> float:
-        """Sleep until the queue's earliest future row is due, at most the poll ceiling.
+    async def _due_timeout(self, *, idle: bool) -> float:
+        """How long to sleep: until the queue's earliest future row is due, at most the
+        poll ceiling. Idle, or when the due time may have changed, ask the database.
 
-        Rows due now that the claim just did not get are held by another process (locked,
-        or their concurrency key busy): pause a little rather than spin against it.
+        Rows due now that an idle feeder's claim did not get are held by another process
+        (locked, or their concurrency key busy): pause a little rather than spin.
         """
         rt = self.rt
         ceiling = rt.cfg.runtime.poll_ceiling
-        try:
-            async with rt.pool.connection() as conn:
-                cur = await conn.execute(
-                    rt.queries["instance_next_eligible"], {"queue": rt.queue}, prepare=True
-                )
-                row = await cur.fetchone()
-        except Exception:  # noqa: BLE001
-            return min(ceiling, 1.0)
-        wait = row[0] if row else None
-        if wait is None:
+        now = rt.clock()
+        if self.next_due is not None and self.next_due <= now:
+            # Passed: the claim just made took what it could. Only the earliest due time is
+            # kept, so ask again for the one after it.
+            self.next_due, self._look = None, True
+        if idle or self._look or self.feed.heard != self._heard:
+            self._look, self._heard = False, self.feed.heard
+            try:
+                async with rt.pool.connection() as conn:
+                    cur = await conn.execute(
+                        rt.queries["instance_next_eligible"], {"queue": rt.queue}, prepare=True
+                    )
+                    row = await cur.fetchone()
+            except Exception:  # noqa: BLE001 - look again soon
+                self._look = True
+                return min(ceiling, 1.0)
+            wait, future = (row[0], row[1]) if row else (None, None)
+            if idle and wait is not None and float(wait) <= 0:
+                return EMPTY_CLAIM_PAUSE
+            # Rows due now that the claim did not get are held elsewhere: busy, a finished
+            # step or a notification wakes the feeder; the next future row sets the timer.
+            if future is not None:
+                self.next_due = min(self.next_due or float("inf"), now + float(future))
+        if self.next_due is None:
             return ceiling
-        if came_back_empty and wait <= 0:
-            return EMPTY_CLAIM_PAUSE
-        return max(0.0, min(ceiling, float(wait) + 0.001))
+        return max(0.0, min(ceiling, self.next_due - now + 0.001))
 
     async def _wait(self, timeout: float, *, listen: bool) -> None:
         """Until a step finished (``slots.wake``), a stop, a notification (when ``listen``)
         or ``timeout``, at most ``heartbeat`` seconds: the feeder connection answers at
         least that often (a claim, or the probe of ``tend`` while the slots are full)."""
+        heard = self.feed.heard
         await self.feed.tend()
+        if self.feed.heard != heard:
+            return  # notifications kept meanwhile were just read: look at the queue again
         timeout = min(timeout, self.rt.cfg.runtime.heartbeat)
         waiters = [
             asyncio.ensure_future(self.slots.wake.wait()),

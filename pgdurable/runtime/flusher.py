@@ -8,6 +8,7 @@ step's task waits until its outcome is durable.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgdurable.engine.executor import Result
@@ -26,9 +27,11 @@ class Flusher(Component):
 
     name = "flusher"
 
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Runtime, on_delayed: Callable[[float], None] | None = None):
         super().__init__()
         self.rt = rt
+        #: Told, after the commit, in how many seconds a delayed row of this queue is due.
+        self.on_delayed = on_delayed
         self._waiting: list[_Pending] = []
         self._wake = asyncio.Event()
 
@@ -66,10 +69,24 @@ class Flusher(Component):
                 if not p.done.done():
                     p.done.set_exception(exc)
             return
+        soonest: float | None = None
         for p in batch:
             stale = p.result.row.id in report.stale
             rt.stats.stale += stale
+            if not stale:
+                delay = _delayed(p.result, rt.queue)
+                if delay is not None and (soonest is None or delay < soonest):
+                    soonest = delay
             if not p.done.done():
                 p.done.set_result(not stale)
+        if soonest is not None and self.on_delayed is not None:
+            self.on_delayed(soonest)
         if self.closing.is_set():
             self._wake.set()  # look once more: return when nothing is left
+
+
+def _delayed(r: Result, queue: str) -> float | None:
+    """The smallest delay after which a row of ``queue`` this outcome wrote becomes due."""
+    delays = [r.delay] if r.kind in ("next", "retry") and r.delay > 0 else []
+    delays += [c.delay for c in r.children if c.delay > 0 and c.queue in (None, queue)]
+    return min(delays) if delays else None

@@ -113,6 +113,7 @@ class Worker:
                 spec.dsn, spec.queue, channel, probe_every=cfg.runtime.heartbeat, on_connect=slots.wake.set
             )
             feeder = Feeder(rt, slots, feed)
+            flusher.on_delayed = feeder.due_in
             components = [
                 flusher,
                 slots,

@@ -35,10 +35,12 @@ SELECT r.id, pg_notify({schema}.notify_channel(r.queue), '')::text AS notified,
 FROM released AS r;
 
 -- name: instance_next_eligible
--- Seconds until the earliest runnable row of a queue becomes due (NULL: none), so an idle
--- worker sleeps exactly that long. The pick index is ordered by priority first, so this
--- skips from one priority to the next and reads the earliest row of each: a few index
--- probes, however many rows are scheduled.
+-- Seconds until the earliest runnable row of a queue becomes due (``wait``, NULL: none; zero
+-- or less: due now), and until the earliest row that is not due yet becomes due
+-- (``wait_future``), so a worker sleeps exactly that long even while due rows are held by
+-- someone else. The pick index is ordered by priority first, so this skips from one
+-- priority to the next and reads the earliest rows of each: a few index probes, however
+-- many rows are scheduled.
 WITH RECURSIVE prio AS (
     (SELECT priority FROM {schema}.instances
      WHERE status = 'runnable' AND queue = %(queue)s ORDER BY priority LIMIT 1)
@@ -51,7 +53,12 @@ WITH RECURSIVE prio AS (
 SELECT EXTRACT(EPOCH FROM (min(
            (SELECT i.eligible_at FROM {schema}.instances AS i
             WHERE i.status = 'runnable' AND i.queue = %(queue)s AND i.priority = prio.priority
-            ORDER BY i.eligible_at LIMIT 1)) - now()))::float8 AS wait
+            ORDER BY i.eligible_at LIMIT 1)) - now()))::float8 AS wait,
+       EXTRACT(EPOCH FROM (min(
+           (SELECT i.eligible_at FROM {schema}.instances AS i
+            WHERE i.status = 'runnable' AND i.queue = %(queue)s AND i.priority = prio.priority
+              AND i.eligible_at > now()
+            ORDER BY i.eligible_at LIMIT 1)) - now()))::float8 AS wait_future
 FROM prio WHERE prio.priority IS NOT NULL;
 
 -- name: instance_reclaim
