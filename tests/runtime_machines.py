@@ -95,3 +95,13 @@ class Later(FSM, name="later", queue="rt"):
     @step
     def second(self, ctx):
         return Done({"late": time.time() - ctx.state["due"]})
+
+
+@job(queue="rt", max_attempts=1)
+def gated(args: dict, ctx):
+    """Marks that it started, then waits (at most a minute) for the test to open the gate."""
+    Path(args["started"]).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not Path(args["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"pid": os.getpid()}

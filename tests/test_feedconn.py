@@ -7,7 +7,8 @@ import time
 
 import psycopg
 
-from pgdurable.runtime.feedconn import RETRY_FIRST, RETRY_MAX, FeedConnection
+from pgdurable.runtime.backoff import RETRY_FIRST, RETRY_MAX
+from pgdurable.runtime.feedconn import FeedConnection
 
 
 def test_a_busy_feeder_does_not_keep_notifications_forever(dsn):

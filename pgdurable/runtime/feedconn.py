@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +21,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-log = logging.getLogger("pgdurable.worker")
+from pgdurable.runtime.backoff import retry_delay
 
-RETRY_FIRST = 0.1  # seconds before the first retry after a failed claim or connection
-RETRY_MAX = 5.0  # the back-off's ceiling
+log = logging.getLogger("pgdurable.worker")
 
 
 class FeedConnection:
@@ -79,12 +77,9 @@ class FeedConnection:
         self.seen = time.monotonic()
 
     def retry_delay(self) -> float:
-        """Seconds to wait after one more failure: doubling from ``RETRY_FIRST`` up to
-        ``RETRY_MAX``, each drawn at random from its upper half, so that a fleet's workers
-        do not all reconnect in the same instant after a database restart."""
+        """Seconds to wait after one more failure (see ``backoff.retry_delay``)."""
         self.failures += 1
-        ceiling = min(RETRY_MAX, RETRY_FIRST * 2 ** (self.failures - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return retry_delay(self.failures)
 
     async def lost(self, exc: BaseException) -> None:
         """Drop the connection after an error; the next ``get`` reconnects."""

@@ -11,7 +11,10 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psycopg
+
 from pgdurable.engine.executor import Result
+from pgdurable.runtime.backoff import retry_delay
 from pgdurable.runtime.context import Runtime
 from pgdurable.runtime.lifecycle import Component
 
@@ -59,16 +62,33 @@ class Flusher(Component):
 
     async def _flush(self, batch: list[_Pending]) -> None:
         rt = self.rt
-        try:
-            async with rt.pool.connection() as conn:
-                report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
-        except Exception as exc:
-            rt.stats.error(f"flush failed: {exc!r}")
-            rt.log.exception("flush failed", extra={"event": "flush_failed"})
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_exception(exc)
-            return
+        failures = 0
+        while True:
+            try:
+                async with rt.pool.connection() as conn:
+                    report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
+                break
+            except psycopg.OperationalError as exc:
+                # The connection or the server went away (a killed backend, a restart, a
+                # failover): whether the commit happened is unknown, so commit again on a new
+                # connection. Safe: every write is guarded by the claims' fencing tokens, so
+                # rows already committed are simply reported stale. Nobody is charged a crash.
+                failures += 1
+                rt.stats.error(f"flush failed, retrying: {exc!r}")
+                rt.log.warning(
+                    "flush of %d outcomes failed (%r); retrying on a new connection",
+                    len(batch),
+                    exc,
+                    extra={"event": "flush_retry"},
+                )
+                await asyncio.sleep(retry_delay(failures))
+            except Exception as exc:
+                rt.stats.error(f"flush failed: {exc!r}")
+                rt.log.exception("flush failed", extra={"event": "flush_failed"})
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                return
         soonest: float | None = None
         for p in batch:
             stale = p.result.row.id in report.stale

@@ -51,7 +51,9 @@ class Maintenance:
         queries = for_schema(cfg.database.schema)
         m = cfg.maintenance
         self.sweeps: list[Sweep] = [
-            Reaper(self.connect, queries, spec.registry, cfg.runtime.max_crashes, m.interval),
+            Reaper(
+                self.connect, queries, spec.registry, cfg.runtime.max_crashes, m.interval, cfg.runtime.lease
+            ),
             AwaitDeadlines(self.connect, queries, m.interval, log),
             Collector(self.connect, queries, m.gc_interval, m.retention, m.gc_batch),
         ]

@@ -11,6 +11,7 @@ reclaims) runs on short-lived connections; the sweeps run in the maintenance pro
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -394,6 +395,7 @@ class Supervisor:
                     for_schema(self.cfg.database.schema),
                     self.registry,
                     self.cfg.runtime.max_crashes,
+                    lease=dt.timedelta(seconds=self.cfg.runtime.lease),
                     workers=workers,
                     nodes=nodes,
                     expired=expired,

@@ -67,10 +67,17 @@ FROM prio WHERE prio.priority IS NOT NULL;
 -- expired. A reclaim counts as a crash of the step only for rows whose step had started
 -- (``crashed`` ids, or every row when ``count_all``: nobody knows better); rows that were
 -- merely prefetched go back untouched. Past its machine's max_crashes the instance fails.
+-- A row taken only because its lease expired is not charged a crash when its lease was last
+-- renewed before the server started (``lease`` is the lease length): its owner could not
+-- renew it while the database was down, which says nothing about its step.
 -- Ordered SKIP LOCKED: safe with several supervisors at once.
 WITH victims AS (
     SELECT id, fsm, version, concurrency_key, concurrency_shard,
-           (%(count_all)s OR id = ANY(%(crashed)s::bigint[])) AS crashed
+           (%(count_all)s OR id = ANY(%(crashed)s::bigint[]))
+           AND NOT (locked_by <> ALL(%(workers)s::text[])
+                    AND split_part(locked_by, '/', 1) <> ALL(%(nodes)s::text[])
+                    AND lease_expires_at - %(lease)s::interval < pg_postmaster_start_time())
+           AS crashed
     FROM {schema}.instances
     WHERE status = 'executing' AND lease_expires_at IS NOT NULL  -- the lease index
       AND (locked_by = ANY(%(workers)s::text[])

@@ -8,6 +8,7 @@ reclaim counts toward the step's ``max_crashes`` — only for steps that had sta
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from pgdurable.contract.fsm import Registry
 from pgdurable.db.queries import Queries
 from pgdurable.runtime.sweeps.base import Connect, Sweep
 
-log = logging.getLogger("pgdurable.supervisor")
+log = logging.getLogger("pgdurable.reaper")
 
 
 def reclaim(
@@ -27,6 +28,7 @@ def reclaim(
     registry: Registry,
     default_max_crashes: int,
     *,
+    lease: dt.timedelta,
     workers: Sequence[str] = (),
     nodes: Sequence[str] = (),
     expired: bool = False,
@@ -35,7 +37,9 @@ def reclaim(
     """Return rows of dead owners to runnable, in one transaction; returns the count.
 
     ``crashed``: the ids whose step had started (a crash counts only for them); None counts
-    a crash for every reclaimed row. A row that reaches ``max_crashes`` fails, and its
+    a crash for every reclaimed row — except rows taken for an expired lease that was last
+    renewed before the database server started (``lease``: the lease length), whose owner
+    could not renew it during the outage. A row that reaches ``max_crashes`` fails, and its
     parent's join counts it.
     """
     own = [m for m in registry.machines() if m.max_crashes is not None]
@@ -49,6 +53,7 @@ def reclaim(
         "versions": [m.__pgdurable__.version for m in own],
         "max_crashes": [m.max_crashes for m in own],
         "default_max": default_max_crashes,
+        "lease": lease,
     }
     with conn.transaction():
         rows = conn.execute(q["instance_reclaim"], params).fetchall()
@@ -71,9 +76,18 @@ class Reaper(Sweep):
 
     name = "reaper"
 
-    def __init__(self, connect: Connect, q: Queries, registry: Registry, max_crashes: int, interval: float):
+    def __init__(
+        self,
+        connect: Connect,
+        q: Queries,
+        registry: Registry,
+        max_crashes: int,
+        interval: float,
+        lease: float,
+    ):
         super().__init__(connect, interval, log)
         self.q, self.registry, self.max_crashes = q, registry, max_crashes
+        self.lease = dt.timedelta(seconds=lease)
 
     def sweep(self, conn: psycopg.Connection[Any]) -> None:
-        reclaim(conn, self.q, self.registry, self.max_crashes, expired=True)
+        reclaim(conn, self.q, self.registry, self.max_crashes, lease=self.lease, expired=True)
