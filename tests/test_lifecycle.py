@@ -135,7 +135,7 @@ def test_every_runtime_component_follows_the_lifecycle(dsn, schema):
                 Feeder(rt, slots, feed),
                 Heartbeat(rt, slots),
                 Reporter(None, dict, str, rt.stopping.set),
-                Reaper(connect, q, registry, 3, 0.05),
+                Reaper(connect, q, registry, 3, 0.05, 60.0),
                 AwaitDeadlines(connect, q, 0.05, log),
                 Collector(connect, q, 0.05, 3600.0, 100),
             ]
