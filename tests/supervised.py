@@ -19,7 +19,7 @@ dsn = "{dsn}"
 schema = "{schema}"
 
 [runtime]
-modules = ["tests.runtime_machines"]
+modules = {modules}
 lease = {lease}
 heartbeat = {heartbeat}
 poll_ceiling = {poll_ceiling}
@@ -29,7 +29,8 @@ max_crashes = 3
 [maintenance]
 enabled = {maintenance_enabled}
 interval = 1
-gc_interval = 3600
+gc_interval = {gc_interval}
+retention = {retention}
 
 [queues.rt]
 processes = {processes}
@@ -59,6 +60,9 @@ class Supervised:
             "concurrency": 4,
             "prefetch": 4,
             "maintenance_enabled": "true",
+            "modules": '["tests.runtime_machines"]',
+            "gc_interval": 3600,
+            "retention": 604800,
         }
         opts.update(settings)
         self.config = tmp / f"{name}.toml"
