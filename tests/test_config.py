@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
+import sys
+
 import pytest
 
-from pgdurable.contract.errors import ConfigError
-from pgdurable.runtime.config import load, parse
+from pgdurable.contract.errors import ConfigError, ModuleImportError
+from pgdurable.runtime.config import import_modules, load, parse
 
 Q = {"queues": {"q": {}}}
 
@@ -23,6 +26,7 @@ Q = {"queues": {"q": {}}}
         ({}, "queues", "no queues"),
         ({"queues": 3}, "queues", "expected a table"),
         ({**Q, "database": {"schema": "bad;name"}}, "database.schema", "identifier"),
+        ({**Q, "database": {"schema": "jobs\n"}}, "database.schema", "identifier"),
         ({**Q, "maintenance": {"retention": -1}}, "maintenance.retention", "positive"),
     ],
 )
@@ -58,6 +62,49 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML") as err:
         load(bad)
     assert err.value.file == str(bad)
+    with pytest.raises(ConfigError, match="is a directory") as err:
+        load(tmp_path)
+    assert err.value.file == str(tmp_path)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[queues.q]\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text: byte 0xe9 at line 2, column 6") as err:
+        load(latin)
+    assert err.value.file == str(latin)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[queues.q]\n")
+    assert list(load(path).queues) == ["q"]
+
+
+def test_a_dsn_that_does_not_parse_names_the_key():
+    cfg = parse({**Q, "database": {"dsn": "notadsn"}}, "x.toml")
+    with pytest.raises(ConfigError, match="not a connection string") as err:
+        cfg.dsn()
+    assert err.value.key == "database.dsn" and "\n" not in str(err.value)
+
+
+def test_import_modules_names_the_module_the_file_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"cfgmod_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text('raise KeyError("missing setting")\n')
+    path = str(tmp_path / "c.toml")
+    with pytest.raises(ModuleImportError) as err:
+        import_modules(parse({**Q, "runtime": {"modules": [name]}}, path))
+    assert str(err.value).startswith(
+        f"module {name!r} failed to import: KeyError: 'missing setting' (raised at "
+    )
+    assert (err.value.file, err.value.key, err.value.module) == (path, "runtime.modules", name)
+    assert isinstance(err.value.__cause__, KeyError) and not err.value.not_found
+
+    with pytest.raises(ModuleImportError) as err:
+        import_modules(parse({**Q, "runtime": {"modules": [f"{name}_pkg.machines"]}}, path))
+    assert str(err.value) == (
+        f"cannot import module '{name}_pkg.machines': No module named '{name}_pkg' "
+        f"(file {path}, key 'runtime.modules')"
+    )
+    assert err.value.not_found
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,40 @@ class SchemaVersionError(PgdurableError):
     """The database schema is behind (or ahead of) what this code needs."""
 
 
+class SchemaNameError(PgdurableError, ValueError):
+    """A schema name is not a plain identifier (refused before any SQL is rendered with it)."""
+
+
+class ModuleImportError(ConfigError):
+    """A module listed in ``runtime.modules`` failed to import; its exception is ``__cause__``."""
+
+    def __init__(self, message: str, *, module: str, file: str | None = None, key: str | None = None):
+        super().__init__(message, file=file, key=key)
+        self.module = module
+
+    @property
+    def not_found(self) -> bool:
+        """The listed module itself does not exist (rather than its code failing)."""
+        cause = self.__cause__
+        if not isinstance(cause, ModuleNotFoundError) or not cause.name:
+            return False
+        return self.module == cause.name or self.module.startswith(cause.name + ".")
+
+
+class PrivilegeError(PgdurableError):
+    """The database role lacks a privilege pgdurable needs; names the role and the privilege.
+
+    The database error stays in ``__cause__``.
+    """
+
+
+class ConnectError(PgdurableError):
+    """The database could not be reached (bad address, server down, no such database or role).
+
+    psycopg's error stays in ``__cause__``.
+    """
+
+
 class DrainLimitExceeded(PgdurableError, AssertionError):
     """testing.drain() ran more steps than allowed: a machine does not settle."""
 

@@ -12,8 +12,10 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
+from pgdurable.contract.errors import SchemaNameError
+
 _NAME = re.compile(r"^-- name: ([a-z0-9_]+)\s*$", re.MULTILINE)
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 def sql_dir() -> Path:
@@ -25,8 +27,16 @@ def sql_dir() -> Path:
 
 
 def check_schema_name(schema: str) -> str:
-    if not _SCHEMA_NAME.match(schema):
-        raise ValueError(f"schema name {schema!r} must be a plain identifier (letters, digits, underscore)")
+    """Return the name, or raise SchemaNameError (a ValueError) unless it is a plain identifier.
+
+    ``fullmatch``, not ``match`` with ``$``: ``$`` also matches before a final newline, and
+    "jobs\\n" would reach the SQL text.
+    """
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise SchemaNameError(
+            f"schema name {schema!r} must be a plain identifier "
+            "(letters, digits, underscore; not starting with a digit; at most 63 characters)"
+        )
     return schema
 
 

@@ -29,16 +29,21 @@ batch = 50                     # most rows one claim takes
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
+import sys
 import tomllib
+import traceback
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from pgdurable.contract.errors import ConfigError
+from pgdurable.contract.errors import ConfigError, ModuleImportError, SchemaNameError
 from pgdurable.db.queries import check_schema_name
 from pgdurable.engine.limits import Gate, Limits, Rate
 
@@ -104,7 +109,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 )
             return value
 
-        return _VAR.sub(sub, raw)
+        dsn = _VAR.sub(sub, raw)
+        try:
+            conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(
+                f"not a connection string or postgresql:// URI: {_one_line(exc)}",
+                file=self.path,
+                key="database.dsn",
+            ) from exc
+        return dsn
 
 
 def _positive(cfg: Config) -> None:
@@ -132,7 +146,7 @@ def _positive(cfg: Config) -> None:
             raise ConfigError(f"expected {expected}, got {value!r}", file=cfg.path, key=key)
     try:
         check_schema_name(cfg.database.schema)
-    except ValueError as exc:
+    except SchemaNameError as exc:
         raise ConfigError(str(exc), file=cfg.path, key="database.schema") from None
 
 
@@ -258,12 +272,66 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate a config file."""
+    """Read and validate a config file; a file that cannot be read or decoded is a ConfigError."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError("config file not found", file=str(p)) from None
+    except IsADirectoryError:
+        raise ConfigError("the config path is a directory, not a TOML file", file=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", file=str(p)) from exc
+    try:
+        text = raw.decode("utf-8-sig")  # TOML is UTF-8; a byte-order mark some editors write is skipped
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column} "
+            "(TOML files must be UTF-8)",
+            file=str(p),
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from None
     return parse(data, str(p))
+
+
+def import_modules(cfg: Config) -> None:
+    """Import ``runtime.modules``, with the config file's directory first on ``sys.path``.
+
+    A module that is missing, or whose code raises on import, is a ModuleImportError
+    naming the module, the file and the key, in one line; the module's exception is its
+    ``__cause__`` (``pgdurable supervise --log-level debug`` prints its traceback).
+    """
+    base = str(cfg.base_dir)
+    if sys.path[:1] != [base]:
+        sys.path.insert(0, base)
+    for name in cfg.runtime.modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            # The operator's code, not pgdurable's: any exception is reported, none hidden.
+            if isinstance(exc, ModuleNotFoundError) and exc.name and (name + ".").startswith(exc.name + "."):
+                message = f"cannot import module {name!r}: {_one_line(exc)}"
+            else:
+                message = (
+                    f"module {name!r} failed to import: {type(exc).__name__}: {_one_line(exc)}{_where(exc)}"
+                )
+            raise ModuleImportError(message, module=name, file=cfg.path, key="runtime.modules") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or "(no message)"
+
+
+def _where(exc: BaseException) -> str:
+    """Where the exception was raised: its innermost frame outside the import machinery."""
+    if isinstance(exc, SyntaxError):
+        return ""  # its message already names the file and line
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+    if not frames:
+        return ""
+    return f" (raised at {frames[-1].filename}:{frames[-1].lineno})"

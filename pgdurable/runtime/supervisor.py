@@ -101,6 +101,7 @@ class Supervisor:
     def prepare(self) -> None:
         """Import the user modules, resolve the database, check the schema — before forking."""
         sys.path.insert(0, str(self.cfg.base_dir))
+        config_mod.import_modules(self.cfg)  # a module that fails to import: one line naming it
         self.registry = Registry.from_modules(self.cfg.runtime.modules)
         dsn = self.cfg.dsn()
         if dsn is None:
