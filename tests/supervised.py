@@ -25,6 +25,7 @@ heartbeat = {heartbeat}
 poll_ceiling = {poll_ceiling}
 drain_timeout = {drain_timeout}
 max_crashes = 3
+{node_line}
 
 [maintenance]
 enabled = {maintenance_enabled}
@@ -60,6 +61,7 @@ class Supervised:
             "concurrency": 4,
             "prefetch": 4,
             "maintenance_enabled": "true",
+            "node_line": "",
             "modules": '["tests.runtime_machines"]',
             "gc_interval": 3600,
             "retention": 604800,

@@ -122,6 +122,7 @@ def test_await_expiry_and_reaper_use_their_partial_indexes(db, big):
             "versions": [],
             "max_crashes": [],
             "default_max": 3,
+            "lease": dt.timedelta(seconds=60),
         },
     )
     assert not any(n["Node Type"] == "Seq Scan" for n in scans_on_instances(p))

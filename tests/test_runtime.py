@@ -101,9 +101,32 @@ def test_restarted_supervisor_reclaims_rows_of_its_dead_incarnation(dsn, schema,
     os.killpg(os.getpgid(sup.proc.pid), signal.SIGKILL)  # the whole host's pgdurable dies at once
     sup.proc.wait(10)
     assert client.get(iid).status == "executing"  # lease of 300 s still running
-    start(sups, tmp_path, dsn, schema, processes=1, lease=300)
+    sup.sock.close()
+    sup.sock_path.unlink()
+    again = Supervised(tmp_path, dsn, schema, name="sup0", processes=1, lease=300)  # same config
+    sups.append(again)
+    again.ready()
     res = client.wait(iid, timeout=30)  # well before the lease: reclaimed at start
     assert res.__class__.__name__ == "Done"
+
+
+def test_a_node_reclaims_only_its_own_dead_incarnations(dsn, schema, client, sups, tmp_path):
+    """Two hosts may share a host name: a starting supervisor takes over only the rows of
+    its own node's dead incarnations (its node id, by default from /etc/machine-id and the
+    config path), never those of another node with the same host name."""
+    alpha = {"node_line": 'node_id = "alpha"'}
+    beta = {"node_line": 'node_id = "beta"'}
+    sup = start(sups, tmp_path, dsn, schema, processes=1, lease=300, **alpha)
+    marker = tmp_path / "marker"
+    iid = client.insert("once_blocking", {"marker": str(marker)})
+    wait_until(marker.exists, what="the step to start")
+    os.killpg(os.getpgid(sup.proc.pid), signal.SIGKILL)  # node alpha dies whole
+    sup.proc.wait(10)
+    start(sups, tmp_path, dsn, schema, processes=1, lease=300, **beta)  # same host name
+    time.sleep(1.0)
+    assert client.get(iid).status == "executing"  # not beta's to take
+    start(sups, tmp_path, dsn, schema, processes=1, lease=300, **alpha)
+    assert client.wait(iid, timeout=30).__class__.__name__ == "Done"  # alpha's successor took it
 
 
 def test_two_supervisors_share_a_backlog_without_double_execution(

@@ -66,6 +66,7 @@ class RuntimeSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     poll_ceiling: float = 30.0
     drain_timeout: float = 30.0
     max_crashes: int = 3
+    node_id: str | None = None  # default: derived from /etc/machine-id and the config path
 
 
 class Maintenance(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

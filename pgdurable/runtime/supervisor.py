@@ -36,6 +36,7 @@ from pgdurable.engine.pipeline import registration
 from pgdurable.runtime import config as config_mod
 from pgdurable.runtime.board import RunningBoard
 from pgdurable.runtime.config import Config
+from pgdurable.runtime.identity import node_key
 from pgdurable.runtime.sweeps.reaper import reclaim
 from pgdurable.runtime.systemd import Notifier
 
@@ -82,7 +83,9 @@ class Supervisor:
     def __init__(self, cfg: Config, *, notifier: Notifier | None = None):
         self.cfg = cfg
         self.host = socket.gethostname()
-        self.node = f"{self.host}:{os.getpid()}:{os.urandom(3).hex()}"
+        # The owner prefix of this incarnation; HOST:KEY: is what its successors look for.
+        self.node_prefix = f"{self.host}:{node_key(cfg.path, cfg.runtime.node_id)}:"
+        self.node = f"{self.node_prefix}{os.getpid()}:{os.urandom(3).hex()}"
         self.notifier = notifier or Notifier()
         self.children: dict[int, ChildProcess] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
@@ -410,7 +413,9 @@ class Supervisor:
         """Rows held by a previous supervisor of this host whose process is gone."""
         queries = for_schema(self.cfg.database.schema)
         with self._connect() as conn:
-            nodes = [r[0] for r in conn.execute(queries["instance_node_owners"], {"host": self.host})]
+            nodes = [
+                r[0] for r in conn.execute(queries["instance_node_owners"], {"prefix": self.node_prefix})
+            ]
         dead = [n for n in nodes if n != self.node and not _supervisor_alive(int(n.split(":")[-2]))]
         if dead:
             self._reclaim(nodes=dead)

@@ -120,11 +120,12 @@ SELECT r.id, r.status, r.parent_id,
 FROM reclaimed AS r;
 
 -- name: instance_node_owners
--- The supervisor incarnations (owner prefixes) on a host that hold executing rows.
+-- The supervisor incarnations of one node (owners starting with its HOST:KEY: prefix, see
+-- pgdurable/runtime/identity.py) that hold executing rows.
 SELECT DISTINCT split_part(locked_by, '/', 1) AS node
 FROM {schema}.instances
 WHERE status = 'executing' AND lease_expires_at IS NOT NULL  -- the lease index
-  AND left(locked_by, length(%(host)s) + 1) = %(host)s || ':';
+  AND left(locked_by, length(%(prefix)s)) = %(prefix)s;
 
 -- name: queue_channel
 -- The NOTIFY channel a queue's workers LISTEN on.
