@@ -12,7 +12,7 @@ from __future__ import annotations
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, WaitResult
 from pgdurable.client.sync import Client
-from pgdurable.contract.errors import DuplicateInstance, NoTarget, UnknownMachine
+from pgdurable.contract.errors import DuplicateInstance, InvalidValue, NoTarget, UnknownMachine
 from pgdurable.contract.outcomes import Done
 from pgdurable.contract.spec import Child, Insert
 
@@ -26,6 +26,7 @@ __all__ = [
     "Failed",
     "Insert",
     "Instance",
+    "InvalidValue",
     "NoTarget",
     "UnknownMachine",
     "WaitResult",

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from pgdurable.contract.errors import UnknownMachine
+from pgdurable.contract.errors import InvalidValue, UnknownMachine
 from pgdurable.contract.spec import (
     LIVE_STATUSES,
     Insert,
@@ -91,20 +91,23 @@ class Batch:
         infos: list[MachineInfo | None] = []
         index: dict[tuple[Any, ...], int] = {}
         rows: list[tuple[int, bytes, str | None]] = []
-        for spec in specs:
+        for i, spec in enumerate(specs):
             try:
                 key: tuple[Any, ...] | None = _shape_key(spec)
                 k = index.get(key)  # type: ignore[arg-type]
             except TypeError:  # an unhashable option: a shape of its own
                 key, k = None, None
-            if k is None:
-                k = len(shapes)
-                shapes.append(resolve(msgspec.structs.replace(spec, correlation_key=None), state=b""))
-                infos.append(machine_info(spec.fsm))
-                if key is not None:
-                    index[key] = k
-            check_correlation_key(spec.correlation_key)  # the shape was resolved without it
-            rows.append((k, encode_state(infos[k], spec.state), spec.correlation_key))
+            try:
+                if k is None:
+                    k = len(shapes)
+                    shapes.append(resolve(msgspec.structs.replace(spec, correlation_key=None), state=b""))
+                    infos.append(machine_info(spec.fsm))
+                    if key is not None:
+                        index[key] = k
+                check_correlation_key(spec.correlation_key)  # the shape was resolved without it
+                rows.append((k, encode_state(infos[k], spec.state), spec.correlation_key))
+            except InvalidValue as exc:  # say which row: the batch is refused whole
+                raise InvalidValue(f"insert_many row {i}: {exc}") from None
         order = list(range(len(rows)))
         if any(r[2] is not None for r in rows):
             # by key, then position; a str compares by code point, which is the "C" order

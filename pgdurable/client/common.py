@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from psycopg import errors as pgerrors
 
 from pgdurable.client.bulk import Batch
+from pgdurable.contract import values
 from pgdurable.contract.errors import DuplicateInstance, NoTarget, UnknownMachine
 from pgdurable.contract.outcomes import Done
-from pgdurable.contract.spec import TERMINAL_STATUSES, Insert, encode_json, resolve
+from pgdurable.contract.spec import TERMINAL_STATUSES, Insert, resolve
 from pgdurable.db.queries import Queries
 
 __all__ = [
@@ -83,16 +83,17 @@ class Busy:
 WaitResult = Done | Failed | Busy
 
 
-def _json(raw: str | None) -> Any:
-    return None if raw is None else msgspec.json.decode(raw)
+def _json(raw: str | None, what: str) -> Any:
+    return None if raw is None else values.decode(raw, what)
 
 
 def instance_of(row: Sequence[Any]) -> Instance:
-    """An ``instance_get`` row as an ``Instance``, its state and result decoded."""
-    values = list(row)
-    values[9] = _json(values[9])  # state
-    values[10] = _json(values[10])  # result
-    return Instance(*values)
+    """An ``instance_get`` row as an ``Instance``, its state and result decoded (a value
+    this process cannot decode, stored behind the client's back: ``InvalidValue``)."""
+    cols = list(row)
+    cols[9] = _json(cols[9], f"state of instance {cols[0]}")
+    cols[10] = _json(cols[10], f"result of instance {cols[0]}")
+    return Instance(*cols)
 
 
 def outcome_of(inst: Instance) -> WaitResult:
@@ -163,11 +164,15 @@ def signal_params(
         raise TypeError(f"signal target must be an instance id or a correlation key, got {target!r}")
     if not name:
         raise ValueError("signal name must not be empty")
+    values.check_text(name, "signal name")
+    values.check_text(dedup_key, "dedup_key")
+    if isinstance(target, str):
+        values.check_text(target, "signal target (a correlation key)")
     return {
         "target_id": target if isinstance(target, int) else None,
         "target_key": target if isinstance(target, str) else None,
         "name": name,
-        "payload": encode_json({} if payload is None else payload),
+        "payload": values.encode({} if payload is None else payload, "signal payload").decode(),
         "dedup_key": dedup_key,
         "notify": notify,
     }

@@ -28,6 +28,16 @@ class InvalidOutcome(PgdurableError):
     """A step returned something that is not a valid outcome; routed like an exception."""
 
 
+class InvalidValue(PgdurableError, ValueError):
+    """A value cannot be stored as given; names the field and the reason.
+
+    A NUL character (PostgreSQL cannot store it), nesting deeper than a worker decodes,
+    ``inf``/``nan`` (JSON has none), a delay out of range (``pgdurable.contract.values``).
+    The client raises it before anything is stored; a step's outcome holding such a value
+    is an ``InvalidOutcome`` routed to ``handle()``.
+    """
+
+
 class StepTimeout(PgdurableError, TimeoutError):
     """A step ran past its declared timeout; routed to handle() like any step error."""
 

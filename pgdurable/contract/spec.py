@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from pgdurable.contract import values
+
 #: Statuses in which a correlation key counts as occupied unless told otherwise.
 LIVE_STATUSES: tuple[str, ...] = (
     "runnable",
@@ -114,9 +116,12 @@ def limit_key(value: str | tuple[str, object] | None, what: str) -> str | None:
     if value is None or isinstance(value, str):
         if value == "":
             raise ValueError(f"{what} must not be empty")
+        values.check_text(value, what)
         return value
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
-        return f"{value[0]}:{value[1]}"
+        key = f"{value[0]}:{value[1]}"
+        values.check_text(key, what)
+        return key
     raise TypeError(f"{what} must be a string or a (name, partition) pair, got {value!r}")
 
 
@@ -125,17 +130,23 @@ def machine_info(fsm: Any) -> MachineInfo | None:
 
 
 def encode_state(info: MachineInfo | None, state: Any) -> bytes:
-    """Encode a state for storage; with a known State type, validate it first."""
+    """Encode a state for storage; with a known State type, validate it first.
+
+    Raises ``InvalidValue`` for a state PostgreSQL could not store or a worker could not
+    decode, or one holding inf/nan (see ``pgdurable.contract.values``).
+    """
     if state is None:
         state = {}
     if info is not None and info.state_type is not None and not isinstance(state, info.state_type):
         state = msgspec.convert(state, info.state_type, strict=False)
-    return _json_encoder.encode(state)
+    return values.encode(state, "state")
 
 
 def check_correlation_key(key: object) -> None:
-    if key is not None and not isinstance(key, str):
-        raise TypeError(f"correlation_key must be a string, got {key!r}")
+    if key is not None:
+        if not isinstance(key, str):
+            raise TypeError(f"correlation_key must be a string, got {key!r}")
+        values.check_text(key, "correlation_key")
 
 
 def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
@@ -160,6 +171,12 @@ def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
         raise ValueError("schedule_at must be timezone-aware")
     if not isinstance(spec.weight, int | float) or spec.weight <= 0:
         raise ValueError(f"weight must be a positive number, got {spec.weight!r}")
+    values.check_positive(spec.weight, "weight")
+    values.check_text(name, "machine name")
+    values.check_text(step, "step")
+    values.check_text(queue, "queue")
+    delay = seconds(spec.schedule_in)
+    values.check_seconds(delay, "schedule_in")
     if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
         raise TypeError(f"priority must be an int, got {spec.priority!r}")
     check_correlation_key(spec.correlation_key)
@@ -185,7 +202,7 @@ def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
         queue=queue,
         priority=spec.priority,
         at=spec.schedule_at,
-        delay=seconds(spec.schedule_in),
+        delay=delay,
         correlation_key=spec.correlation_key,
         scope=scope,
         concurrency_key=limit_key(spec.concurrency_key, "concurrency_key"),

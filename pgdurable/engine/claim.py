@@ -10,10 +10,11 @@ import datetime as dt
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg import errors as pgerrors
 
+from pgdurable.contract import values
+from pgdurable.contract.errors import InvalidValue
 from pgdurable.contract.fsm import ChildInfo, Signal
 from pgdurable.db.queries import Queries
 
@@ -52,6 +53,8 @@ class Claimed:
     depth: int = 0  # steps run ahead inline on this claim so far
     inbox: list[Signal] = field(default_factory=list)
     children: list[ChildInfo] = field(default_factory=list)
+    #: Why its inbox or children could not be read (the executor fails the row with it).
+    unreadable: str | None = None
 
     @property
     def awaited(self) -> list[Signal]:
@@ -60,10 +63,6 @@ class Claimed:
             return []
         names = set(self.awaits)
         return [s for s in self.inbox if s.name in names]
-
-
-def _json(raw: str | None) -> Any:
-    return None if raw is None else msgspec.json.decode(raw)
 
 
 async def claim(
@@ -110,15 +109,32 @@ async def claim(
 
 
 async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[Claimed]) -> None:
-    """Load inboxes and children for the rows that have them: at most two statements."""
+    """Load inboxes and children for the rows that have them: at most two statements.
+
+    A value this process cannot decode (nested too deeply) marks only its own row
+    ``unreadable``, which the executor fails with the reason; the claim's other rows run.
+    """
     by_id = {c.id: c for c in claimed}
     inbox_ids = [c.id for c in claimed if c.has_inbox]
     if inbox_ids:
         cur = await conn.execute(q["signal_inbox_many"], {"ids": inbox_ids}, prepare=True)
         for target_id, sid, name, payload, dedup_key, inserted_at in await cur.fetchall():
-            by_id[target_id].inbox.append(Signal(sid, name, _json(payload), dedup_key, inserted_at))
+            row = by_id[target_id]
+            try:
+                value = values.decode(payload, f"signal {sid} ({name!r}) payload")
+            except InvalidValue as exc:
+                row.unreadable = row.unreadable or str(exc)
+                continue
+            row.inbox.append(Signal(sid, name, value, dedup_key, inserted_at))
     parent_ids = [c.id for c in claimed if c.has_children]
     if parent_ids:
         cur = await conn.execute(q["instance_children_many"], {"ids": parent_ids}, prepare=True)
         for parent_id, cid, fsm, status, state, result, error in await cur.fetchall():
-            by_id[parent_id].children.append(ChildInfo(cid, fsm, status, _json(state), _json(result), error))
+            row = by_id[parent_id]
+            try:
+                child_state = values.decode(state, f"child {cid} state")
+                child_result = None if result is None else values.decode(result, f"child {cid} result")
+            except InvalidValue as exc:
+                row.unreadable = row.unreadable or str(exc)
+                continue
+            row.children.append(ChildInfo(cid, fsm, status, child_state, child_result, error))

@@ -11,13 +11,15 @@ nothing of its outcome is applied (no signal consumed, no parent touched, no chi
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import msgspec
 import psycopg
+from psycopg import errors as pgerrors
 
 from pgdurable.contract.spec import encode_json, rows_json
 from pgdurable.db.queries import Queries, int_array
@@ -25,7 +27,20 @@ from pgdurable.engine.claim import Claimed
 from pgdurable.engine.executor import Result
 from pgdurable.engine.limits import credits
 
+log = logging.getLogger("pgdurable.commit")
+
 _STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
+
+#: What a flush raises when PostgreSQL (or the driver, before sending) refuses a value one
+#: row carries — never a connection or server failure, which fails the whole flush as before.
+VALUE_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.DataError,  # class 22: a NUL character, an interval or timestamp out of range
+    psycopg.IntegrityError,  # class 23: a NOT NULL or CHECK constraint
+    pgerrors.ProgramLimitExceeded,  # 54000: an index row or a jsonb document too large
+    pgerrors.StatementTooComplex,  # 54001: a document nested too deeply for the server
+    msgspec.EncodeError,
+    UnicodeEncodeError,  # a lone surrogate in a text the flush encodes
+)
 
 
 @dataclass(slots=True)
@@ -34,6 +49,15 @@ class FlushReport:
     stale: set[int] = field(default_factory=set)
     woken_parents: set[int] = field(default_factory=set)
     rechecked: set[int] = field(default_factory=set)  # parked, then woken by the recheck
+    #: Rows whose outcome PostgreSQL refused, failed instead (committed), with the reason.
+    rejected: dict[int, str] = field(default_factory=dict)
+
+    def merge(self, other: FlushReport) -> None:
+        self.committed |= other.committed
+        self.stale |= other.stale
+        self.woken_parents |= other.woken_parents
+        self.rechecked |= other.rechecked
+        self.rejected.update(other.rejected)
 
 
 async def flush(
@@ -47,10 +71,104 @@ async def flush(
     """Commit ``results`` in one transaction (connection must be in autocommit mode).
 
     ``quiet_queue``: a queue not to notify (the flushing worker's own).
+
+    A value one row carries and PostgreSQL refuses (``VALUE_ERRORS``; ``prepare`` refuses
+    the known ones before they get here) does not fail the group: the batch is committed in
+    halves, recursively, so every other row commits, and each guilty row is failed at once,
+    by the same guarded statement, with the cause in ``last_error`` — its ``Result`` becomes
+    that ``Stop``, in place, so the caller sees what was committed — and listed in
+    ``rejected``. The normal path runs no extra statement: the split only follows a failure.
     """
-    report = FlushReport()
     if not results:
-        return report
+        return FlushReport()
+    try:
+        return await _flush_group(conn, q, worker, results, quiet_queue, lease)
+    except VALUE_ERRORS as exc:
+        return await _isolate(conn, q, worker, results, quiet_queue, lease, exc)
+
+
+async def _isolate(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    results: Sequence[Result],
+    quiet_queue: str | None,
+    lease: dt.timedelta,
+    exc: Exception,
+) -> FlushReport:
+    """Commit a refused batch in halves until the guilty rows stand alone; fail those."""
+    report = FlushReport()
+    refused: list[tuple[list[Result], Exception]] = [(sorted(results, key=lambda r: r.row.id), exc)]
+    while refused:
+        group, cause = refused.pop()
+        if len(group) == 1:
+            await _reject(conn, q, worker, group[0], cause, quiet_queue, lease, report)
+            continue
+        mid = len(group) // 2
+        for half in (group[:mid], group[mid:]):
+            try:
+                report.merge(await _flush_group(conn, q, worker, half, quiet_queue, lease))
+            except VALUE_ERRORS as half_exc:
+                refused.append((half, half_exc))
+    return report
+
+
+async def _reject(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    r: Result,
+    cause: Exception,
+    quiet_queue: str | None,
+    lease: dt.timedelta,
+    report: FlushReport,
+) -> None:
+    """Fail a row whose outcome PostgreSQL refused, alone, under the claim's guard."""
+    step = r.row.step or r.step
+    reason = f"the outcome of step {step!r} could not be stored, so the instance failed: {_cause(cause)}"
+    stop = Result(
+        r.row, "stop", version=r.version or r.row.version or 0, step=step, error=reason, attempt=r.row.attempt
+    )
+    try:
+        report.merge(await _flush_group(conn, q, worker, [stop], quiet_queue, lease))
+    except VALUE_ERRORS:
+        # Even the Stop is refused: this is not about the row's values. Leave the row
+        # executing; the reaper returns it once its lease expires, as before.
+        log.exception("refused outcome not failed", extra={"event": "outcome_refused", "instance": r.row.id})
+        report.stale.add(r.row.id)
+        return
+    if r.row.id not in report.committed:  # its claim was lost meanwhile: stale
+        return
+    report.rejected[r.row.id] = reason
+    for f in fields(Result):  # the caller's Result is now what was committed
+        setattr(r, f.name, getattr(stop, f.name))
+    log.warning(
+        "instance %d failed: %s", r.row.id, reason, extra={"event": "outcome_refused", "instance": r.row.id}
+    )
+
+
+def _cause(exc: Exception) -> str:
+    """The refusal in a line: PostgreSQL's message and detail and its SQLSTATE, never the
+    row (a NOT NULL violation's detail quotes the whole row)."""
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        text = exc.diag.message_primary
+        detail = exc.diag.message_detail
+        if detail and not detail.startswith("Failing row") and len(detail) < 200:
+            text = f"{text} ({detail.rstrip('.')})"
+        return f"PostgreSQL refused it: {text} [{exc.sqlstate}]"
+    return f"{type(exc).__name__}: {exc}"[:300].replace("\x00", "\\x00")
+
+
+async def _flush_group(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    results: Sequence[Result],
+    quiet_queue: str | None,
+    lease: dt.timedelta,
+) -> FlushReport:
+    """``flush`` without the isolation: the group commits whole, or raises."""
+    report = FlushReport()
     results = sorted(results, key=lambda r: r.row.id)
     if all(_single_statement(r) for r in results):
         # The common case — plain outcomes of rows with no parent and no gate slot — is one

@@ -3,7 +3,10 @@
 Nothing here touches the database: the result is a ``Result`` the flusher commits. A step
 error, a malformed outcome, a state that no longer decodes and an unknown machine each end
 in a well-defined result; nothing is half-committed because encoding happens here, before
-the flush.
+the flush. ``prepare`` also refuses what PostgreSQL would refuse in the flush (a NUL
+character, a delay out of range) and what a worker could not decode back (nesting deeper
+than ``values.MAX_DEPTH``): one step's error for its ``handle()``, not a group commit that
+fails for every row in it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any, assert_never
 
 import msgspec
 
-from pgdurable.contract.errors import InvalidOutcome, StateDecodeError, StepTimeout
+from pgdurable.contract import values
+from pgdurable.contract.errors import InvalidOutcome, InvalidValue, StateDecodeError, StepTimeout
 from pgdurable.contract.fsm import FSM, Context, Registry, StepDef, decode_state
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
@@ -27,7 +31,6 @@ from pgdurable.engine.limits import Limits
 log = logging.getLogger("pgdurable.executor")
 
 _FIELD = re.compile(r"at `\$\.?([^`]*)`")
-_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -102,11 +105,17 @@ class Executor:
                 error=f"held: machine {info.name!r} version {info.version} has no step "
                 f"{step_name!r} (steps: {list(info.steps)})",
             )
+        if row.unreadable is not None:  # its inbox or children did not decode: it cannot run
+            return self._finish(row, info, step_name, Stop(row.unreadable), [])
         try:
             state = decode_state(info, row.state)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             field_name = _state_field(exc) if isinstance(exc, msgspec.ValidationError) else None
             err = StateDecodeError(info.name, field_name, str(exc))
+            return self._finish(row, info, step_name, Stop(str(err)), [])
+        except RecursionError:
+            limit = f"values are limited to {values.MAX_DEPTH} levels"
+            err = StateDecodeError(info.name, None, f"nested deeper than this worker can decode ({limit})")
             return self._finish(row, info, step_name, Stop(str(err)), [])
         ctx = Context(
             id=row.id,
@@ -200,13 +209,19 @@ def _encode(info: MachineInfo, state: Any) -> bytes | None:
         except msgspec.ValidationError as exc:
             name = getattr(info.state_type, "__name__", info.state_type)
             raise InvalidOutcome(f"state does not fit {name}: {exc}") from exc
+    return _json(state, "state")
+
+
+def _json(value: Any, what: str) -> bytes:
     try:
-        return _encoder.encode(state)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise InvalidOutcome(f"state does not encode to JSON: {exc}") from exc
+        return values.encode(value, what)
+    except InvalidValue:
+        raise
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        raise InvalidOutcome(f"{what} does not encode to JSON: {exc}") from exc
 
 
-def _child(registry: Registry, spec: Any) -> InsertRow:
+def _child(registry: Registry, spec: Any, i: int) -> InsertRow:
     from pgdurable.contract.spec import Insert, machine_info
 
     if not isinstance(spec, Insert):
@@ -223,7 +238,25 @@ def _child(registry: Registry, spec: Any) -> InsertRow:
     try:
         return resolve(spec)
     except (TypeError, ValueError, msgspec.ValidationError) as exc:
-        raise InvalidOutcome(f"bad child {spec!r}: {exc}") from exc
+        # Not the whole spec in the message: its state may be large.
+        name = getattr(machine_info(spec.fsm), "name", spec.fsm)
+        raise InvalidOutcome(f"bad child {i} of Spawn ({name!r}): {exc}") from exc
+
+
+_ERROR_FIELD = {"stop": "Stop reason", "retry": "Retry error"}
+
+
+def _check_columns(res: Result) -> None:
+    """Refuse the column values PostgreSQL would refuse in the flush (``InvalidValue``).
+
+    States, results and children were checked as they were encoded.
+    """
+    values.check_text(res.error, _ERROR_FIELD.get(res.kind, "error"))
+    values.check_seconds(res.delay, f"{res.kind.capitalize()} delay")
+    values.check_seconds(res.timeout, "Await timeout")
+    values.check_positive(res.weight, "Next weight")
+    for name in res.awaits:
+        values.check_text(name, "Await signal name")
 
 
 def prepare(
@@ -236,7 +269,30 @@ def prepare(
     error: str | None = None,
     limits: Limits | None = None,
 ) -> Result:
-    """The one validation boundary: an outcome becomes absolute column values or raises."""
+    """The one validation boundary: an outcome becomes absolute column values or raises.
+
+    Raises ``InvalidOutcome`` for a malformed outcome, including a value PostgreSQL would
+    refuse in the flush or a worker could not decode back (``contract.values``): here it is
+    one step's error for its ``handle()``; in the flush it would fail the whole group.
+    """
+    try:
+        res = _columns(registry, row, info, step_name, outcome, taken, error, limits)
+        _check_columns(res)
+    except InvalidValue as exc:
+        raise InvalidOutcome(str(exc)) from exc
+    return res
+
+
+def _columns(
+    registry: Registry,
+    row: Claimed,
+    info: MachineInfo,
+    step_name: str,
+    outcome: Outcome,
+    taken: list[int],
+    error: str | None,
+    limits: Limits | None,
+) -> Result:
     match outcome:
         case Next():
             target = _step_name(info, outcome.step, "Next")
@@ -279,7 +335,10 @@ def prepare(
                 raise InvalidOutcome(str(exc)) from exc
             if retry_delay is None:
                 cls_inst = registry.get(info.name, info.version)
-                retry_delay = cls_inst[1].backoff(row.attempt) if cls_inst else 0.0
+                try:
+                    retry_delay = seconds(cls_inst[1].backoff(row.attempt)) if cls_inst else 0.0
+                except TypeError as exc:
+                    raise InvalidOutcome(f"backoff() must return seconds: {exc}") from exc
             return Result(
                 row,
                 "retry",
@@ -290,7 +349,7 @@ def prepare(
                 attempt=row.attempt + 1,
                 keep_awaits=True,
                 keep_rate=True,
-                error=outcome.error or error,
+                error=str(outcome.error) if outcome.error else error,  # text, as Stop's reason
             )
         case Await():
             names = [outcome.names] if isinstance(outcome.names, str) else list(outcome.names)
@@ -313,7 +372,7 @@ def prepare(
                 consume=taken,  # not consumed: the park's recheck ignores these ids
             )
         case Spawn():
-            children = [_child(registry, c) for c in outcome.children]
+            children = [_child(registry, c, i) for i, c in enumerate(outcome.children)]
             return Result(
                 row,
                 "spawn",
@@ -324,12 +383,13 @@ def prepare(
                 consume=taken,
             )
         case Done():
-            try:
-                result = _encoder.encode(outcome.result)
-            except (TypeError, msgspec.EncodeError) as exc:
-                raise InvalidOutcome(f"Done result does not encode to JSON: {exc}") from exc
             return Result(
-                row, "done", version=info.version, step=step_name, result=result, attempt=row.attempt
+                row,
+                "done",
+                version=info.version,
+                step=step_name,
+                result=_json(outcome.result, "Done result"),
+                attempt=row.attempt,
             )
         case Stop():
             return Result(
