@@ -60,3 +60,20 @@ def test_expired_leases_renewed_before_the_server_started_are_not_crashes(dsn, s
     assert reclaim(db, q, Registry([Counter]), 3, lease=dt.timedelta(seconds=1), expired=True) == 2
     assert client.get(outage).crashes == 0 and client.get(outage).status == "runnable"
     assert client.get(frozen).crashes == 1 and client.get(frozen).status == "runnable"
+
+
+def test_only_failures_that_a_retry_can_mend_are_retried():
+    """A flush is committed again after a lost connection, a server going away or a lost
+    race; never after the server refused the statement for what it is (a size limit, a
+    statement timeout): that would retry forever."""
+    from psycopg import errors
+
+    from pgdurable.runtime.flusher import transient
+
+    assert transient(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert transient(errors.AdminShutdown())
+    assert transient(errors.CannotConnectNow())
+    assert transient(errors.SerializationFailure())
+    assert transient(errors.DeadlockDetected())
+    assert not transient(errors.ProgramLimitExceeded())
+    assert not transient(errors.QueryCanceled())

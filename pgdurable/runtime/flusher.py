@@ -69,8 +69,12 @@ class Flusher(Component):
                     report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
                 break
             except psycopg.OperationalError as exc:
+                if not transient(exc):
+                    self._fail(batch, exc)
+                    return
                 # The connection or the server went away (a killed backend, a restart, a
-                # failover): whether the commit happened is unknown, so commit again on a new
+                # failover), or the transaction lost a race (deadlock, serialization):
+                # whether the commit happened is unknown, so commit again on a new
                 # connection. Safe: every write is guarded by the claims' fencing tokens, so
                 # rows already committed are simply reported stale. Nobody is charged a crash.
                 failures += 1
@@ -82,16 +86,20 @@ class Flusher(Component):
                     extra={"event": "flush_retry"},
                 )
                 await asyncio.sleep(retry_delay(failures))
-            except Exception as exc:
-                rt.stats.error(f"flush failed: {exc!r}")
-                rt.log.exception("flush failed", extra={"event": "flush_failed"})
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback in _fail
+                self._fail(batch, exc)
                 return
+        self._settle(batch, report.stale)
+        if self.closing.is_set():
+            self._wake.set()  # look once more: return when nothing is left
+
+    def _settle(self, batch: list[_Pending], stale_ids: set[int]) -> None:
+        """Tell each step whether its outcome committed, and the feeder when delayed rows
+        of this queue are due."""
+        rt = self.rt
         soonest: float | None = None
         for p in batch:
-            stale = p.result.row.id in report.stale
+            stale = p.result.row.id in stale_ids
             rt.stats.stale += stale
             if not stale:
                 delay = _delayed(p.result, rt.queue)
@@ -101,8 +109,29 @@ class Flusher(Component):
                 p.done.set_result(not stale)
         if soonest is not None and self.on_delayed is not None:
             self.on_delayed(soonest)
-        if self.closing.is_set():
-            self._wake.set()  # look once more: return when nothing is left
+
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        """A flush that retrying cannot mend: its rows stay executing, and recovery (their
+        lease) returns them."""
+        self.rt.stats.error(f"flush failed: {exc!r}")
+        self.rt.log.error("flush failed: %r", exc, exc_info=exc, extra={"event": "flush_failed"})
+        for p in batch:
+            if not p.done.done():
+                p.done.set_exception(exc)
+
+
+#: SQLSTATE classes worth a retry on a new connection: connection exceptions (08), operator
+#: intervention (57P: shutdown, restart), and lost races (40: deadlock, serialization).
+_TRANSIENT = ("08", "57P", "40")
+
+
+def transient(exc: psycopg.OperationalError) -> bool:
+    """Whether a failed flush may succeed when tried again: the connection broke (no
+    SQLSTATE: the client lost the server, or the pool timed out), the server is going away,
+    or the transaction lost a race. A statement the server refuses for what it says (a size
+    limit, a statement timeout) is not retried."""
+    state = exc.sqlstate
+    return state is None or state.startswith(_TRANSIENT)
 
 
 def _delayed(r: Result, queue: str) -> float | None:
