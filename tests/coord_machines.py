@@ -53,6 +53,33 @@ class Pack(FSM, name="pack", queue="pay"):
         return Done({"wakes": ctx.state.wakes, "left": [x.payload["n"] for x in ctx.inbox]})
 
 
+class TwoPings(FSM, name="two_pings", queue="pay"):
+    """Awaits `ping` twice; moving on from the first consumes it."""
+
+    class State(msgspec.Struct):
+        seen: list[int] = []
+
+    @step(initial=True)
+    def start(self, ctx):
+        return Await("ping", then=self.first, state=ctx.state)
+
+    @step
+    def first(self, ctx):
+        s = ctx.state
+        s.seen += [sig.payload["n"] for sig in ctx.awaited]
+        return Next(self.again, s)
+
+    @step
+    def again(self, ctx):
+        return Await("ping", then=self.second, state=ctx.state)
+
+    @step
+    def second(self, ctx):
+        s = ctx.state
+        s.seen += [sig.payload["n"] for sig in ctx.awaited]
+        return Done({"seen": s.seen, "inbox": [sig.payload["n"] for sig in ctx.inbox]})
+
+
 class RetryOnce(FSM, name="retry_once", queue="pay"):
     """Retries its woken step once: the retry must see the same signal again."""
 

@@ -85,6 +85,19 @@ def test_insert_is_one_statement(dsn, schema, client):
     assert t.statements == 1 and t.round_trips == 1
 
 
+def test_signal_is_one_statement_stored_or_duplicate(dsn, schema, client):
+    """Delivery with a dedup key remembers the key in the same statement; a duplicate is
+    the same single statement."""
+    iid = client.insert(send_email, {"to": "x"})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with traced(conn) as first:
+            assert client.signal(iid, "bounce", {}, dedup_key="evt-1", conn=conn) is not None
+        with traced(conn) as again:
+            assert client.signal(iid, "bounce", {}, dedup_key="evt-1", conn=conn) is None
+    for t in (first, again):
+        assert t.statements == 1 and t.round_trips == 1, t.sql()
+
+
 @pytest.mark.parametrize("n", [3, 30])
 def test_flush_with_joins_is_a_fixed_transaction(dsn, schema, client, n):
     """Children finishing: their commit and their parents' join share one transaction."""

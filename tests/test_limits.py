@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 
 import psycopg
 import pytest
@@ -69,9 +70,9 @@ def test_unconfigured_key_runs_one_at_a_time(dsn, schema, client, db):
         )
 
 
-def test_racing_claimers_lose_one_row_not_the_batch(dsn, schema, client, db):
-    """Claimer A holds its claim of key k open; B's claim collides on the arbiter index,
-    is retried against the committed truth, and still gets every other row."""
+def test_claim_skips_a_key_another_claim_is_taking(dsn, schema, client, db, caplog):
+    """Claimer A holds its claim of key k open; B neither waits for it nor collides on the
+    arbiter index: it skips the other k row and gets every other row at once."""
     client.insert_many([Insert(work, {}, concurrency_key="k") for _ in range(2)])
     others = client.insert_many([Insert(work, {}) for _ in range(3)])
     a, b = engine(schema), engine(schema)
@@ -92,14 +93,136 @@ def test_racing_claimers_lose_one_row_not_the_batch(dsn, schema, client, db):
                 gates=a.limits.claim_params(),
             )
             assert [r.concurrency_key for r in rows_a] == ["k"]
-            task = asyncio.create_task(b.claim(conn_b, "lim", 10))
-            await asyncio.to_thread(wait_until_blocked, db, db.info.dbname)  # on A's index entry
+            rows_b = await asyncio.wait_for(b.claim(conn_b, "lim", 10), 10)  # A still open
             await held.commit()
+            return rows_b, await b.claim(conn_b, "lim", 10)
+
+    with caplog.at_level(logging.INFO, logger="pgdurable.claim"):
+        rows_b, after = run(go())
+    assert sorted(r.id for r in rows_b) == sorted(others)  # the other k row skipped, not the batch
+    assert after == []  # A's claim committed: k is busy
+    assert executing(db, schema, "k") == 1
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "claim_collision"]
+
+
+def test_key_claimed_after_the_claim_statement_began_is_seen_busy(dsn, schema, client, db):
+    """The interleaving that makes racing claims collide: B's statement has its snapshot,
+    then A's claim of k commits, then B's filter reaches k. A probe in B's snapshot would
+    find k free (and B's UPDATE would hit the arbiter index); the filter's probe runs with
+    a fresh snapshot once it holds the key's lock, and finds k busy. B is held at that
+    point by a row lock A takes in its claim transaction."""
+    (first, _second) = client.insert_many([Insert(work, {}, concurrency_key="k") for _ in range(2)])
+    fence = client.insert(work, {}, queue="fence")
+    a = engine(schema)
+    t = f'"{schema}".instances'
+
+    async def go():
+        async with await psycopg.AsyncConnection.connect(dsn) as held:  # A: stays open
+            rows_a = await claim(
+                held, a.q, queue="lim", limit=1, worker=a.worker_id, token=1, lease=dt.timedelta(seconds=60)
+            )
+            assert [r.id for r in rows_a] == [first]
+            await held.execute(f"SELECT 1 FROM {t} WHERE id = %s FOR UPDATE", [fence])
+
+            def b():  # B: snapshot first, then wait for the fence, then ask about k
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    return conn.execute(
+                        f"WITH fence AS MATERIALIZED (SELECT id FROM {t} WHERE id = %s FOR UPDATE)"
+                        f' SELECT "{schema}".concurrency_key_try_claim(%s) FROM fence',
+                        [fence, "k"],
+                    ).fetchone()[0]
+
+            task = asyncio.create_task(asyncio.to_thread(b))
+            await asyncio.to_thread(wait_until_blocked, db, db.info.dbname)
+            await held.commit()  # A's claim of k commits after B's snapshot
             return await task
 
-    rows_b = run(go())
-    assert sorted(r.id for r in rows_b) == sorted(others)  # the other k row skipped, not the batch
+    assert run(go()) is False
     assert executing(db, schema, "k") == 1
+
+
+def test_only_free_looking_keys_reach_the_key_filter(dsn, schema, client, db):
+    """The per-key lock is taken for a key that looks free, and for nothing else: unkeyed
+    rows and a key busy in the claim's snapshot decide without it (what the claim holds
+    in pg_locks before it commits)."""
+    client.insert_many([Insert(work, {}) for _ in range(5)])
+    client.insert_many([Insert(work, {}, concurrency_key=k) for k in ("busy:1", "busy:1", "free:1")])
+    db.execute(
+        f"UPDATE \"{schema}\".instances SET status = 'executing', locked_by = 'elsewhere'"
+        f" WHERE id = (SELECT min(id) FROM \"{schema}\".instances WHERE concurrency_key = 'busy:1')"
+    )
+    eng = engine(schema)
+
+    async def go():
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:  # the claim stays open
+            rows = await claim(
+                conn,
+                eng.q,
+                queue="lim",
+                limit=10,
+                worker=eng.worker_id,
+                token=1,
+                lease=dt.timedelta(seconds=60),
+            )
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            )
+            (locks,) = await cur.fetchone()
+            await conn.rollback()
+            return rows, locks
+
+    rows, locks = run(go())
+    assert sorted(r.concurrency_key or "-" for r in rows) == ["-"] * 5 + ["free:1"]
+    assert locks == 1
+
+
+def test_claimers_sharing_keys_do_not_collide(dsn, schema, client, db, caplog):
+    """Eight claimers on their own connections race for rows sharing four keys: the
+    candidate filter serialises them per key, so no claim hits the arbiter index (each
+    collision would be a failed statement, logged by the server and retried here), K = 1
+    holds at every sample, and every row finishes exactly once."""
+    keys, per_key, claimers = 4, 150, 8
+    for k in range(keys):
+        client.insert_many([Insert(work, {}, concurrency_key=("acct", k)) for _ in range(per_key)])
+    plain = client.insert_many([Insert(work, {}) for _ in range(100)])
+    total = keys * per_key + len(plain)
+    finished: list[int] = []
+    overlaps: list[tuple[str, int]] = []
+
+    async def claimer(eng):
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while len(finished) < total:
+                rows = await eng.claim(conn, "lim", 2)
+                if not rows:
+                    await asyncio.sleep(0)  # others hold the keys left: let them commit
+                    continue
+                report = await eng.flush(conn, [await eng.run(r) for r in rows])
+                finished.extend(report.committed)
+
+    async def checker():
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while len(finished) < total:
+                cur = await conn.execute(
+                    f'SELECT concurrency_key, count(*) FROM "{schema}".instances'
+                    " WHERE status = 'executing' AND concurrency_key IS NOT NULL"
+                    " GROUP BY 1 HAVING count(*) > 1"
+                )
+                overlaps.extend(await cur.fetchall())
+                await asyncio.sleep(0)
+
+    async def go():
+        await asyncio.gather(checker(), *(claimer(engine(schema)) for _ in range(claimers)))
+
+    with caplog.at_level(logging.INFO, logger="pgdurable.claim"):
+        run(go())
+    collisions = [r for r in caplog.records if getattr(r, "event", None) == "claim_collision"]
+    assert collisions == [], f"{len(collisions)} collisions over {total} claims"
+    assert overlaps == []
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == total
+    assert (
+        db.execute(f"SELECT count(*) FROM \"{schema}\".instances WHERE status = 'done'").fetchone()[0]
+        == total
+    )
 
 
 def test_next_keeps_releases_or_switches_the_key(dsn, schema, client):

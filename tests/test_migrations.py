@@ -18,7 +18,7 @@ from psycopg import pq
 
 from pgdurable import SchemaVersionError
 from pgdurable.db import migrations
-from pgdurable.db.queries import Queries, for_schema
+from pgdurable.db.queries import Queries, for_schema, quote_ident
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -234,6 +234,56 @@ def test_partial_indexes(dsn, schema):
         assert f"USING btree {columns}" in d, d
     gc = defs["instances_gc"]
     assert all(f"'{s}'::text" in gc for s in ("done", "failed", "cancelled")), gc
+
+
+def test_signal_dedup_and_key_claim_filter(dsn, schema):
+    """0004: dedup keys live in signal_dedup (keyed by instance, then key), the signals
+    table keeps its old arbiter, and the claim filter is VOLATILE (a fresh snapshot per
+    probe is what makes it exact)."""
+    with psycopg.connect(dsn) as conn:
+        (pk,) = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = to_regclass(%s) AND indisprimary",
+            [f'"{schema}".signal_dedup'],
+        ).fetchone()
+        assert "USING btree (target_id, dedup_key)" in pk, pk
+        uniques = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = to_regclass(%s) AND indisunique AND NOT indisprimary",
+            [f'"{schema}".signals'],
+        ).fetchall()
+        assert [u for (u,) in uniques if "(target_id, dedup_key)" in u], uniques
+        row = conn.execute(
+            "SELECT p.provolatile, l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+            " WHERE p.pronamespace = to_regnamespace(%s) AND p.proname = 'concurrency_key_try_claim'",
+            [quote_ident(schema)],
+        ).fetchone()
+        assert row == ("v", "plpgsql")
+
+
+def test_0004_remembers_the_dedup_keys_of_stored_signals(dsn, fresh_schema):
+    """Upgrading a schema whose inboxes hold signals with dedup keys: the keys are
+    remembered, so they stay duplicates once consumed."""
+    q = for_schema(fresh_schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(q["schema_prepare"])
+            for m in migrations.available()[:3]:
+                conn.execute(m.sql(fresh_schema))
+                conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+        t = f'"{fresh_schema}"'
+        (iid,) = conn.execute(
+            f"INSERT INTO {t}.instances (fsm, step) VALUES ('m', 's') RETURNING id"
+        ).fetchone()
+        conn.execute(
+            f"INSERT INTO {t}.signals (target_id, name, dedup_key)"
+            " VALUES (%s, 'a', 'k1'), (%s, 'a', NULL), (%s, 'b', 'k2')",
+            [iid, iid, iid],
+        )
+        applied = [m.version for m in migrations.migrate(conn, fresh_schema)]
+        assert applied == list(range(4, migrations.latest() + 1))
+        rows = conn.execute(f"SELECT target_id, dedup_key FROM {t}.signal_dedup ORDER BY 2").fetchall()
+    assert rows == [(iid, "k1"), (iid, "k2")]
 
 
 def test_pick_index_excludes_terminal_rows(dsn, schema, db):

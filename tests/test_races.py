@@ -15,9 +15,9 @@ from pgdurable.engine import Engine
 from pgdurable.engine.commit import _park_params, _spawn_params
 from pgdurable.testing import assert_done, assert_status, drain
 
-from .coord_machines import Leaf, Pack, Parent, Payment
+from .coord_machines import Leaf, Pack, Parent, Payment, TwoPings
 
-ALL = [Payment, Pack, Parent, Leaf]
+ALL = [Payment, Pack, Parent, Leaf, TwoPings]
 
 
 def wait_until_blocked(db, dbname: str, timeout: float = 10.0) -> None:
@@ -142,6 +142,38 @@ def test_park_while_delivery_transaction_is_open(dsn, schema, client, db):
     assert_status(client, iid, "runnable")
     drain(dsn, ALL, schema=schema)
     assert_done(client, iid, {"seen": ["paid:3"], "inbox": ["paid"]})
+
+
+def test_redelivery_while_the_consuming_commit_is_open(dsn, schema, client, db):
+    """The step that consumes evt-1 is committing (its signal row deleted, not yet
+    committed) when evt-1 is delivered again: the delivery waits for the row, then finds
+    the key remembered. It is neither stored nor a wake-up of the next await."""
+    iid = client.insert(TwoPings)
+    drain(dsn, ALL, schema=schema)
+    client.signal(iid, "ping", {"n": 1}, dedup_key="evt-1")
+    engine = Engine(Registry(ALL), schema=schema)
+
+    async def go():
+        async with (
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+            await psycopg.AsyncConnection.connect(dsn) as committing,  # not autocommit: stays open
+        ):
+            _, results = await _claim_run(engine, conn, "pay")
+            assert [r.consume for r in results] != [[]]  # it takes the ping
+            report = await engine.flush(committing, results)
+            assert report.committed == {iid}
+            delivery = Background(lambda: client.signal(iid, "ping", {"n": 1}, dedup_key="evt-1"))
+            await asyncio.to_thread(wait_until_blocked, db, _dbname(db))
+            await committing.commit()
+            return await asyncio.to_thread(delivery.value)
+
+    assert asyncio.run(go()) is None
+    assert (
+        db.execute(f'SELECT count(*) FROM "{schema}".signals WHERE target_id = %s', [iid]).fetchone()[0] == 0
+    )
+    drain(dsn, ALL, schema=schema)  # runs `again`, which parks: nothing wakes it
+    inst = assert_status(client, iid, "awaiting_signal")
+    assert inst.step == "second"
 
 
 def test_children_invisible_until_spawn_commits(dsn, schema, client):

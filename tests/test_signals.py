@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import psycopg
 import pytest
@@ -10,11 +11,12 @@ import pytest
 from pgdurable import NoTarget
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
+from pgdurable.runtime.sweeps.gc import gc
 from pgdurable.testing import assert_done, assert_status, drain
 
-from .coord_machines import Pack, Payment, RetryOnce
+from .coord_machines import Pack, Payment, RetryOnce, TwoPings
 
-ALL = [Payment, Pack, RetryOnce]
+ALL = [Payment, Pack, RetryOnce, TwoPings]
 
 
 def _inbox(db, schema, iid):
@@ -51,6 +53,69 @@ def test_dedup_key_makes_redelivery_idempotent(dsn, schema, client, db):
     client.signal(iid, "other", {"n": 4})
     assert first is not None and again is None
     assert [p["n"] for _, p in _inbox(db, schema, iid)] == [1, 3, 4]
+
+
+def _remembered(db, schema, iid):
+    return [
+        k
+        for (k,) in db.execute(
+            f'SELECT dedup_key FROM "{schema}".signal_dedup WHERE target_id = %s ORDER BY 1', [iid]
+        )
+    ]
+
+
+def test_redelivery_after_consumption_is_still_a_duplicate(dsn, schema, client, db):
+    """The first ping is consumed (its row deleted) when the machine moves on; the same
+    dedup key delivered again is still a duplicate: not stored, and the second await is
+    not woken by it."""
+    iid = client.insert(TwoPings)
+    drain(dsn, ALL, schema=schema)
+    assert client.signal(iid, "ping", {"n": 1}, dedup_key="evt-1") is not None
+    drain(dsn, ALL, schema=schema)
+    inst = assert_status(client, iid, "awaiting_signal")
+    assert inst.step == "second" and _inbox(db, schema, iid) == []  # consumed
+
+    assert client.signal(iid, "ping", {"n": 1}, dedup_key="evt-1") is None  # redelivery
+    assert _inbox(db, schema, iid) == []
+    assert_status(client, iid, "awaiting_signal")
+    assert drain(dsn, ALL, schema=schema).steps == 0
+
+    assert client.signal(iid, "ping", {"n": 2}, dedup_key="evt-2") is not None
+    drain(dsn, ALL, schema=schema)
+    assert_done(client, iid, {"seen": [1, 2], "inbox": [2]})
+    assert _remembered(db, schema, iid) == ["evt-1", "evt-2"]  # kept while the row exists
+
+
+def test_duplicate_of_a_kept_signal_wakes_nothing(dsn, schema, client, db):
+    """A pack re-awaits with its first item kept in the inbox; that item delivered again
+    is neither stored nor a wake-up (the step would run to find nothing new)."""
+    iid = client.insert(Pack, {"want": 2})
+    drain(dsn, ALL, schema=schema)
+    client.signal(iid, "item", {"n": 1}, dedup_key="item-1")
+    assert drain(dsn, ALL, schema=schema).await_ == 1  # woken, re-awaits keeping item 1
+    assert client.signal(iid, "item", {"n": 1}, dedup_key="item-1") is None
+    assert_status(client, iid, "awaiting_signal")
+    assert drain(dsn, ALL, schema=schema).steps == 0
+    client.signal(iid, "item", {"n": 2}, dedup_key="item-2")
+    drain(dsn, ALL, schema=schema)
+    assert_done(client, iid, {"wakes": 2, "left": []})
+
+
+def test_gc_forgets_dedup_keys_with_the_instance(dsn, schema, client, db):
+    kept = client.insert(TwoPings)
+    done = client.insert(TwoPings)
+    drain(dsn, ALL, schema=schema)
+    for iid in (kept, done):
+        client.signal(iid, "ping", {"n": 1}, dedup_key="a")
+    drain(dsn, ALL, schema=schema)
+    client.signal(done, "ping", {"n": 2}, dedup_key="b")
+    drain(dsn, ALL, schema=schema)
+    assert_done(client, done)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert gc(conn, Engine(Registry(ALL), schema=schema).q, retention=dt.timedelta(0)) == 1
+    assert client.get(done) is None
+    assert _remembered(db, schema, done) == []
+    assert _remembered(db, schema, kept) == ["a"]  # a live instance keeps its keys
 
 
 def test_signal_to_unknown_or_finished_target_is_refused(dsn, schema, client, db):

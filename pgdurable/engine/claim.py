@@ -7,6 +7,7 @@ row that has any, whatever the batch size. Rows with neither cost no extra state
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from pgdurable.contract import values
 from pgdurable.contract.errors import InvalidValue
 from pgdurable.contract.fsm import ChildInfo, Signal
 from pgdurable.db.queries import Queries
+
+log = logging.getLogger("pgdurable.claim")
 
 #: How often a claim that lost a concurrency-key race is retried before giving up this round.
 CLAIM_RETRIES = 3
@@ -98,9 +101,17 @@ async def claim(
             rows = await cur.fetchall()
             break
         except pgerrors.UniqueViolation:
-            # Another worker claimed a row with the same unconfigured concurrency key between
-            # our candidate scan and our update; the arbiter index refused ours. Retry against
-            # the committed truth, which the LATERAL probe now sees.
+            # Two claimers of one unconfigured concurrency key both went on with it and the
+            # arbiter index refused the second. concurrency_key_try_claim serialises claimers
+            # per key, so this is not the normal course of work (a claim in a transaction
+            # that is not READ COMMITTED, an executing row written by other means): retry
+            # against the committed truth, and say so.
+            log.info(
+                "claim of queue %r collided on a concurrency key (attempt %d)",
+                queue,
+                attempt + 1,
+                extra={"event": "claim_collision"},
+            )
             if attempt == CLAIM_RETRIES - 1:
                 return []
     claimed = [Claimed(*row, token=token) for row in rows]

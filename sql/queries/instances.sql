@@ -57,8 +57,13 @@ COPY {schema}.instances (id, fsm, version, step, state, queue) FROM STDIN;
 -- name: instance_claim
 -- Claim up to %(limit)s runnable rows of one queue for one worker, in priority then
 -- eligible_at order. A row whose concurrency key is unconfigured (K = 1) and executing
--- elsewhere is skipped before the LIMIT (an indexed probe per candidate), and of several
--- candidates sharing such a key only the first is taken. Keys of a configured gate
+-- elsewhere is skipped before the LIMIT (an indexed probe per candidate, memoized per key),
+-- and of several candidates sharing such a key only the first is taken — if
+-- concurrency_key_try_claim (migration 0004) agrees: called once per such key in the batch,
+-- it locks the key for this claim without waiting (a key another claim is taking is left
+-- out) and probes the executing rows again with a fresh snapshot (a claim of the key that
+-- committed since this statement's snapshot is seen), so racing claimers of one key never
+-- meet on the unique index. Unkeyed rows never call it. Keys of a configured gate
 -- (%(gates)s, with their limits) skip the probe, are taken at most `limit` per key, and get
 -- a provisional shard (-1) that admission replaces by the slot's shard.
 -- has_inbox / has_children tell the caller which rows need enrichment.
@@ -86,7 +91,10 @@ WITH candidates AS (
                row_number() OVER (PARTITION BY concurrency_key
                                   ORDER BY priority, eligible_at, id) AS rn
         FROM candidates) AS ranked
-    WHERE concurrency_key IS NULL OR rn <= COALESCE(gate_limit, 1)
+    WHERE CASE WHEN concurrency_key IS NULL THEN true
+               WHEN gate_limit IS NOT NULL THEN rn <= gate_limit
+               WHEN rn = 1 THEN {schema}.concurrency_key_try_claim(concurrency_key)
+               ELSE false END
 )
 UPDATE {schema}.instances AS i
 SET status = 'executing', locked_by = %(worker)s, lease_token = %(token)s,
@@ -324,7 +332,12 @@ LIMIT %(limit)s
 FOR UPDATE OF i SKIP LOCKED;
 
 -- name: gc_delete_ids
--- Delete the selected rows by primary key (their signals go with them).
+-- Delete the selected rows by primary key; their signals go with them (cascade), and so do
+-- the dedup keys they remembered (signal_dedup has no foreign key: collected here, one
+-- set-based delete by its primary key's prefix).
+WITH forgotten AS (
+    DELETE FROM {schema}.signal_dedup WHERE target_id = ANY(%(ids)s::bigint[])
+)
 DELETE FROM {schema}.instances WHERE id = ANY(%(ids)s::bigint[]);
 
 -- name: instance_count_by_status
