@@ -19,11 +19,12 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 @pytest.mark.parametrize("path", [f for f in FILES if BLOCK.search(f.read_text())], ids=lambda p: p.name)
-def test_examples_run(server_dsn, path):
+def test_examples_run(server_dsn, path, monkeypatch):
     name = f"pgdurable_doc_{secrets.token_hex(4)}"
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = make_conninfo(server_dsn, dbname=name)
+    monkeypatch.setenv("PGDURABLE_DSN", dsn)  # what an example that reads it from the environment finds
     namespace = {"__name__": f"doc_{path.stem}", "dsn": dsn}
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -79,6 +79,11 @@ class Busy:
 
     instance: Instance
 
+    def __repr__(self) -> str:
+        # The snapshot itself (state, timestamps with their zones) is too long for a line.
+        i = self.instance
+        return f"Busy(id={i.id}, fsm={i.fsm!r}, step={i.step!r}, status={i.status!r}, attempt={i.attempt})"
+
 
 WaitResult = Done | Failed | Busy
 
