@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pgdurable.contract.errors import ConfigError, ModuleImportError
-from pgdurable.runtime.config import import_modules, load, parse
+from pgdurable.runtime.config import LogSettings, import_modules, load, parse
 
 Q = {"queues": {"q": {}}}
 
@@ -28,6 +28,23 @@ Q = {"queues": {"q": {}}}
         ({**Q, "database": {"schema": "bad;name"}}, "database.schema", "identifier"),
         ({**Q, "database": {"schema": "jobs\n"}}, "database.schema", "identifier"),
         ({**Q, "maintenance": {"retention": -1}}, "maintenance.retention", "positive"),
+        ({**Q, "logging": {"format": "xml"}}, "logging.format", 'expected "text" or "json", got \'xml\''),
+        ({**Q, "logging": {"format": 1}}, "logging.format", "Expected `str`"),
+        ({**Q, "logging": {"level": "loud"}}, "logging.level", "expected one of ['debug', 'info'"),
+        ({**Q, "logging": {"colour": True}}, "logging.colour", "unknown key"),
+        (
+            {**Q, "logging": {"levels": {"pgdurable.reaper": "verbose"}}},
+            'logging.levels."pgdurable.reaper"',
+            "got",
+        ),
+        (
+            {**Q, "logging": {"levels": {"pgdurable": {"reaper": "debug"}}}},
+            "logging.levels.pgdurable",
+            "quoted",
+        ),
+        ({**Q, "logging": {"levels": {"": "debug"}}}, 'logging.levels.""', "must not be empty"),
+        ({**Q, "logging": {"levels": ["x"]}}, "logging.levels", "expected a table"),
+        ({**Q, "logging": "json"}, "logging", "expected a table"),
     ],
 )
 def test_errors_name_file_and_key(data, key, text):
@@ -42,6 +59,31 @@ def test_defaults():
     assert cfg.database.dsn is None and cfg.database.schema == "pgdurable"
     assert (cfg.runtime.lease, cfg.runtime.heartbeat, cfg.runtime.max_crashes) == (60, 10, 3)
     assert cfg.queues["q"].processes == 1 and cfg.maintenance.enabled
+
+
+def test_logging_defaults_and_values():
+    assert parse(Q, "x.toml").logging == LogSettings(format="text", level="info", levels={})
+    cfg = parse(
+        {**Q, "logging": {"format": "json", "level": "WARNING", "levels": {"pgdurable.reaper": "debug"}}}
+    )
+    assert (cfg.logging.format, cfg.logging.level, cfg.logging.levels) == (
+        "json",
+        "WARNING",
+        {"pgdurable.reaper": "debug"},
+    )
+
+
+def test_a_bad_log_format_names_the_file_and_key(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[queues.q]\n\n[logging]\nformat = "yaml"\n')
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert (err.value.file, err.value.key) == (str(path), "logging.format")
+    assert str(err.value) == f"expected \"text\" or \"json\", got 'yaml' (file {path}, key 'logging.format')"
+    path.write_text('[queues.q]\n\n[logging.levels]\npgdurable.reaper = "debug"\n')
+    with pytest.raises(ConfigError, match='must be quoted: "pgdurable.reaper" = "debug"') as err:
+        load(path)
+    assert (err.value.file, err.value.key) == (str(path), "logging.levels.pgdurable")
 
 
 def test_dsn_takes_secrets_from_the_environment(monkeypatch):

@@ -81,7 +81,18 @@ async def admit(
             prepare=True,
         )
     for row, reason in v.held:
-        log.error("instance %s %s", row.id, reason, extra={"event": "limit_misconfigured"})
+        log.error(
+            "instance %s %s",
+            row.id,
+            reason,
+            extra={
+                "event": "limit_misconfigured",
+                "instance": row.id,
+                "fsm": row.fsm,
+                "step": row.step,
+                "attempt": row.attempt,
+            },
+        )
     for row in v.admitted:
         row.shard = v.shard.get(row.id)
     return v

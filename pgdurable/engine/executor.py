@@ -93,30 +93,30 @@ class Executor:
                 if not known
                 else f"machine {row.fsm!r} has no version {row.version} here (known: {known})"
             )
-            return Result(row, "hold", error=f"held: {what}; kept until a worker that knows it runs")
+            return self._hold(row, row.step, f"held: {what}; kept until a worker that knows it runs")
         cls, machine = found
         info = cls.__pgdurable__
         step_name = row.step or info.initial
         sdef = cls.__pgdurable_steps__.get(step_name)
         if sdef is None:
-            return Result(
+            return self._hold(
                 row,
-                "hold",
-                error=f"held: machine {info.name!r} version {info.version} has no step "
+                step_name,
+                f"held: machine {info.name!r} version {info.version} has no step "
                 f"{step_name!r} (steps: {list(info.steps)})",
             )
         if row.unreadable is not None:  # its inbox or children did not decode: it cannot run
-            return self._finish(row, info, step_name, Stop(row.unreadable), [])
+            return self._unreadable(row, info, step_name, row.unreadable)
         try:
             state = decode_state(info, row.state)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             field_name = _state_field(exc) if isinstance(exc, msgspec.ValidationError) else None
             err = StateDecodeError(info.name, field_name, str(exc))
-            return self._finish(row, info, step_name, Stop(str(err)), [])
+            return self._unreadable(row, info, step_name, str(err))
         except RecursionError:
             limit = f"values are limited to {values.MAX_DEPTH} levels"
             err = StateDecodeError(info.name, None, f"nested deeper than this worker can decode ({limit})")
-            return self._finish(row, info, step_name, Stop(str(err)), [])
+            return self._unreadable(row, info, step_name, str(err))
         ctx = Context(
             id=row.id,
             fsm=info.name,
@@ -131,7 +131,6 @@ class Executor:
             awaited=row.awaited,
             inbox=row.inbox,
             children=row.children,
-            log=logging.LoggerAdapter(self._log, {"instance": row.id, "fsm": info.name, "step": step_name}),
         )
         taken = [s.id for s in ctx.awaited]
         try:
@@ -164,13 +163,66 @@ class Executor:
         exc: BaseException,
         taken: list[int],
     ) -> Result:
+        """The step raised (or timed out, or returned a malformed outcome): ``handle()``
+        decides, and the error is logged once, with its traceback — WARNING when the machine
+        goes on (a retry, another step), ERROR when the instance fails."""
+        where = _fields(row, info.name, step_name)
+        error = {"error_type": type(exc).__name__, "error": str(exc)}
         try:
             outcome = machine.handle(exc, ctx)
-            return self._finish(row, info, step_name, outcome, taken, error=repr(exc))
+            result = self._finish(row, info, step_name, outcome, taken, error=repr(exc))
         except Exception as handle_exc:  # noqa: BLE001 - a failing handler fails the instance
-            self._log.warning("handle() failed", extra={"event": "handle_failed", "instance": row.id})
+            self._log.error(
+                "step %r of instance %d raised %s: %s; then handle() failed: %r; the instance failed",
+                step_name,
+                row.id,
+                type(exc).__name__,
+                exc,
+                handle_exc,
+                exc_info=handle_exc,  # its traceback shows the step's error it was handling
+                extra={"event": "handle_failed", **where, **error},
+            )
             reason = f"{exc!r}; then handle() failed: {handle_exc!r}"
             return self._finish(row, info, step_name, Stop(reason), taken)
+        failed = result.kind == "stop"
+        self._log.log(
+            logging.ERROR if failed else logging.WARNING,
+            "step %r of instance %d raised %s: %s; %s",
+            step_name,
+            row.id,
+            type(exc).__name__,
+            exc,
+            _verdict(result),
+            exc_info=exc,
+            extra={
+                "event": "step_failed" if failed else "step_error",
+                **where,
+                **error,
+                "outcome": result.kind,
+            },
+        )
+        return result
+
+    def _hold(self, row: Claimed, step_name: str | None, reason: str) -> Result:
+        """A row this worker cannot run (unknown machine, version or step) is held."""
+        self._log.warning(
+            "instance %d %s",
+            row.id,
+            reason,
+            extra={"event": "instance_held", **_fields(row, row.fsm, step_name)},
+        )
+        return Result(row, "hold", error=reason)
+
+    def _unreadable(self, row: Claimed, info: MachineInfo, step_name: str, reason: str) -> Result:
+        """A row whose state, inbox or children this worker cannot decode fails."""
+        self._log.error(
+            "instance %d cannot run step %r: %s; the instance failed",
+            row.id,
+            step_name,
+            reason,
+            extra={"event": "instance_unreadable", **_fields(row, info.name, step_name)},
+        )
+        return self._finish(row, info, step_name, Stop(reason), [])
 
     def _finish(
         self,
@@ -188,6 +240,22 @@ class Executor:
                 "Next, Retry, Await, Spawn, Done, Stop"
             )
         return prepare(self.registry, row, info, step_name, outcome, taken, error, self.limits)
+
+
+def _fields(row: Claimed, fsm: str, step_name: str | None) -> dict[str, Any]:
+    """The context of a log line about one row."""
+    return {"instance": row.id, "fsm": fsm, "step": step_name, "attempt": row.attempt}
+
+
+def _verdict(result: Result) -> str:
+    """What ``handle()`` made of a step's error, for the log line."""
+    match result.kind:
+        case "stop":
+            return "the instance failed"
+        case "retry":
+            return f"retrying in {result.delay:.3g} s (attempt {result.attempt})"
+        case _:
+            return f"handle() chose {result.kind} ({result.step!r})"
 
 
 def _step_name(info: MachineInfo, ref: Any, what: str) -> str:

@@ -10,7 +10,6 @@ traceback of the operator's own module that failed to import is shown only with
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
@@ -75,12 +74,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_supervise(args: argparse.Namespace) -> int:
     from pgdurable.runtime.supervisor import supervise
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        stream=sys.stdout,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-    )
-    return supervise(args.config)
+    return supervise(args.config, log_level=args.log_level)  # logging: runtime.logs.configure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("config", help="the TOML config file")
     sup.add_argument(
         "--log-level",
-        default="info",
         choices=["debug", "info", "warning", "error"],
-        help="debug also prints the traceback of a module that failed to import",
+        help="overrides [logging] level (default info); debug also prints the traceback of a module "
+        "that failed to import",
     )
     sup.set_defaults(func=cmd_supervise)
     return parser

@@ -24,6 +24,13 @@ processes = 2                  # worker processes
 concurrency = 10               # steps in flight per process
 prefetch = 10                  # claimed-but-not-started rows per process
 batch = 50                     # most rows one claim takes
+
+[logging]
+format = "text"                # or "json": one JSON object per line, for log shippers
+level = "info"                 # pgdurable supervise --log-level overrides it
+
+[logging.levels]
+"pgdurable.reaper" = "debug"   # per logger (quote names with dots)
 ```
 """
 
@@ -84,10 +91,24 @@ class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batch: int = 50
 
 
+#: The log formats ``[logging] format`` takes, and the levels ``level`` and ``levels`` take.
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class LogSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[logging]``; ``runtime.logs.configure`` applies it."""
+
+    format: str = "text"
+    level: str = "info"
+    levels: dict[str, str] = {}  # logger name -> level
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database: Database = Database()
     runtime: RuntimeSettings = RuntimeSettings()
     maintenance: Maintenance = Maintenance()
+    logging: LogSettings = LogSettings()
     queues: dict[str, QueueSettings] = {}
     path: str = ""
     limits: Limits = Limits()
@@ -149,6 +170,43 @@ def _positive(cfg: Config) -> None:
         check_schema_name(cfg.database.schema)
     except SchemaNameError as exc:
         raise ConfigError(str(exc), file=cfg.path, key="database.schema") from None
+
+
+def _check_logging(raw: Any, path: str) -> None:
+    """What msgspec cannot say well about ``[logging]``: the allowed values, and a dotted
+    logger name left unquoted (TOML then reads ``pgdurable.reaper = …`` as a nested table)."""
+    if not isinstance(raw, dict):
+        return  # msgspec's "expected a table" names the key
+    fmt = raw.get("format", "text")
+    if isinstance(fmt, str) and fmt not in LOG_FORMATS:
+        raise ConfigError(f'expected "text" or "json", got {fmt!r}', file=path, key="logging.format")
+    _check_level(raw.get("level", "info"), "logging.level", path)
+    levels = raw.get("levels", {})
+    if not isinstance(levels, dict):
+        return
+    for name, level in levels.items():
+        key = f'logging.levels."{name}"' if "." in name or not name.strip() else f"logging.levels.{name}"
+        if not name.strip():
+            raise ConfigError("a logger name must not be empty", file=path, key=key)
+        if isinstance(level, dict):
+            example, value = next(iter(_dotted(name, level)), (name, "debug"))
+            raise ConfigError(
+                f'a logger name with dots must be quoted: "{example}" = "{value}"', file=path, key=key
+            )
+        _check_level(level, key, path)
+
+
+def _dotted(prefix: str, table: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What an unquoted TOML key was split into: ``a.b.c = v`` → ``("a.b.c", v)``."""
+    pairs = []
+    for k, v in table.items():
+        pairs += _dotted(f"{prefix}.{k}", v) if isinstance(v, dict) else [(f"{prefix}.{k}", v)]
+    return pairs
+
+
+def _check_level(level: Any, key: str, path: str) -> None:
+    if isinstance(level, str) and level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"expected one of {list(LOG_LEVELS)}, got {level!r}", file=path, key=key)
 
 
 def _convert(value: Any, typ: type[Any], key: str, path: str) -> Any:
@@ -251,6 +309,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         "database": Database,
         "runtime": RuntimeSettings,
         "maintenance": Maintenance,
+        "logging": LogSettings,
     }
     known = [*sections, "queues", "concurrency_limits", "rate_limits"]
     for key in data:
@@ -260,6 +319,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError("expected a table", file=path, key=key)
     limits = parse_limits(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
+    _check_logging(data.get("logging", {}), path)
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
     if not isinstance(raw_queues, dict):

@@ -84,7 +84,11 @@ class FeedConnection:
     async def lost(self, exc: BaseException) -> None:
         """Drop the connection after an error; the next ``get`` reconnects."""
         if self.listening:
-            log.warning("feeder connection lost: %r; reconnecting", exc, extra={"event": "listener_lost"})
+            log.warning(
+                "feeder connection lost: %r; reconnecting",
+                exc,
+                extra={"event": "listener_lost", "queue": self._queue},
+            )
         conn, self._conn, self.listening = self._conn, None, False
         if conn is not None and not conn.closed:
             await conn.close()

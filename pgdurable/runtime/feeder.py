@@ -98,7 +98,7 @@ class Feeder(Component):
             return rows
         except Exception as exc:  # noqa: BLE001 - a failed pick is retried on the next wake
             rt.stats.error(f"claim failed: {exc!r}")
-            rt.log.warning("claim failed: %r", exc, extra={"event": "claim_failed"})
+            rt.log.warning("claim failed: %r", exc, extra={"event": "claim_failed", "queue": rt.queue})
             if not self.feed.connected:
                 await self.feed.lost(exc)
             # Backing off, but a stop (SIGTERM) is not kept waiting for it.

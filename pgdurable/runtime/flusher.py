@@ -83,7 +83,7 @@ class Flusher(Component):
                     "flush of %d outcomes failed (%r); retrying on a new connection",
                     len(batch),
                     exc,
-                    extra={"event": "flush_retry"},
+                    extra={"event": "flush_retry", "queue": rt.queue, "rows": len(batch)},
                 )
                 await asyncio.sleep(retry_delay(failures))
             except Exception as exc:  # noqa: BLE001 - logged with its traceback in _fail
@@ -114,7 +114,17 @@ class Flusher(Component):
         """A flush that retrying cannot mend: its rows stay executing, and recovery (their
         lease) returns them."""
         self.rt.stats.error(f"flush failed: {exc!r}")
-        self.rt.log.error("flush failed: %r", exc, exc_info=exc, extra={"event": "flush_failed"})
+        self.rt.log.error(
+            "flush failed: %r",
+            exc,
+            exc_info=exc,
+            extra={
+                "event": "flush_failed",
+                "queue": self.rt.queue,
+                "rows": len(batch),
+                "instances": [p.result.row.id for p in batch[:100]],
+            },
+        )
         for p in batch:
             if not p.done.done():
                 p.done.set_exception(exc)

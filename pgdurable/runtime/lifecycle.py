@@ -55,7 +55,7 @@ class Component(ABC):
         except Exception:
             # A component that dies takes its process down with a clear log line: the
             # supervisor replaces the process, and its rows go back at once.
-            log.exception("%s failed", self.name, extra={"event": "component_failed"})
+            log.exception("%s failed", self.name, extra={"event": "component_failed", "component": self.name})
             raise
 
     @abstractmethod

@@ -34,6 +34,7 @@ from pgdurable.db import migrations
 from pgdurable.db.queries import for_schema
 from pgdurable.engine.pipeline import registration
 from pgdurable.runtime import config as config_mod
+from pgdurable.runtime import logs
 from pgdurable.runtime.board import RunningBoard
 from pgdurable.runtime.config import Config
 from pgdurable.runtime.identity import node_key
@@ -80,8 +81,9 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, *, notifier: Notifier | None = None):
+    def __init__(self, cfg: Config, *, notifier: Notifier | None = None, log_level: str | None = None):
         self.cfg = cfg
+        self.log_level = log_level  # --log-level: wins over [logging] level, reloads included
         self.host = socket.gethostname()
         # The owner prefix of this incarnation; HOST:KEY: is what its successors look for.
         self.node_prefix = f"{self.host}:{node_key(cfg.path, cfg.runtime.node_id)}:"
@@ -113,7 +115,7 @@ class Supervisor:
             data = Path(self.cfg.database.data_dir)
             if not data.is_absolute():
                 data = self.cfg.base_dir / data
-            log.info("starting the embedded PostgreSQL in %s", data)
+            log.info("starting the embedded PostgreSQL in %s", data, extra={"event": "embedded_start"})
             self._embedded = start(data, cleanup="stop")
             dsn = str(self._embedded.get_uri())
             with psycopg.connect(dsn, autocommit=True) as conn:
@@ -129,7 +131,11 @@ class Supervisor:
                     conn.execute(queries["instance_release_held"], held)
         unknown = sorted(set(self.cfg.queues) - set(self.registry.queues()))
         if unknown:
-            log.warning("queues %s run no machine of the configured modules", unknown)
+            log.warning(
+                "queues %s run no machine of the configured modules",
+                unknown,
+                extra={"event": "queue_unused", "queues": unknown},
+            )
 
     def run(self) -> int:
         self.prepare()
@@ -201,7 +207,9 @@ class Supervisor:
             try:
                 code = self._child_main(slot, f"{worker_id}/{os.getpid()}", w, parent_pid, old_mask, board)
             except BaseException:
-                logging.getLogger("pgdurable.worker").exception("%s crashed", role)
+                logging.getLogger("pgdurable.worker").exception(
+                    "%s crashed", role, extra={"event": "child_crashed"}
+                )
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -211,9 +219,21 @@ class Supervisor:
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
         if slot.maintenance:
-            log.info("maintenance process %s started", pid, extra={"event": "maintenance_started"})
+            log.info(
+                "maintenance process %s started", pid, extra={"event": "maintenance_started", "child": pid}
+            )
         else:
-            log.info("worker %s started for queue %s", pid, slot.queue, extra={"event": "worker_started"})
+            log.info(
+                "worker %s started for queue %s",
+                pid,
+                slot.queue,
+                extra={
+                    "event": "worker_started",
+                    "child": pid,
+                    "queue": slot.queue,
+                    "worker": child.worker_id,
+                },
+            )
 
     def _child_main(
         self,
@@ -291,7 +311,10 @@ class Supervisor:
             graceful = code == 0 and (self.stopping or child.generation != self.generation)
             if not graceful and child.board is None:
                 log.warning(
-                    "maintenance process %s died (exit %s)", pid, code, extra={"event": "maintenance_died"}
+                    "maintenance process %s died (exit %s)",
+                    pid,
+                    code,
+                    extra={"event": "maintenance_died", "child": pid, "exit_code": code},
                 )
             elif not graceful:
                 log.warning(
@@ -299,12 +322,18 @@ class Supervisor:
                     pid,
                     child.queue,
                     code,
-                    extra={"event": "worker_died"},
+                    extra={
+                        "event": "worker_died",
+                        "child": pid,
+                        "queue": child.queue,
+                        "worker": child.worker_id,
+                        "exit_code": code,
+                    },
                 )
             if child.board is not None:
                 # Whatever it still held goes back now, not when its leases expire; a crash
                 # is counted only for the steps it had started, not for its prefetched rows.
-                self._reclaim(workers=[child.worker_id], crashed=child.board.running())
+                self._reclaim(workers=[child.worker_id], crashed=child.board.running(), cause="worker_died")
                 child.board.close()
             slot = self.slots.get((child.queue, child.index))
             if slot is not None and not self.stopping and child.generation == self.generation:
@@ -346,6 +375,8 @@ class Supervisor:
             return
         log.info("reloading", extra={"event": "reload"})
         old = list(self.children.values())
+        if cfg.logging != self.cfg.logging:
+            logs.configure(cfg.logging, self.log_level)  # before the fork: the new children inherit it
         self.cfg = cfg
         self._spawn_all()  # new generation first, then the old one drains
         for child in old:
@@ -388,6 +419,7 @@ class Supervisor:
         nodes: Sequence[str] = (),
         expired: bool = False,
         crashed: Sequence[int] | None = None,
+        cause: str = "dead_incarnation",
     ) -> int:
         """Return rows of dead owners to runnable. ``crashed``: the ids whose step had started
         (a crash counts only for them); None counts a crash for every reclaimed row."""
@@ -404,9 +436,10 @@ class Supervisor:
                     nodes=nodes,
                     expired=expired,
                     crashed=crashed,
+                    cause=cause,
                 )
         except psycopg.Error as exc:
-            log.warning("reclaim failed: %r", exc, extra={"event": "reclaim_failed"})
+            log.warning("reclaim failed: %r", exc, extra={"event": "reclaim_failed", "cause": cause})
             return 0
 
     def _reclaim_dead_incarnations(self) -> None:
@@ -472,6 +505,9 @@ def _supervisor_alive(pid: int) -> bool:
         return True  # no /proc: assume alive, the reaper is the floor
 
 
-def supervise(path: str) -> int:
+def supervise(path: str, log_level: str | None = None) -> int:
+    """``pgdurable supervise``: load the config, set up logging (``log_level`` wins over
+    ``[logging] level``), run until drained; returns the exit status."""
     cfg = config_mod.load(path)
-    return Supervisor(cfg).run()
+    logs.configure(cfg.logging, log_level)
+    return Supervisor(cfg, log_level=log_level).run()

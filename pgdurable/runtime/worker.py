@@ -193,5 +193,5 @@ def main(spec: WorkerSpec, *, parent_pid: int, signal_mask: set[int | signal.Sig
     reset_after_fork(parent_pid, signal_mask, spec.report_fd)
     processes = spec.cfg.queues[spec.queue].processes
     setproctitle.setproctitle(f"pgdurable: worker {spec.queue} {spec.index + 1}/{processes}")
-    log.debug("worker %s starting", spec.worker_id)
+    log.debug("worker %s starting", spec.worker_id, extra={"event": "worker_starting", "queue": spec.queue})
     return run_loop(Worker(spec).run())

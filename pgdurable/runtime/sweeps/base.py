@@ -35,7 +35,9 @@ class Sweep(Component):
                 self.runs += 1
             except psycopg.Error as exc:
                 self.failures += 1
-                self.log.warning("%s failed: %r", self.name, exc, extra={"event": "maintenance_failed"})
+                self.log.warning(
+                    "%s failed: %r", self.name, exc, extra={"event": "maintenance_failed", "sweep": self.name}
+                )
             if await sleep_unless(self.closing, self.interval):
                 return
 

@@ -73,6 +73,10 @@ class Collector(Sweep):
         deleted = gc(conn, self.q, retention=self.retention, batch=self.batch, max_batches=10)
         repaired, _pruned = limits(conn, self.q)
         if deleted:
-            log.info("gc deleted %d rows", deleted, extra={"event": "gc"})
+            log.info("gc deleted %d rows", deleted, extra={"event": "gc", "rows": deleted})
         if repaired:
-            log.warning("gc repaired %d gate counters", repaired, extra={"event": "gate_repaired"})
+            log.warning(
+                "gc repaired %d gate counters",
+                repaired,
+                extra={"event": "gate_repaired", "counters": repaired},
+            )

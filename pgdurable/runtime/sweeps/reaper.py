@@ -21,6 +21,9 @@ from pgdurable.runtime.sweeps.base import Connect, Sweep
 
 log = logging.getLogger("pgdurable.reaper")
 
+#: The most instance ids a ``reclaimed`` line lists (its ``rows`` counts them all).
+LOGGED_IDS = 100
+
 
 def reclaim(
     conn: psycopg.Connection[Any],
@@ -33,6 +36,7 @@ def reclaim(
     nodes: Sequence[str] = (),
     expired: bool = False,
     crashed: Sequence[int] | None = None,
+    cause: str = "lease_expired",
 ) -> int:
     """Return rows of dead owners to runnable, in one transaction; returns the count.
 
@@ -40,7 +44,8 @@ def reclaim(
     a crash for every reclaimed row — except rows taken for an expired lease that was last
     renewed before the database server started (``lease``: the lease length), whose owner
     could not renew it during the outage. A row that reaches ``max_crashes`` fails, and its
-    parent's join counts it.
+    parent's join counts it. ``cause`` names the recovery layer in the log line
+    (``worker_died``, ``dead_incarnation``, ``lease_expired``).
     """
     own = [m for m in registry.machines() if m.max_crashes is not None]
     params = {
@@ -67,7 +72,26 @@ def reclaim(
                 q["instance_join_parents_many"], {"parents": ids, "counts": [parents[p] for p in ids]}
             )
     if rows:
-        log.info("reclaimed %d rows", len(rows), extra={"event": "reclaimed"})
+        failed = [rid for rid, status, *_ in rows if status == "failed"]
+        log.info(
+            "reclaimed %d rows (%s)",
+            len(rows),
+            cause,
+            extra={
+                "event": "reclaimed",
+                "cause": cause,
+                "rows": len(rows),
+                "instances": [r[0] for r in rows[:LOGGED_IDS]],
+                **({"crashed": sorted(crashed)} if crashed is not None else {}),  # else: every row
+                "failed": failed[:LOGGED_IDS],
+            },
+        )
+        for rid in failed:
+            log.error(
+                "instance %d failed: the worker running its step died max_crashes times in a row",
+                rid,
+                extra={"event": "crash_limit", "instance": rid, "cause": cause},
+            )
     return len(rows)
 
 
