@@ -249,11 +249,14 @@ def test_json_and_text_formats(root_logging):
 
     out = io.StringIO()
     configure(LogSettings(format="text"), stream=out)
-    log.info("reclaimed %d rows", 3, extra={"event": "reclaimed", "instance": 12, "fsm": "a b"})
+    log.info(
+        "reclaimed %d rows", 3, extra={"event": "reclaimed", "instance": 12, "fsm": "a b", "ids": [1, 2]}
+    )
     line = out.getvalue().splitlines()[0]
     assert TEXT_LINE.match(line)
     assert line.endswith(
-        f'INFO pgdurable.worker[{os.getpid()}] reclaimed 3 rows event=reclaimed instance=12 fsm="a b"'
+        f"INFO pgdurable.worker[{os.getpid()}] reclaimed 3 rows "
+        'event=reclaimed instance=12 fsm="a b" ids=[1,2]'
     )
     assert (
         len(logging.getLogger().handlers)

@@ -167,7 +167,12 @@ def _logger_pid(_: WrappedLogger, __: str, ed: EventDict) -> EventDict:
 
 def _text_value(value: object) -> str:
     """A value of ``key=value``: bare when it is one word, else quoted as JSON."""
-    text = value if isinstance(value, str) else str(value) if isinstance(value, int | float) else repr(value)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list | tuple | dict):
+        text = json.dumps(value, separators=(",", ":"), default=repr)  # [11,12,13]: one word
+    else:
+        text = str(value)
     if text and not any(c.isspace() or c in '"=\\' for c in text):
         return text
     return json.dumps(text)

@@ -83,7 +83,7 @@ def reclaim(
                 "rows": len(rows),
                 "instances": [r[0] for r in rows[:LOGGED_IDS]],
                 **({"crashed": sorted(crashed)} if crashed is not None else {}),  # else: every row
-                "failed": failed[:LOGGED_IDS],
+                **({"failed": failed[:LOGGED_IDS]} if failed else {}),
             },
         )
         for rid in failed:
