@@ -240,7 +240,7 @@ def test_migrate_without_a_database_is_a_usage_error(tmp_path):
         timeout=120,
         env=env,
     )
-    assert one_line(res) == "pgdurable: no database: give --dsn or set PGDURABLE_DSN"
+    assert one_line(res) == "pgdurable: no database: give --dsn, --config FILE or set PGDURABLE_DSN"
 
 
 def test_check_on_a_database_without_the_schema_names_the_database(tmp_path, dsn):
