@@ -65,14 +65,16 @@ async def adrain(
     max_steps: int = 10_000,
     batch: int = 100,
     limits: Limits | None = None,
+    history_off: Iterable[str] = (),
 ) -> Tally:
     """Async ``drain``.
 
     ``limits``: the concurrency gates and rate limits to apply, as a supervisor's config
     would; ``pgdurable.runtime.config.parse_limits(concurrency_limits=..., rate_limits=...)``
-    builds them from the same tables.
+    builds them from the same tables. Step history is written as a worker writes it, but
+    for the queues in ``history_off`` (as ``[queues.NAME] history = false``).
     """
-    engine = Engine(_registry(machines), schema=schema, limits=limits)
+    engine = Engine(_registry(machines), schema=schema, limits=limits, history_off=history_off)
     horizon = COLLAPSED if collapse_time else dt.timedelta(0)
     counts: Counter[str] = Counter()
     steps = 0

@@ -16,12 +16,12 @@ from .machines import Counter, EmailArgs, send_email
 from .trace import traced
 
 
-def _claim_and_flush(dsn, schema, machines, queue, n, warm=False):
+def _claim_and_flush(dsn, schema, machines, queue, n, warm=False, history_off=()):
     """Claim and flush a batch, tracing both. ``warm``: first claim and flush one row, so
     the traced batch runs on already-prepared statements (one round trip each)."""
 
     async def go():
-        engine = Engine(Registry(machines), schema=schema)
+        engine = Engine(Registry(machines), schema=schema, history_off=history_off)
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             if warm:
                 first = await engine.claim(conn, queue, 1)
@@ -37,14 +37,22 @@ def _claim_and_flush(dsn, schema, machines, queue, n, warm=False):
 
 
 @pytest.mark.parametrize("n", [3, 30])
-def test_pick_and_flush_statements_do_not_grow_with_batch(dsn, schema, client, n):
+@pytest.mark.parametrize("history", [True, False], ids=["history", "no-history"])
+def test_pick_and_flush_statements_do_not_grow_with_batch(dsn, schema, client, db, n, history):
     client.insert_many([Insert(send_email, EmailArgs(to=f"u{i}")) for i in range(n + 1)])
-    rows, report, pick, fl = _claim_and_flush(dsn, schema, [send_email], "email", n, warm=True)
+    off = () if history else ("email",)
+    rows, report, pick, fl = _claim_and_flush(
+        dsn, schema, [send_email], "email", n, warm=True, history_off=off
+    )
     assert len(rows) == n and len(report.committed) == n
     assert pick.statements == 1, pick.sql()  # the claim, nothing else
     assert pick.round_trips == 1
-    assert fl.statements == 1, fl.sql()  # one guarded UPDATE with its riders, atomic alone
-    assert fl.round_trips == 1
+    # one guarded UPDATE with its riders, atomic alone; with history, its rider follows in
+    # the same pipeline (one implicit transaction): still one round trip
+    assert fl.statements == (2 if history else 1), fl.sql()
+    assert fl.round_trips == 1 and fl.exchanges == 1
+    (kept,) = db.execute(f'SELECT count(*) FROM "{schema}".history').fetchone()
+    assert kept == (n + 1 if history else 0)  # the warm-up row too
 
 
 @pytest.mark.parametrize("n", [3, 30])
@@ -118,8 +126,9 @@ def test_flush_with_joins_is_a_fixed_transaction(dsn, schema, client, n):
 
     kids, report, t = asyncio.run(go())
     assert len(kids) == n and len(report.committed) == n and len(report.woken_parents) == n
-    # BEGIN, commit with riders, one aggregated join, COMMIT — for 3 or 30 parents alike
-    assert t.statements == 4, t.sql()
+    # BEGIN, commit with riders, the history rider, one aggregated join, COMMIT — for 3 or
+    # 30 parents alike
+    assert t.statements == 5, t.sql()
     assert all(client.get(p).status == "runnable" for p in parents)
 
 
@@ -166,7 +175,8 @@ def test_inline_run_ahead_skips_the_re_pick(dsn, schema, client):
 
     t = asyncio.run(go())
     assert client.get(iid).result == 4
-    assert t.statements == 1 + 5, t.sql()  # no second claim
+    # no second claim; each flush is its commit and its history rider
+    assert t.statements == 1 + 5 * 2, t.sql()
 
 
 def test_inline_continue_hands_the_next_step_the_state_as_a_claim_reads_it(dsn, schema, client, db):

@@ -175,3 +175,36 @@ def test_ownership_guards_find_their_rows_by_primary_key(db, big, big_schema):
         assert used == {"instances_pkey"}, used
     written = [n for n in nodes(commit) if n.get("Operation") == "Update"]
     assert [n["Actual Rows"] for n in written] == [10] and len(ids) == 10
+
+
+def test_history_statements_use_their_indexes(db, big, big_schema):
+    """The flush's history rider probes the primary key per row; reading an instance's
+    history and collecting it with the instance go through history_instance."""
+    s = f'"{big_schema}"'
+    with db.transaction(force_rollback=True):
+        db.execute(
+            f"INSERT INTO {s}.history (instance_id, fsm, version, step, attempt, outcome,"
+            " started_at, finished_at, duration, worker)"
+            f" SELECT id, fsm, 1, 'perform', 0, 'done', now(), now(), 0.001, 'w'"
+            f" FROM {s}.instances WHERE status = 'done'"
+        )
+        db.execute(f"ANALYZE {s}.history")
+        ids = [r[0] for r in db.execute(f"SELECT id FROM {s}.instances WHERE status = 'done' LIMIT 1000")]
+        rider = plan(
+            db,
+            big["history_insert_many"],
+            {
+                "worker": "w",
+                "rows": json.dumps(
+                    [{"id": i, "fsm": "job", "attempt": 0, "outcome": "done", "started": 0.0, "duration": 0.0}
+                     for i in ids[:50]]
+                ),
+            },
+        )  # fmt: skip
+        read = plan(db, big["history_of_instance"], {"id": ids[0], "limit": None})
+        collect = plan(db, big["gc_delete_ids"], {"ids": ids})
+    used = {n.get("Index Name") for n in scans_on_instances(rider) if "Scan" in n["Node Type"]}
+    assert used == {"instances_pkey"}, used
+    for p in (read, collect):
+        on_history = [n for n in nodes(p) if n.get("Relation Name") == "history" and "Scan" in n["Node Type"]]
+        assert on_history and all(n.get("Index Name") == "history_instance" for n in on_history), on_history

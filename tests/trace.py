@@ -26,6 +26,14 @@ class Trace:
     def round_trips(self) -> int:
         return sum(1 for ln in self.lines if ln.startswith("B\t") and "\tReadyForQuery\t" in ln)
 
+    @property
+    def exchanges(self) -> int:
+        """Times the client waited for the server: turns from what it sent to what it got
+        back. A pipeline that asks for results before its Sync counts two, with one
+        ReadyForQuery."""
+        sides = [ln[0] for ln in self.lines if ln.startswith(("F\t", "B\t"))]
+        return sum(1 for a, b in zip(sides, sides[1:], strict=False) if (a, b) == ("F", "B"))
+
     def sql(self) -> list[str]:
         return [ln for ln in self.lines if ln.startswith("F\t") and ("\tQuery\t" in ln or "\tParse\t" in ln)]
 

@@ -10,7 +10,7 @@ holds what they share without I/O, ``concurrency.py`` the few pieces that differ
 from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
-from pgdurable.client.common import Busy, Failed, Instance, WaitResult
+from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import DuplicateInstance, InvalidValue, NoTarget, UnknownMachine
 from pgdurable.contract.outcomes import Done
@@ -28,6 +28,7 @@ __all__ = [
     "Instance",
     "InvalidValue",
     "NoTarget",
+    "StepAttempt",
     "UnknownMachine",
     "WaitResult",
 ]

@@ -23,8 +23,11 @@ from pgdurable.client.bulk import Batch
 from pgdurable.client.common import (
     Busy,
     Instance,
+    StepAttempt,
     WaitResult,
+    attempt_of,
     copy_query,
+    history_params,
     insert_params,
     insert_result,
     insert_spec,
@@ -108,6 +111,14 @@ class AsyncClient:
             return await (await conn.execute(self.q[name], params)).fetchone()
         async with (await self._get_pool()).connection() as c:
             return await (await c.execute(self.q[name], params, prepare=True)).fetchone()
+
+    async def _all(
+        self, name: str, params: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None
+    ) -> list[Any]:
+        if conn is not None:
+            return await (await conn.execute(self.q[name], params)).fetchall()
+        async with (await self._get_pool()).connection() as c:
+            return await (await c.execute(self.q[name], params, prepare=True)).fetchall()
 
     async def _notify(self, queues: list[str]) -> None:
         """The emitter's statement (it drops a failure: notifications are best effort)."""
@@ -223,6 +234,15 @@ class AsyncClient:
         """A snapshot of the instance, or None when there is no such id."""
         row = await self._one("instance_get", {"id": iid}, conn)
         return None if row is None else instance_of(row)
+
+    async def history(
+        self, iid: int, *, last: int | None = None, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> list[StepAttempt]:
+        """The instance's finished step attempts, oldest first (``last``: only the last
+        ``last`` of them), in one statement. Empty for an unknown id, and for an instance
+        whose machine or queue keeps no history; GC deletes them with the instance."""
+        rows = await self._all("history_of_instance", history_params(iid, last), conn)
+        return [attempt_of(row) for row in rows]
 
     async def wait(self, iid: int, timeout: float = 10.0) -> WaitResult:
         """Wait up to ``timeout`` seconds for the instance to finish: ``Done``, ``Failed``,

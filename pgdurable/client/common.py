@@ -23,8 +23,11 @@ __all__ = [
     "Busy",
     "Failed",
     "Instance",
+    "StepAttempt",
     "WaitResult",
+    "attempt_of",
     "copy_query",
+    "history_params",
     "insert_params",
     "insert_result",
     "insert_spec",
@@ -63,6 +66,36 @@ class Instance:
     eligible_at: dt.datetime
     inserted_at: dt.datetime
     updated_at: dt.datetime
+    #: The traceback of the error in ``last_error`` when a step raised it (its last 16,384
+    #: characters); None otherwise.
+    last_traceback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One finished step attempt of an instance, from its history (``history_of_instance``)."""
+
+    instance_id: int
+    fsm: str
+    version: int | None
+    #: The step that ran (None: a held row whose step was not known).
+    step: str | None
+    attempt: int
+    #: ``next``, ``retry``, ``await``, ``spawn``, ``done``, ``stop`` or ``hold``.
+    outcome: str
+    #: Where the instance went: the next step (``next``, ``await``, ``spawn``), the same
+    #: step again (``retry``); None when it finished or was held.
+    next_step: str | None
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    #: Seconds, measured on the worker's monotonic clock.
+    duration: float
+    worker: str
+    #: The outcome's error (``Retry``'s, ``Stop``'s reason, a hold's reason), else what the
+    #: step raised; None when it neither raised nor failed.
+    error: str | None
+    #: When the step raised: the exception with its traceback (its last 16,384 characters).
+    traceback: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +132,18 @@ def instance_of(row: Sequence[Any]) -> Instance:
     cols[9] = _json(cols[9], f"state of instance {cols[0]}")
     cols[10] = _json(cols[10], f"result of instance {cols[0]}")
     return Instance(*cols)
+
+
+def history_params(iid: int, last: int | None) -> dict[str, Any]:
+    """The parameters of ``history_of_instance``."""
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+        raise ValueError(f"last must be a count of attempts (an integer >= 0) or None, got {last!r}")
+    return {"id": iid, "limit": last}
+
+
+def attempt_of(row: Sequence[Any]) -> StepAttempt:
+    """A ``history_of_instance`` row as a ``StepAttempt``."""
+    return StepAttempt(*row)
 
 
 def outcome_of(inst: Instance) -> WaitResult:

@@ -145,7 +145,8 @@ class FSM:
 
     Subclass with keywords: ``class Checkout(FSM, name="checkout", version=1, queue="q")``.
     A nested ``State`` type (a ``msgspec.Struct``, or anything msgspec decodes) types the
-    state; without one the state is a plain dict.
+    state; without one the state is a plain dict. ``history=False`` records none of its step
+    attempts in the history table (docs/history.md).
     """
 
     __pgdurable__: ClassVar[MachineInfo]
@@ -160,6 +161,7 @@ class FSM:
         version: int = 1,
         queue: str = "default",
         max_crashes: int | None = None,
+        history: bool = True,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -174,6 +176,8 @@ class FSM:
             if not isinstance(max_crashes, int) or max_crashes < 1:
                 raise DefinitionError(f"{cls.__name__}: max_crashes must be a positive integer")
             cls.max_crashes = max_crashes
+        if not isinstance(history, bool):
+            raise DefinitionError(f"{cls.__name__}: history must be True or False")
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
@@ -198,6 +202,7 @@ class FSM:
             initial=initial,
             steps=tuple(steps),
             state_type=state_type,
+            history=history,
         )
 
     def handle(self, exc: BaseException, ctx: Context) -> Outcome:
@@ -230,6 +235,7 @@ def job(
     backoff: Callable[[int], float] | None = None,
     timeout: float | None = None,
     max_crashes: int | None = None,
+    history: bool = True,
 ) -> Any:
     """Declare a one-step machine from a function ``fn(args[, ctx])``.
 
@@ -237,7 +243,7 @@ def job(
     ``Retry(delay=60)`` is honoured as-is). Raising retries with ``backoff(attempt)`` seconds
     (capped exponential with jitter by default) until ``max_attempts`` runs were made, then
     fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
-    plain function stays available as ``.fn``.
+    plain function stays available as ``.fn``. ``history=False``: no history rows.
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
@@ -284,6 +290,8 @@ def job(
         kwds: dict[str, Any] = {"name": name or f.__name__, "queue": queue, "version": version}
         if max_crashes is not None:
             kwds["max_crashes"] = max_crashes
+        if history is not True:
+            kwds["history"] = history
         cls = types.new_class(f.__name__, (FSM,), kwds, lambda ns: ns.update(body))
         return cls
 

@@ -40,6 +40,7 @@ class MachineInfo:
     initial: str
     steps: tuple[str, ...]
     state_type: Any  # a msgspec-decodable type, or None for a plain dict
+    history: bool = True  # its step attempts are recorded in the history table
 
 
 class Insert(msgspec.Struct, frozen=True):

@@ -25,11 +25,14 @@ from pgdurable.contract.spec import encode_json, rows_json
 from pgdurable.db.queries import Queries, int_array
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.executor import Result
+from pgdurable.engine.history import params as history_params
 from pgdurable.engine.limits import credits
 
 log = logging.getLogger("pgdurable.commit")
 
 _STATUS = {"next": "runnable", "retry": "runnable", "done": "done", "stop": "failed"}
+#: libpq 14 or newer: statements can share one round trip and one implicit transaction.
+_PIPELINES = psycopg.AsyncPipeline.is_supported()
 
 #: What a flush raises when PostgreSQL (or the driver, before sending) refuses a value one
 #: row carries — never a connection or server failure, which fails the whole flush as before.
@@ -127,7 +130,16 @@ async def _reject(
     step = r.row.step or r.step
     reason = f"the outcome of step {step!r} could not be stored, so the instance failed: {_cause(cause)}"
     stop = Result(
-        r.row, "stop", version=r.version or r.row.version or 0, step=step, error=reason, attempt=r.row.attempt
+        r.row,
+        "stop",
+        version=r.version or r.row.version or 0,
+        step=step,
+        error=reason,
+        attempt=r.row.attempt,
+        ran=r.ran,
+        started=r.started,
+        duration=r.duration,
+        history=r.history,
     )
     try:
         report.merge(await _flush_group(conn, q, worker, [stop], quiet_queue, lease))
@@ -172,13 +184,22 @@ async def _flush_group(
     results = sorted(results, key=lambda r: r.row.id)
     if all(_single_statement(r) for r in results):
         # The common case — plain outcomes of rows with no parent and no gate slot — is one
-        # statement, atomic on its own: no BEGIN/COMMIT round trips.
-        cur = await conn.execute(
-            q["instance_commit_if_owned_many"],
-            _plain_params(worker, results, quiet_queue, lease),
-            prepare=True,
-        )
-        report.committed.update(row[0] for row in await cur.fetchall())
+        # statement, atomic on its own: no BEGIN/COMMIT round trips. With history, its rider
+        # follows in the same pipeline before one Sync: both run in one implicit
+        # transaction, in one round trip, and the rider sees which rows the guard let through.
+        params = _plain_params(worker, results, quiet_queue, lease)
+        history = history_params(worker, results)
+        if history is None:
+            cur = await conn.execute(q["instance_commit_if_owned_many"], params, prepare=True)
+            report.committed.update(row[0] for row in await cur.fetchall())
+        else:
+            async with conn.pipeline() if _PIPELINES else conn.transaction():
+                cur = await conn.execute(q["instance_commit_if_owned_many"], params, prepare=True)
+                await conn.execute(q["history_insert_many"], history, prepare=True)
+            # Read after the block: its end sends the Sync with the statements, so the
+            # results and the commit come back in one round trip (a fetch inside the block
+            # would ask for the results first and commit in a second round trip).
+            report.committed.update(row[0] for row in await cur.fetchall())
         report.stale = {r.row.id for r in results} - report.committed
         return report
     terminal_children: Counter[int] = Counter()
@@ -247,6 +268,11 @@ async def _flush_group(
         if taken:
             await conn.execute(q["signal_consume_many"], {"ids": taken}, prepare=True)
 
+        # Before the parent join, which may write rows of this batch whose outcome was stale.
+        history = history_params(worker, [r for r in results if r.row.id in report.committed])
+        if history is not None:
+            await conn.execute(q["history_insert_many"], history, prepare=True)
+
         # Every committed outcome takes its row out of executing: give back its gate slot
         # (an inline continue stays executing and keeps it).
         gate = credits([r.row for r in results if r.row.id in report.committed and not r.inline])
@@ -309,6 +335,7 @@ class _CommitRow(msgspec.Struct, array_like=False):
     weight: float
     result: msgspec.Raw | None
     error: str | None
+    traceback: str | None
 
 
 _encoder = msgspec.json.Encoder()
@@ -339,6 +366,7 @@ def _plain_params(
             r.weight,
             _raw(r.result),
             r.error,
+            r.traceback if r.error is not None else None,  # the traceback of last_error
         )
         for r in rs
     ]

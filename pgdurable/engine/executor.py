@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
@@ -26,6 +27,7 @@ from pgdurable.contract.fsm import FSM, Context, Registry, StepDef, decode_state
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
 from pgdurable.engine.claim import Claimed
+from pgdurable.engine.history import TRACEBACK_LIMIT, format_traceback, storable
 from pgdurable.engine.limits import Limits
 
 log = logging.getLogger("pgdurable.executor")
@@ -57,6 +59,13 @@ class Result:
     children: list[InsertRow] = field(default_factory=list)
     consume: list[int] = field(default_factory=list)  # signal ids taken on progress
     inline: bool = False
+    # The attempt, for its history row and the instance's last_traceback:
+    ran: str | None = None  # the step that ran (None: not known here, a hold)
+    started: float = 0.0  # when the attempt started, seconds since the epoch
+    duration: float = 0.0  # how long it took, seconds on the monotonic clock
+    raised: str | None = None  # repr() of what the step raised
+    traceback: str | None = None  # its formatted traceback (history.TRACEBACK_LIMIT)
+    history: bool = True  # its machine and queue keep history
 
     @property
     def terminal(self) -> bool:
@@ -85,6 +94,13 @@ class Executor:
         self._log = logger or log
 
     async def run(self, row: Claimed) -> Result:
+        """Run the row's step; the result says when the attempt started and how long it took."""
+        started, clock = time.time(), time.monotonic()
+        result = await self._run(row)
+        result.started, result.duration = started, time.monotonic() - clock
+        return result
+
+    async def _run(self, row: Claimed) -> Result:
         found = self.registry.get(row.fsm, row.version)
         if found is None:
             known = self.registry.versions(row.fsm)
@@ -183,7 +199,7 @@ class Executor:
                 extra={"event": "handle_failed", **where, **error},
             )
             reason = f"{exc!r}; then handle() failed: {handle_exc!r}"
-            return self._finish(row, info, step_name, Stop(reason), taken)
+            return _raised(self._finish(row, info, step_name, Stop(reason), taken), handle_exc)
         failed = result.kind == "stop"
         self._log.log(
             logging.ERROR if failed else logging.WARNING,
@@ -201,7 +217,7 @@ class Executor:
                 "outcome": result.kind,
             },
         )
-        return result
+        return _raised(result, exc)
 
     def _hold(self, row: Claimed, step_name: str | None, reason: str) -> Result:
         """A row this worker cannot run (unknown machine, version or step) is held."""
@@ -240,6 +256,13 @@ class Executor:
                 "Next, Retry, Await, Spawn, Done, Stop"
             )
         return prepare(self.registry, row, info, step_name, outcome, taken, error, self.limits)
+
+
+def _raised(result: Result, exc: BaseException) -> Result:
+    """Keep what the step raised, with its traceback, for the history and last_traceback."""
+    result.raised = storable(repr(exc), TRACEBACK_LIMIT)
+    result.traceback = format_traceback(exc)
+    return result
 
 
 def _fields(row: Claimed, fsm: str, step_name: str | None) -> dict[str, Any]:
@@ -348,6 +371,7 @@ def prepare(
         _check_columns(res)
     except InvalidValue as exc:
         raise InvalidOutcome(str(exc)) from exc
+    res.ran = step_name
     return res
 
 

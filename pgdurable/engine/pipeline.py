@@ -12,7 +12,7 @@ import itertools
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -47,7 +47,11 @@ def registration(registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 class Engine:
-    """Claim / run / flush for the machines of one registry on one schema."""
+    """Claim / run / flush for the machines of one registry on one schema.
+
+    ``history_off``: queues whose step attempts leave no history row (``[queues.NAME]
+    history = false``); machines declared with ``history=False`` leave none either.
+    """
 
     def __init__(
         self,
@@ -58,8 +62,10 @@ class Engine:
         lease: dt.timedelta = dt.timedelta(seconds=60),
         executor: Executor | None = None,
         limits: Limits | None = None,
+        history_off: Iterable[str] = (),
     ):
         self.registry = registry
+        self.history_off = frozenset(history_off)
         self.q: Queries = for_schema(schema)
         self.worker_id = worker_id or new_worker_id()
         self.lease = lease
@@ -111,7 +117,13 @@ class Engine:
         return rows
 
     async def run(self, row: Claimed) -> Result:
-        return await self.executor.run(row)
+        result = await self.executor.run(row)
+        if row.queue in self.history_off:
+            result.history = False
+        else:
+            found = self.registry.get(row.fsm, result.version or row.version)
+            result.history = found is None or found[0].__pgdurable__.history
+        return result
 
     async def flush(
         self, conn: psycopg.AsyncConnection[Any], results: Sequence[Result], quiet_queue: str | None = None

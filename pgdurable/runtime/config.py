@@ -24,6 +24,7 @@ processes = 2                  # worker processes
 concurrency = 10               # steps in flight per process
 prefetch = 10                  # claimed-but-not-started rows per process
 batch = 50                     # most rows one claim takes
+history = true                 # a history row per step attempt (docs/history.md)
 
 [logging]
 format = "text"                # or "json": one JSON object per line, for log shippers
@@ -89,6 +90,7 @@ class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     concurrency: int = 10
     prefetch: int = 10
     batch: int = 50
+    history: bool = True  # false: the queue's step attempts leave no history rows
 
 
 #: The log formats ``[logging] format`` takes, and the levels ``level`` and ``levels`` take.

@@ -85,6 +85,7 @@ class Worker:
             lease=dt.timedelta(seconds=cfg.runtime.lease),
             executor=Executor(spec.registry, run_sync=run_sync, logger=log, limits=cfg.limits),
             limits=cfg.limits,
+            history_off=() if settings.history else (spec.queue,),
         )
 
     async def run(self) -> int:

@@ -144,6 +144,7 @@ WITH written AS (
         weight = CASE WHEN u.keep_rate THEN i.weight ELSE u.weight END,
         result = u.result::jsonb,
         last_error = u.error,
+        last_traceback = u.traceback,
         -- 'executing': an inline continue keeps the claim (and its gate slot) for the next step
         locked_by = CASE WHEN u.status = 'executing' THEN i.locked_by END,
         lease_token = CASE WHEN u.status = 'executing' THEN i.lease_token END,
@@ -153,7 +154,7 @@ WITH written AS (
          AS u(id bigint, token bigint, status text, version int, step text, state json,
               delay float8, attempt int, keep_awaits bool, set_concurrency bool,
               concurrency_key text, keep_rate bool, rate_limit text, weight float8,
-              result json, error text)
+              result json, error text, traceback text)
     WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
     RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
@@ -184,7 +185,7 @@ SET status = 'awaiting_signal', version = u.version, step = u.step,
     await_deadline = CASE WHEN u.timeout IS NULL THEN NULL
                           ELSE now() + make_interval(secs => u.timeout) END,
     eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL, weight = 1,
-    last_error = NULL,
+    last_error = NULL, last_traceback = NULL,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
             %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[])
@@ -246,7 +247,7 @@ SET status = CASE WHEN COALESCE(l.n, 0) > 0 THEN 'awaiting_children' ELSE 'runna
     version = u.version, step = u.step, state = COALESCE(u.state::jsonb, i.state),
     children_pending = COALESCE(l.n, 0), attempt = 0, crashes = 0, awaits = NULL,
     await_deadline = NULL, eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL,
-    weight = 1, last_error = NULL,
+    weight = 1, last_error = NULL, last_traceback = NULL,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[])
      AS u(id, version, step, state)
@@ -284,7 +285,7 @@ RETURNING p.id, p.status, p.queue,
 -- Hold rows whose machine, version or step this worker does not know: kept, not retried,
 -- with the reason in last_error, until a worker that knows the machine releases them.
 UPDATE {schema}.instances AS i
-SET status = 'held', last_error = u.error,
+SET status = 'held', last_error = u.error, last_traceback = NULL,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(errors)s::text[]) AS u(id, token, error)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
@@ -308,7 +309,7 @@ RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text A
 SELECT id, fsm, version, step, status, queue, priority, attempt, crashes, state::text AS state,
        result::text AS result, last_error, awaits, await_deadline, parent_id, children_pending,
        correlation_key, concurrency_key, rate_limit, weight, eligible_at, inserted_at,
-       updated_at
+       updated_at, last_traceback
 FROM {schema}.instances WHERE id = %(id)s;
 
 -- name: instance_runnable_queues
@@ -333,10 +334,12 @@ FOR UPDATE OF i SKIP LOCKED;
 
 -- name: gc_delete_ids
 -- Delete the selected rows by primary key; their signals go with them (cascade), and so do
--- the dedup keys they remembered (signal_dedup has no foreign key: collected here, one
--- set-based delete by its primary key's prefix).
+-- the dedup keys they remembered and their step history (neither table has a foreign key:
+-- collected here, one set-based delete each, by the prefix of its index).
 WITH forgotten AS (
     DELETE FROM {schema}.signal_dedup WHERE target_id = ANY(%(ids)s::bigint[])
+), erased AS (
+    DELETE FROM {schema}.history WHERE instance_id = ANY(%(ids)s::bigint[])
 )
 DELETE FROM {schema}.instances WHERE id = ANY(%(ids)s::bigint[]);
 

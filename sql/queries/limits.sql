@@ -76,6 +76,7 @@ SET concurrency_shard = CASE WHEN u.verdict = 'admit' THEN u.shard END,
     eligible_at = CASE WHEN u.verdict = 'deny' THEN now() + make_interval(secs => u.defer)
                        ELSE i.eligible_at END,
     last_error = CASE WHEN u.verdict = 'hold' THEN u.error ELSE i.last_error END,
+    last_traceback = CASE WHEN u.verdict = 'hold' THEN NULL ELSE i.last_traceback END,
     locked_by = CASE WHEN u.verdict = 'admit' THEN i.locked_by END,
     lease_token = CASE WHEN u.verdict = 'admit' THEN i.lease_token END,
     lease_expires_at = CASE WHEN u.verdict = 'admit' THEN i.lease_expires_at END,

@@ -14,7 +14,8 @@ ON CONFLICT (name, version) DO UPDATE
 -- Return to runnable the held rows whose machine and version this worker knows (after a
 -- deploy added them); rows without a pinned version need only the name.
 UPDATE {schema}.instances AS i
-SET status = 'runnable', eligible_at = now(), last_error = NULL, updated_at = now()
+SET status = 'runnable', eligible_at = now(), last_error = NULL, last_traceback = NULL,
+    updated_at = now()
 FROM unnest(%(fsms)s::text[], %(versions)s::int[]) AS k(fsm, version)
 WHERE i.status = 'held' AND i.fsm = k.fsm AND (i.version IS NULL OR i.version = k.version)
 RETURNING i.id, i.queue;

@@ -99,6 +99,7 @@ SET crashes = i.crashes + v.crashed::int,
             THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
         ELSE format('reclaimed from %%s (worker died or lease expired) in step %%s',
                     i.locked_by, i.step) END,
+    last_traceback = CASE WHEN v.crashed THEN NULL ELSE i.last_traceback END,
     eligible_at = now(), locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
     concurrency_shard = NULL, updated_at = now()
 FROM victims AS v
