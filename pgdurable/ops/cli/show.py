@@ -47,6 +47,14 @@ from pgdurable.ops.cli.common import (
     show_default=True,
     help="children shown",
 )
+@click.option(
+    "--history",
+    "history_limit",
+    type=click.IntRange(0),
+    default=50,
+    show_default=True,
+    help="the last step attempts shown",
+)
 @json_option
 def show(
     dsn: str | None,
@@ -56,6 +64,7 @@ def show(
     by_key: bool,
     inbox_limit: int,
     children_limit: int,
+    history_limit: int,
     as_json: bool,
 ) -> int:
     """One instance, by id or by correlation key: header, state (and result), inbox,
@@ -68,6 +77,8 @@ def show(
     with connected(target) as (conn, q):
         iid = find(conn, q, ident, by_key=by_key)
         doc = collect(conn, q, iid, inbox_limit=inbox_limit, children_limit=children_limit)
+        doc["history"] = history(conn, q, iid, history_limit)
+        doc["last_traceback"] = last_traceback(conn, q, iid)
     if as_json:
         print_json(doc)
     else:
@@ -119,8 +130,6 @@ def collect(
         "now": r["now"],
         "state": stored_json(r["state"]),
         "result": stored_json(r["result"]),
-        # HISTORY: the steps the instance went through, once recorded, go here as
-        # doc["history"] (and as a section of render(), after the state).
         "inbox": {
             "total": int(inbox[0]["total"]) if inbox else 0,
             "signals": [
@@ -153,6 +162,37 @@ def collect(
         "last_error": r["last_error"],
     }
     return doc
+
+
+def history(conn: psycopg.Connection[Any], q: Queries, iid: int, last: int) -> list[dict[str, Any]]:
+    """The instance's last ``last`` step attempts, oldest first (``client.history``'s query)."""
+    from pgdurable.client.common import attempt_of, history_params
+
+    if last == 0:
+        return []
+    found = conn.execute(q["history_of_instance"], history_params(iid, last)).fetchall()
+    return [
+        {
+            "step": a.step,
+            "attempt": a.attempt,
+            "outcome": a.outcome,
+            "next_step": a.next_step,
+            "started_at": a.started_at,
+            "finished_at": a.finished_at,
+            "duration": a.duration,
+            "worker": a.worker,
+            "error": a.error,
+            "traceback": a.traceback,
+        }
+        for a in map(attempt_of, found)
+    ]
+
+
+def last_traceback(conn: psycopg.Connection[Any], q: Queries, iid: int) -> str | None:
+    from pgdurable.client.common import instance_of
+
+    row = conn.execute(q["instance_get"], {"id": iid}).fetchone()
+    return None if row is None else instance_of(row).last_traceback
 
 
 def indent(text: str) -> str:
@@ -190,7 +230,21 @@ def render(doc: dict[str, Any]) -> None:
     if doc["result"] is not None:
         say("result")
         say(pretty(doc["result"]))
-    # HISTORY: the history section goes here, once steps are recorded.
+    if doc["history"]:
+        say(f"history (the last {len(doc['history'])} step attempts, oldest first)")
+        timeline = [
+            [
+                when(h["started_at"], now),
+                h["step"] or "-",
+                h["attempt"],
+                h["outcome"] + (f" -> {h['next_step']}" if h["next_step"] else ""),
+                f"{h['duration'] * 1000:.1f} ms",
+                clip(h["worker"], 40),
+                clip(h["error"], 60) if h["error"] else "",
+            ]
+            for h in doc["history"]
+        ]
+        say(indent(table(["STARTED", "STEP", "TRY", "OUTCOME", "TOOK", "WORKER", "ERROR"], timeline)))
     inbox = doc["inbox"]
     if inbox["total"]:
         say(f"inbox ({inbox['total']} signal{'s' if inbox['total'] != 1 else ''})")
@@ -232,3 +286,6 @@ def render(doc: dict[str, Any]) -> None:
         say("last error")
         for line in doc["last_error"].splitlines() or [""]:
             say(f"  {line}")
+        if doc["last_traceback"]:
+            say("traceback")
+            say(indent(doc["last_traceback"]))
