@@ -11,14 +11,24 @@ from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
+from pgdurable.client.operate import CancelResult, RetryReport
 from pgdurable.client.sync import Client
-from pgdurable.contract.errors import DuplicateInstance, InvalidValue, NoTarget, UnknownMachine
+from pgdurable.contract.errors import (
+    DuplicateInstance,
+    InstanceExecuting,
+    InvalidValue,
+    NoTarget,
+    OperationRefused,
+    UnknownMachine,
+    UnknownStep,
+)
 from pgdurable.contract.outcomes import Done
 from pgdurable.contract.spec import Child, Insert
 
 __all__ = [
     "AsyncClient",
     "Busy",
+    "CancelResult",
     "Child",
     "Client",
     "Done",
@@ -26,9 +36,13 @@ __all__ = [
     "Failed",
     "Insert",
     "Instance",
+    "InstanceExecuting",
     "InvalidValue",
     "NoTarget",
+    "OperationRefused",
+    "RetryReport",
     "StepAttempt",
     "UnknownMachine",
+    "UnknownStep",
     "WaitResult",
 ]

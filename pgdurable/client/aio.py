@@ -38,6 +38,18 @@ from pgdurable.client.common import (
     signal_result,
 )
 from pgdurable.client.concurrency import ALock, TaskEmitter, asleep
+from pgdurable.client.operate import (
+    CancelResult,
+    RetryReport,
+    cancel_params,
+    cancel_result,
+    paused_of,
+    queue_params,
+    retry_filter,
+    retry_result,
+    rewind_params,
+    rewind_result,
+)
 from pgdurable.contract.errors import NoTarget
 from pgdurable.contract.spec import Insert
 from pgdurable.db.queries import Queries, for_schema
@@ -259,3 +271,133 @@ class AsyncClient:
                 return res
             await asleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.2)
+
+    # -- operating instances and queues (docs/operating.md) ---------------------------------
+
+    async def cancel(
+        self,
+        target: int | str,
+        reason: str | None = None,
+        *,
+        cascade: bool = True,
+        compensate: bool = True,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> CancelResult:
+        """Cancel an instance (id, or the correlation key a live one holds) in one statement.
+
+        Not executing: it ends ``cancelled`` now — inbox cleared, its parent's join counted —
+        or, when its machine declares ``on_cancel`` and ``compensate`` is true, it goes to
+        that step and ends ``cancelled`` when that step finishes. Executing: it is marked,
+        and its step's outcome is discarded when the step returns (its concurrency key and
+        gate slot stay held until then). ``cascade`` does the same to every live descendant.
+        ``compensate=False`` skips on_cancel, and ends an instance that already runs it.
+        Raises NoTarget for an unknown id, or a key no live instance holds.
+        """
+        params = cancel_params(target, reason, cascade, compensate)
+        for attempt in range(3):
+            try:
+                rows = await self._all("instance_cancel", params, conn)
+                break
+            except pgerrors.DeadlockDetected:
+                # Lock orders match the flush's, so only a cascade racing flushes of rows at
+                # several depths of the tree can meet one; PostgreSQL rolled it back whole.
+                if conn is not None or attempt == 2:
+                    raise
+        return cancel_result(target, rows)
+
+    async def retry(self, iid: int, *, conn: psycopg.AsyncConnection[Any] | None = None) -> str:
+        """Put a failed or cancelled instance back into the step it ended in (a cancelled
+        one sent to on_cancel: the step it was cancelled in), runnable now, its stored state
+        kept, attempt and crashes from zero; ``last_error`` stays until its next outcome.
+        Returns that step. Raises NoTarget, InstanceExecuting, or OperationRefused (another
+        status; live children; its correlation key taken meanwhile)."""
+        rows = await self._all("instance_retry_many", {"ids": [iid]}, conn)
+        return retry_result(iid, rows)
+
+    async def retry_many(
+        self,
+        *,
+        machine: Any = None,
+        queue: str | None = None,
+        error_like: str | None = None,
+        since: dt.datetime | dt.timedelta | float | None = None,
+        dry_run: bool = False,
+        batch: int = 500,
+    ) -> RetryReport:
+        """Retry every failed instance that matches (None: no filter): of ``machine`` (a
+        name or class), in ``queue``, whose ``last_error`` matches the ILIKE pattern
+        ``error_like``, failed at or after ``since`` (an aware datetime, or how long ago).
+        ``dry_run`` only counts them. Otherwise in batches of ``batch``, each its own
+        transaction, in id order: an instance that cannot be retried is skipped, not seen
+        again, and counted in ``skipped``."""
+        params = retry_filter(machine, queue, error_like, since)
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch!r}")
+        async with (await self._get_pool()).connection() as c:
+            if dry_run:
+                row = await (await c.execute(self.q["instance_retry_count"], params)).fetchone()
+                return RetryReport(int(row[0]) if row else 0, 0, {}, dry_run=True)
+            matched = retried = 0
+            skipped: dict[str, int] = {}
+            after = 0
+            while True:
+                cur = await c.execute(
+                    self.q["instance_retry_select"], {**params, "after": after, "limit": batch}
+                )
+                ids = [row[0] for row in await cur.fetchall()]
+                if not ids:
+                    break
+                matched += len(ids)
+                try:
+                    rows = await (await c.execute(self.q["instance_retry_many"], {"ids": ids})).fetchall()
+                except pgerrors.UniqueViolation:
+                    # A key was taken between the check and the update: one by one, so the
+                    # rest of the batch is retried.
+                    rows = []
+                    for one in ids:
+                        try:
+                            rows += await (
+                                await c.execute(self.q["instance_retry_many"], {"ids": [one]})
+                            ).fetchall()
+                        except pgerrors.UniqueViolation:
+                            rows.append((one, "key", "failed", None))
+                for _id, outcome, _status, _step in rows:
+                    if outcome == "retried":
+                        retried += 1
+                    else:
+                        skipped[outcome] = skipped.get(outcome, 0) + 1
+                after = ids[-1]
+                if len(ids) < batch:
+                    break
+        return RetryReport(matched, retried, skipped)
+
+    async def rewind(
+        self,
+        iid: int,
+        step: str,
+        state: Any = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> None:
+        """Move an instance back (or on) to ``step`` of its machine version (as the
+        supervisors registered it), runnable now, with ``state`` (None: the stored state).
+        Live or finished, but not executing. Raises NoTarget, InstanceExecuting,
+        UnknownStep, UnknownMachine, or OperationRefused (live children; a finished
+        instance whose correlation key another live one holds)."""
+        params = rewind_params(iid, step, state)
+        rewind_result(iid, step, await self._one("instance_rewind", params, conn))
+
+    async def pause(self, queue: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
+        """Pause a queue: from their next claim on, its workers on every host claim nothing
+        (steps running finish). True when this call paused it, False when it was already."""
+        row = await self._one("queue_pause", queue_params(queue), conn)
+        return not row[0]
+
+    async def resume(self, queue: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
+        """Resume a paused queue and wake its workers. True when it was paused."""
+        row = await self._one("queue_resume", queue_params(queue), conn)
+        return bool(row[0])
+
+    async def paused(self, *, conn: psycopg.AsyncConnection[Any] | None = None) -> dict[str, dt.datetime]:
+        """The paused queues, each with when it was paused."""
+        return paused_of(await self._all("queue_paused", {}, conn))

@@ -69,6 +69,11 @@ class Instance:
     #: The traceback of the error in ``last_error`` when a step raised it (its last 16,384
     #: characters); None otherwise.
     last_traceback: str | None = None
+    #: Why it was cancelled: set by ``cancel``, kept once it ended ``cancelled``; while it is
+    #: live and no cancel is pending, it runs its machine's on_cancel step.
+    cancel_reason: str | None = None
+    #: A cancel waits for its executing step to return (docs/operating.md).
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +105,8 @@ class StepAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """wait(): the instance ended failed (or cancelled) with ``error``."""
+    """wait(): the instance ended failed (or cancelled) with ``error`` (for a cancelled
+    one, the cancel's reason)."""
 
     error: str | None
     status: str = "failed"
@@ -149,6 +155,8 @@ def attempt_of(row: Sequence[Any]) -> StepAttempt:
 def outcome_of(inst: Instance) -> WaitResult:
     if inst.status == "done":
         return Done(inst.result)
+    if inst.status == "cancelled":
+        return Failed(inst.cancel_reason or inst.last_error, inst.status)
     if inst.status in TERMINAL_STATUSES:
         return Failed(inst.last_error, inst.status)
     return Busy(inst)

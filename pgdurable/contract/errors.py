@@ -80,6 +80,30 @@ class NoTarget(PgdurableError):
     """A signal's target is unknown or already finished."""
 
 
+class OperationRefused(PgdurableError):
+    """An operation on an instance (retry, rewind) was refused for the state it is in;
+    ``status`` is that state and ``reason`` says why in a word (``children``: it has live
+    children; ``executing``: a worker runs its step; otherwise its status)."""
+
+    def __init__(self, message: str, *, instance: int, status: str, reason: str):
+        super().__init__(message)
+        self.instance = instance
+        self.status = status
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class InstanceExecuting(OperationRefused):
+    """A worker holds the instance and runs its step: retry and rewind never race it.
+    Cancel it (its cancel waits for the step), or try again once the step returned."""
+
+
+class UnknownStep(PgdurableError, ValueError):
+    """A step name that the instance's machine version does not have (as registered)."""
+
+
 class SchemaVersionError(PgdurableError):
     """The database schema is behind (or ahead of) what this code needs."""
 

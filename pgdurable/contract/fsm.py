@@ -76,6 +76,9 @@ class Context:
     awaited: list[Signal] = field(default_factory=list)
     inbox: list[Signal] = field(default_factory=list)
     children: list[ChildInfo] = field(default_factory=list)
+    #: Why the instance was cancelled, while it runs its machine's ``on_cancel`` step (and
+    #: any step that one moves on to); None otherwise.
+    cancel_reason: str | None = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -153,6 +156,10 @@ class FSM:
     __pgdurable_steps__: ClassVar[dict[str, StepDef]]
     #: Reclaims of one step (its worker died) before the instance fails; None: the config's.
     max_crashes: ClassVar[int | None] = None
+    #: The step a cancel sends a live instance to (a step's name, or the step itself), so it
+    #: can undo what it did; the instance ends ``cancelled`` when that step (or one it moves
+    #: on to) finishes. None: a cancel ends the instance at once (docs/operating.md).
+    on_cancel: ClassVar[Any] = None
 
     def __init_subclass__(
         cls,
@@ -193,6 +200,7 @@ class FSM:
         if not initials and len(steps) > 1:
             raise DefinitionError(f"{cls.__name__}: mark the initial step with @step(initial=True)")
         initial = initials[0] if initials else next(iter(steps))
+        on_cancel = _hook_step(cls, steps)
         state_type = vars(cls).get("State", getattr(cls, "State", None))
         cls.__pgdurable_steps__ = steps
         cls.__pgdurable__ = MachineInfo(
@@ -203,6 +211,7 @@ class FSM:
             steps=tuple(steps),
             state_type=state_type,
             history=history,
+            on_cancel=on_cancel,
         )
 
     def handle(self, exc: BaseException, ctx: Context) -> Outcome:
@@ -212,6 +221,17 @@ class FSM:
     def backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt + 1`` when ``Retry`` gives no delay."""
         return default_backoff(attempt)
+
+
+def _hook_step(cls: type, steps: dict[str, StepDef]) -> str | None:
+    """The step ``cls.on_cancel`` names (by name, or the step function itself), checked."""
+    hook = getattr(cls, "on_cancel", None)
+    if hook is None:
+        return None
+    name = hook if isinstance(hook, str) else getattr(hook, "__name__", None)
+    if name not in steps:
+        raise DefinitionError(f"{cls.__name__}: on_cancel = {hook!r} names no step (steps: {list(steps)})")
+    return name
 
 
 def _args_type(fn: Callable[..., Any]) -> Any:

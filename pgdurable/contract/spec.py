@@ -41,6 +41,7 @@ class MachineInfo:
     steps: tuple[str, ...]
     state_type: Any  # a msgspec-decodable type, or None for a plain dict
     history: bool = True  # its step attempts are recorded in the history table
+    on_cancel: str | None = None  # the step a cancel sends an instance to (FSM.on_cancel)
 
 
 class Insert(msgspec.Struct, frozen=True):

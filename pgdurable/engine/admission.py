@@ -67,7 +67,7 @@ async def admit(
             + [(r, "deny", None, d, None) for r, d in v.denied]
             + [(r, "hold", None, 0.0, e) for r, e in v.held]
         )
-        await conn.execute(
+        cur = await conn.execute(
             q["instance_admit_many"],
             {
                 "worker": worker,
@@ -80,6 +80,20 @@ async def admit(
             },
             prepare=True,
         )
+        moved = {row[0] for row in await cur.fetchall()}
+        refused = [r for r, *_ in verdicts if r.id not in moved]
+        if refused:
+            # Denied or held while a cancel marked it (since the claim): cancelled instead.
+            await conn.execute(
+                q["instance_cancel_settle_if_owned_many"],
+                {
+                    "worker": worker,
+                    "ids": [r.id for r in refused],
+                    "tokens": [r.token for r in refused],
+                    "join": True,
+                },
+                prepare=True,
+            )
     for row, reason in v.held:
         log.error(
             "instance %s %s",

@@ -50,6 +50,7 @@ class Claimed:
     has_inbox: bool
     has_children: bool
     gated: bool
+    cancel_reason: str | None  # set while it runs its on_cancel step (ctx.cancel_reason)
     _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted

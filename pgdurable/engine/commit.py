@@ -49,15 +49,20 @@ VALUE_ERRORS: tuple[type[Exception], ...] = (
 @dataclass(slots=True)
 class FlushReport:
     committed: set[int] = field(default_factory=set)
+    #: Rows whose outcome was not applied: their claim was lost, or a cancel marked them
+    #: while their step ran (those are in ``cancelled`` too).
     stale: set[int] = field(default_factory=set)
     woken_parents: set[int] = field(default_factory=set)
     rechecked: set[int] = field(default_factory=set)  # parked, then woken by the recheck
     #: Rows whose outcome PostgreSQL refused, failed instead (committed), with the reason.
     rejected: dict[int, str] = field(default_factory=dict)
+    #: Rows whose outcome was discarded for a cancel: cancelled, or sent to on_cancel.
+    cancelled: set[int] = field(default_factory=set)
 
     def merge(self, other: FlushReport) -> None:
         self.committed |= other.committed
         self.stale |= other.stale
+        self.cancelled |= other.cancelled
         self.woken_parents |= other.woken_parents
         self.rechecked |= other.rechecked
         self.rejected.update(other.rejected)
@@ -201,6 +206,8 @@ async def _flush_group(
             # would ask for the results first and commit in a second round trip).
             report.committed.update(row[0] for row in await cur.fetchall())
         report.stale = {r.row.id for r in results} - report.committed
+        if report.stale:  # a claim lost, or a cancel: settle the cancels (no statement else)
+            await _settle_cancels(conn, q, worker, [r for r in results if r.row.id in report.stale], report)
         return report
     terminal_children: Counter[int] = Counter()
     async with conn.transaction():
@@ -213,7 +220,7 @@ async def _flush_group(
             )
             for rid, parent_id, status, _queue in await cur.fetchall():
                 report.committed.add(rid)
-                if status in ("done", "failed") and parent_id is not None:
+                if status in ("done", "failed", "cancelled") and parent_id is not None:
                     terminal_children[parent_id] += 1
 
         parks = [r for r in results if r.kind == "await"]
@@ -273,6 +280,14 @@ async def _flush_group(
         if history is not None:
             await conn.execute(q["history_insert_many"], history, prepare=True)
 
+        # Outcomes refused because a cancel marked their row: cancelled instead (or sent to
+        # on_cancel), their slot credited by the settle; parents joined below, in one go.
+        refused = [r for r in results if r.row.id not in report.committed]
+        if refused:
+            for parent_id, status in await _settle_cancels(conn, q, worker, refused, report, join=False):
+                if status == "cancelled" and parent_id is not None:
+                    terminal_children[parent_id] += 1
+
         # Every committed outcome takes its row out of executing: give back its gate slot
         # (an inline continue stays executing and keeps it).
         gate = credits([r.row for r in results if r.row.id in report.committed and not r.inline])
@@ -291,6 +306,33 @@ async def _flush_group(
                     report.woken_parents.add(pid)
     report.stale = {r.row.id for r in results} - report.committed
     return report
+
+
+async def _settle_cancels(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    refused: Sequence[Result],
+    report: FlushReport,
+    *,
+    join: bool = True,
+) -> list[tuple[int | None, str]]:
+    """Settle the cancels of rows whose outcome the guards refused (one statement, run
+    only when an outcome was refused): a row a cancel marked is cancelled or sent to its
+    on_cancel step, its outcome discarded. Returns (parent, status) of each settled row."""
+    cur = await conn.execute(
+        q["instance_cancel_settle_if_owned_many"],
+        {
+            "worker": worker,
+            "ids": int_array(r.row.id for r in refused),
+            "tokens": int_array(r.row.token for r in refused),
+            "join": join,
+        },
+        prepare=True,
+    )
+    rows = await cur.fetchall()
+    report.cancelled.update(row[0] for row in rows)
+    return [(parent_id, status) for _id, parent_id, status, _queue in rows]
 
 
 def continued(row: Claimed, r: Result) -> Claimed:

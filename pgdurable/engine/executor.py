@@ -147,6 +147,7 @@ class Executor:
             awaited=row.awaited,
             inbox=row.inbox,
             children=row.children,
+            cancel_reason=row.cancel_reason,
         )
         taken = [s.id for s in ctx.awaited]
         try:

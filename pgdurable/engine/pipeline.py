@@ -41,6 +41,7 @@ def registration(registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
         "initials": [m.initial for m in infos],
         "queues": [m.queue for m in infos],
         "steps": [encode_json(list(m.steps)) for m in infos],
+        "on_cancels": [m.on_cancel for m in infos],
     }
     held = {"fsms": machines["names"], "versions": machines["versions"]}
     return machines, held
@@ -131,9 +132,14 @@ class Engine:
         return await flush(conn, self.q, self.worker_id, results, quiet_queue, self.lease)
 
     async def release(self, conn: psycopg.AsyncConnection[Any], rows: Sequence[Claimed]) -> None:
-        """Give claimed rows that will not run back to runnable (and their gate slots)."""
+        """Give claimed rows that will not run back to runnable (and their gate slots); a
+        row a cancel marked is cancelled instead (or sent to its on_cancel step)."""
         if rows:
-            await conn.execute(
-                self.q["instance_release_many"],
-                {"worker": self.worker_id, "ids": [r.id for r in rows], "tokens": [r.token for r in rows]},
-            )
+            params = {
+                "worker": self.worker_id,
+                "ids": [r.id for r in rows],
+                "tokens": [r.token for r in rows],
+            }
+            cur = await conn.execute(self.q["instance_release_many"], params)
+            if len(await cur.fetchall()) < len(rows):  # a claim lost, or a cancel to settle
+                await conn.execute(self.q["instance_cancel_settle_if_owned_many"], {**params, "join": True})

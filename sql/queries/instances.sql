@@ -66,7 +66,8 @@ COPY {schema}.instances (id, fsm, version, step, state, queue) FROM STDIN;
 -- meet on the unique index. Unkeyed rows never call it. Keys of a configured gate
 -- (%(gates)s, with their limits) skip the probe, are taken at most `limit` per key, and get
 -- a provisional shard (-1) that admission replaces by the slot's shard.
--- has_inbox / has_children tell the caller which rows need enrichment.
+-- has_inbox / has_children tell the caller which rows need enrichment. A paused queue
+-- (a row of the queues table, read once per claim by primary key) claims nothing.
 WITH candidates AS (
     SELECT i.id, i.concurrency_key, i.priority, i.eligible_at,
            CASE WHEN i.concurrency_name = ANY(%(gates)s::text[])
@@ -82,6 +83,7 @@ WITH candidates AS (
     WHERE i.status = 'runnable' AND i.queue = %(queue)s
       AND i.eligible_at <= now() + %(horizon)s::interval
       AND b.busy IS NULL
+      AND NOT EXISTS (SELECT 1 FROM {schema}.queues AS p WHERE p.name = %(queue)s AND p.paused)
     ORDER BY i.priority, i.eligible_at
     LIMIT %(limit)s
     FOR NO KEY UPDATE OF i SKIP LOCKED
@@ -107,7 +109,7 @@ RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.c
           i.rate_limit, i.weight, i.parent_id,
           EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
           EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children,
-          w.gated;
+          w.gated, i.cancel_reason;
 
 -- name: instance_children_many
 -- Every child of the given parents (any status), for ctx.children.
@@ -126,9 +128,13 @@ ORDER BY parent_id, id;
 -- embedded as they are; a NULL state keeps the stored one. The
 -- flushing worker's own queue (%(quiet_queue)s) is not notified: that worker claims again
 -- as soon as it has room, and a NOTIFY would serialise this commit with every other one.
+-- A row a cancel marked (cancel_requested) is refused like a stale one: the flush settles
+-- it instead (instance_cancel_settle_if_owned_many). A row running its on_cancel step
+-- (cancel_reason set) ends `cancelled` where its outcome says done or failed.
 WITH written AS (
     UPDATE {schema}.instances AS i
-    SET status = u.status,
+    SET status = CASE WHEN i.cancel_reason IS NOT NULL AND u.status IN ('done', 'failed')
+                      THEN 'cancelled' ELSE u.status END,
         version = u.version,
         step = u.step,
         state = COALESCE(u.state::jsonb, i.state),
@@ -157,6 +163,7 @@ WITH written AS (
               result json, error text, traceback text)
     WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
+      AND i.cancel_requested IS NULL
     RETURNING i.id, i.parent_id, i.status, i.queue, u.delay <= 0 AS due
 ), taken AS (
     DELETE FROM {schema}.signals AS s
@@ -166,7 +173,7 @@ WITH written AS (
 ), cleared AS (
     DELETE FROM {schema}.signals AS s
     USING written AS w
-    WHERE s.target_id = w.id AND w.status IN ('done', 'failed')
+    WHERE s.target_id = w.id AND w.status IN ('done', 'failed', 'cancelled')
     RETURNING 1
 ), notified AS (
     SELECT count(pg_notify({schema}.notify_channel(q), '')) AS n
@@ -177,7 +184,8 @@ SELECT w.id, w.parent_id, w.status, w.queue
 FROM written AS w CROSS JOIN notified;
 
 -- name: instance_park_await_if_owned_many
--- Park rows this worker still owns on a set of signal names (awaits as JSON arrays).
+-- Park rows this worker still owns on a set of signal names (awaits as JSON arrays); not a
+-- row a cancel marked (the flush settles it).
 UPDATE {schema}.instances AS i
 SET status = 'awaiting_signal', version = u.version, step = u.step,
     state = COALESCE(u.state::jsonb, i.state), attempt = 0, crashes = 0,
@@ -192,7 +200,7 @@ FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(step
      AS u(id, token, version, step, state, awaits, timeout)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token
-  AND i.status = 'executing'
+  AND i.status = 'executing' AND i.cancel_requested IS NULL
 RETURNING i.id;
 
 -- name: instance_await_recheck_many
@@ -208,12 +216,13 @@ RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text A
 
 -- name: instance_lock_owned_many
 -- Lock, in id order, the rows this worker still owns; held to the end of the transaction so
--- nothing (reaper included) can take them between the children insert and the park.
+-- nothing (reaper included) can take them between the children insert and the park. A row
+-- a cancel marked is not locked: it spawns nothing (the flush settles it).
 SELECT i.id
 FROM {schema}.instances AS i
 JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token)
   ON i.id = u.id AND i.lease_token = u.token
-WHERE i.locked_by = %(worker)s AND i.status = 'executing'
+WHERE i.locked_by = %(worker)s AND i.status = 'executing' AND i.cancel_requested IS NULL
 ORDER BY i.id
 FOR NO KEY UPDATE OF i;
 
@@ -283,14 +292,15 @@ RETURNING p.id, p.status, p.queue,
 
 -- name: instance_hold_if_owned_many
 -- Hold rows whose machine, version or step this worker does not know: kept, not retried,
--- with the reason in last_error, until a worker that knows the machine releases them.
+-- with the reason in last_error, until a worker that knows the machine releases them. Not a
+-- row a cancel marked (the flush settles it).
 UPDATE {schema}.instances AS i
 SET status = 'held', last_error = u.error, last_traceback = NULL,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(errors)s::text[]) AS u(id, token, error)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token
-  AND i.status = 'executing'
+  AND i.status = 'executing' AND i.cancel_requested IS NULL
 RETURNING i.id;
 
 -- name: instance_await_expire
@@ -309,7 +319,7 @@ RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text A
 SELECT id, fsm, version, step, status, queue, priority, attempt, crashes, state::text AS state,
        result::text AS result, last_error, awaits, await_deadline, parent_id, children_pending,
        correlation_key, concurrency_key, rate_limit, weight, eligible_at, inserted_at,
-       updated_at, last_traceback
+       updated_at, last_traceback, cancel_reason, cancel_requested IS NOT NULL AS cancel_requested
 FROM {schema}.instances WHERE id = %(id)s;
 
 -- name: instance_runnable_queues

@@ -69,7 +69,9 @@ WHERE b.key = u.key AND b.shard = u.shard;
 -- name: instance_admit_many
 -- Apply the admission verdicts to freshly claimed rows this worker still owns: admitted
 -- gate rows get their slot's shard; denied rows go back to runnable, deferred; rows whose
--- limit is misconfigured are held with the reason.
+-- limit is misconfigured are held with the reason. A row a cancel marked is admitted (its
+-- slot is given back when its cancel is settled) but neither denied nor held: admission
+-- settles its cancel instead.
 UPDATE {schema}.instances AS i
 SET concurrency_shard = CASE WHEN u.verdict = 'admit' THEN u.shard END,
     status = CASE u.verdict WHEN 'admit' THEN i.status WHEN 'hold' THEN 'held' ELSE 'runnable' END,
@@ -85,6 +87,7 @@ FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(verdicts)s::text[], %(sha
             %(defers)s::float8[], %(errors)s::text[]) AS u(id, token, verdict, shard, defer, error)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token AND i.status = 'executing'
+  AND (u.verdict = 'admit' OR i.cancel_requested IS NULL)
 RETURNING i.id, i.status;
 
 -- name: gate_slots_lock_all

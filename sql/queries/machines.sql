@@ -1,14 +1,16 @@
 -- name: machine_register_many
--- Upsert the machines a worker knows, so producers can insert by name alone.
-INSERT INTO {schema}.machines (name, version, initial_step, queue, steps)
+-- Upsert the machines a worker knows, so producers can insert by name alone (and a cancel
+-- finds a machine's on_cancel step, a rewind its steps).
+INSERT INTO {schema}.machines (name, version, initial_step, queue, steps, on_cancel)
 SELECT m.name, m.version, m.initial_step, m.queue,
-       ARRAY(SELECT jsonb_array_elements_text(m.steps::jsonb))
+       ARRAY(SELECT jsonb_array_elements_text(m.steps::jsonb)), m.on_cancel
 FROM unnest(%(names)s::text[], %(versions)s::int[], %(initials)s::text[], %(queues)s::text[],
-            %(steps)s::text[]) AS m(name, version, initial_step, queue, steps)
+            %(steps)s::text[], %(on_cancels)s::text[])
+     AS m(name, version, initial_step, queue, steps, on_cancel)
 ORDER BY m.name, m.version
 ON CONFLICT (name, version) DO UPDATE
     SET initial_step = excluded.initial_step, queue = excluded.queue, steps = excluded.steps,
-        updated_at = now();
+        on_cancel = excluded.on_cancel, updated_at = now();
 
 -- name: instance_release_held
 -- Return to runnable the held rows whose machine and version this worker knows (after a

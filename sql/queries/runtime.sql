@@ -12,7 +12,8 @@ RETURNING i.id;
 
 -- name: instance_release_many
 -- Give claimed rows back to runnable (graceful stop, a prefetch buffer, steps cancelled at
--- the drain deadline): attempt, crashes and eligible_at untouched; gate slots credited.
+-- the drain deadline): attempt, crashes and eligible_at untouched; gate slots credited. A
+-- row a cancel marked is not given back: the caller settles its cancel instead.
 WITH released AS (
     UPDATE {schema}.instances AS i
     SET status = 'runnable', locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
@@ -21,6 +22,7 @@ WITH released AS (
          {schema}.instances AS prev
     WHERE i.id = u.id AND prev.id = u.id AND i.id = ANY(%(ids)s::bigint[])
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
+      AND i.cancel_requested IS NULL
     RETURNING i.id, i.queue, prev.concurrency_key AS key, prev.concurrency_shard AS shard
 ), credited AS (
     UPDATE {schema}.gate_slots AS g
@@ -40,10 +42,13 @@ FROM released AS r;
 -- (``wait_future``), so a worker sleeps exactly that long even while due rows are held by
 -- someone else. The pick index is ordered by priority first, so this skips from one
 -- priority to the next and reads the earliest rows of each: a few index probes, however
--- many rows are scheduled.
+-- many rows are scheduled. A paused queue has nothing due (NULL, NULL): its idle workers
+-- sleep until resumed (the resume notifies them) or the poll ceiling.
 WITH RECURSIVE prio AS (
     (SELECT priority FROM {schema}.instances
-     WHERE status = 'runnable' AND queue = %(queue)s ORDER BY priority LIMIT 1)
+     WHERE status = 'runnable' AND queue = %(queue)s
+       AND NOT EXISTS (SELECT 1 FROM {schema}.queues AS p WHERE p.name = %(queue)s AND p.paused)
+     ORDER BY priority LIMIT 1)
     UNION ALL
     SELECT (SELECT i.priority FROM {schema}.instances AS i
             WHERE i.status = 'runnable' AND i.queue = %(queue)s AND i.priority > prio.priority
@@ -70,9 +75,13 @@ FROM prio WHERE prio.priority IS NOT NULL;
 -- A row taken only because its lease expired is not charged a crash when its lease was last
 -- renewed before the server started (``lease`` is the lease length): its owner could not
 -- renew it while the database was down, which says nothing about its step.
--- Ordered SKIP LOCKED: safe with several supervisors at once.
+-- Ordered SKIP LOCKED: safe with several supervisors at once. A row a cancel marked is not
+-- reclaimed but returned with status 'marked', still locked: the caller settles its cancel
+-- in the same transaction (instance_cancel_settle_many). A row running its on_cancel step
+-- that reaches max_crashes ends `cancelled`, as any end of that step does.
 WITH victims AS (
     SELECT id, fsm, version, concurrency_key, concurrency_shard,
+           cancel_requested IS NOT NULL AS marked,
            (%(count_all)s OR id = ANY(%(crashed)s::bigint[]))
            AND NOT (locked_by <> ALL(%(workers)s::text[])
                     AND split_part(locked_by, '/', 1) <> ALL(%(nodes)s::text[])
@@ -92,7 +101,8 @@ WITH victims AS (
 UPDATE {schema}.instances AS i
 SET crashes = i.crashes + v.crashed::int,
     status = CASE WHEN v.crashed AND i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
-                  THEN 'failed' ELSE 'runnable' END,
+                  THEN CASE WHEN i.cancel_reason IS NOT NULL THEN 'cancelled' ELSE 'failed' END
+                  ELSE 'runnable' END,
     last_error = CASE
         WHEN NOT v.crashed THEN i.last_error
         WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
@@ -104,7 +114,7 @@ SET crashes = i.crashes + v.crashed::int,
     concurrency_shard = NULL, updated_at = now()
 FROM victims AS v
 LEFT JOIN limits AS l ON l.fsm = v.fsm AND l.version = v.version
-WHERE i.id = v.id
+WHERE i.id = v.id AND NOT v.marked
 RETURNING i.id, i.status, i.parent_id, i.queue, v.concurrency_key AS key, v.concurrency_shard AS shard
 ), credited AS (
     UPDATE {schema}.gate_slots AS g
@@ -118,7 +128,9 @@ SELECT r.id, r.status, r.parent_id,
        CASE WHEN r.status = 'runnable'
             THEN pg_notify({schema}.notify_channel(r.queue), '')::text END AS notified,
        (SELECT count(*) FROM credited) AS credited
-FROM reclaimed AS r;
+FROM reclaimed AS r
+UNION ALL
+SELECT v.id, 'marked', NULL, NULL, 0 FROM victims AS v WHERE v.marked;
 
 -- name: instance_node_owners
 -- The supervisor incarnations of one node (owners starting with its HOST:KEY: prefix, see

@@ -62,9 +62,14 @@ def reclaim(
     }
     with conn.transaction():
         rows = conn.execute(q["instance_reclaim"], params).fetchall()
+        ended = [(parent_id, status) for _rid, status, parent_id, *_ in rows]
+        marked = [rid for rid, status, *_ in rows if status == "marked"]
+        if marked:  # a cancel waited for their step: cancelled now (or sent to on_cancel)
+            settled = conn.execute(q["instance_cancel_settle_many"], {"ids": marked}).fetchall()
+            ended += [(parent_id, status) for _rid, parent_id, status, _queue in settled]
         parents: dict[int, int] = {}
-        for _rid, status, parent_id, *_ in rows:
-            if status == "failed" and parent_id is not None:
+        for parent_id, status in ended:
+            if status in ("failed", "cancelled") and parent_id is not None:
                 parents[parent_id] = parents.get(parent_id, 0) + 1
         if parents:
             ids = sorted(parents)
