@@ -31,7 +31,23 @@ from .machines import Boom, Counter, send_email
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINES = [Counter, send_email, Boom, Payment, Parent, Leaf]
-VERBS = ["migrate", "supervise", "status", "list", "show", "insert", "signal", "cleanup", "check", "graph"]
+VERBS = [
+    "migrate",
+    "supervise",
+    "status",
+    "list",
+    "show",
+    "insert",
+    "signal",
+    "cancel",
+    "retry",
+    "rewind",
+    "pause",
+    "resume",
+    "cleanup",
+    "check",
+    "graph",
+]
 QUEUES = ["counting", "default", "email", "pay", "kids", "parents"]
 
 

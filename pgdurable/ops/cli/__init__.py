@@ -10,8 +10,9 @@ A module per group of verbs, each verb a click command registered in ``VERBS``:
 - ``deploy.py``: ``check`` (the deploy gate)
 - ``graph.py``: ``graph`` (no database; ``pgdurable/ops/transitions.py`` reads the code)
 
-Verbs that change an instance's course (cancel, retry, rewind) and pause a queue belong in
-a module of their own, as does the step history (a verb, and a section of ``show``).
+- ``operate.py``: ``cancel``, ``retry``, ``rewind``, ``pause``, ``resume`` (through the client)
+
+The step history is a section of ``show``.
 ``common.py`` holds what they share: the database options, the connection, the exit
 statuses, durations, tables and JSON.
 
@@ -19,7 +20,8 @@ Exit status (docs/operations.md): 0 done; 1 a check found a problem (``migrate -
 the schema is behind or ahead; ``check``: the deploy would hold rows or leave a queue
 unserved); 2 a usage or operator error (arguments, config file, modules, database address,
 privileges), printed as one line on stderr; 3 what was named is not there or not in a
-state that allows the request (``show``, ``signal``, ``insert``, ``graph``); 130
+state that allows the request (``show``, ``signal``, ``insert``, ``graph``, ``cancel``,
+``retry``, ``rewind``); 130
 interrupted. A traceback means a bug in pgdurable; the traceback of the operator's own
 module that failed to import is shown only with ``supervise --log-level debug``.
 """
@@ -37,6 +39,7 @@ from pgdurable.ops.cli.common import INTERRUPTED, USAGE, CliError, one_line
 from pgdurable.ops.cli.deploy import check
 from pgdurable.ops.cli.graph import graph
 from pgdurable.ops.cli.listing import list_
+from pgdurable.ops.cli.operate import cancel, pause, resume, retry, rewind
 from pgdurable.ops.cli.produce import insert, signal
 from pgdurable.ops.cli.runner import supervise
 from pgdurable.ops.cli.schema import migrate
@@ -52,6 +55,11 @@ VERBS: tuple[click.Command, ...] = (
     show,
     insert,
     signal,
+    cancel,
+    retry,
+    rewind,
+    pause,
+    resume,
     cleanup,
     check,
     graph,
