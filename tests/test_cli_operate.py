@@ -60,5 +60,8 @@ def test_retry_cancel_rewind_pause_resume_and_history(dsn, schema):
         assert ok(cli("pause", "counting", *db)).strip() == "queue counting paused"
         assert ok(cli("pause", "counting", *db)).strip() == "queue counting was paused already"
         assert "counting" in client.paused()
+        shown = json.loads(ok(cli("status", "--json", *db)))
+        assert {e["queue"]: e["paused"] for e in shown["queues"]}["counting"] is True
+        assert "counting (paused)" in ok(cli("status", *db))
         assert ok(cli("resume", "counting", *db)).strip() == "queue counting resumed"
         assert client.paused() == {}

@@ -11,7 +11,8 @@
 -- (instances_held), and the rows that finished within %(window)s (instances_gc, a range
 -- scan: the rows finished in the window). Plus every queue a registered machine names
 -- (the machines table, a handful of rows). Rows awaiting a signal or children are in no
--- index that names their queue: ops_status_awaiting counts them, with a scan.
+-- index that names their queue: ops_status_awaiting counts them, with a scan. Whether the
+-- queue is paused: one primary-key probe of the queues table per queue.
 WITH runnable AS (
     SELECT queue, count(*) AS runnable,
            count(*) FILTER (WHERE eligible_at <= now()) AS due,
@@ -43,6 +44,7 @@ WITH runnable AS (
 ), queues AS (
     SELECT queue FROM runnable UNION SELECT queue FROM executing UNION SELECT queue FROM held
     UNION SELECT queue FROM finished UNION SELECT queue FROM {schema}.machines
+    UNION SELECT name FROM {schema}.queues WHERE paused
 )
 SELECT q.queue,
        ARRAY(SELECT DISTINCT m.name FROM {schema}.machines AS m WHERE m.queue = q.queue
@@ -54,7 +56,8 @@ SELECT q.queue,
        COALESCE(h.held, 0) AS held,
        COALESCE(f.done, 0) AS done, COALESCE(f.failed, 0) AS failed,
        COALESCE(f.cancelled, 0) AS cancelled,
-       EXTRACT(EPOCH FROM now() - f.last_finished)::float8 AS last_finished_age
+       EXTRACT(EPOCH FROM now() - f.last_finished)::float8 AS last_finished_age,
+       COALESCE((SELECT p.paused FROM {schema}.queues AS p WHERE p.name = q.queue), false) AS paused
 FROM queues AS q
 LEFT JOIN runnable AS r ON r.queue = q.queue
 LEFT JOIN executing AS e ON e.queue = q.queue

@@ -117,6 +117,7 @@ def build(
         seen = feeders > 0 or bool(hosts)
         entry: dict[str, Any] = {
             "queue": name,
+            "paused": bool(r.get("paused")),
             "machines": list(r.get("machines") or []),
             "runnable": int(r.get("runnable") or 0),
             "due": int(r.get("due") or 0),
@@ -205,7 +206,7 @@ def render(doc: dict[str, Any], window: dt.timedelta) -> None:
     body = []
     for e in doc["queues"]:
         line = [
-            e["queue"],
+            e["queue"] + (" (paused)" if e["paused"] else ""),
             clip(",".join(e["machines"]) or "-", 24),
             e["runnable"],
             e["due"],
