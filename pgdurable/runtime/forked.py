@@ -6,6 +6,8 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,11 +42,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_loop(main: object) -> int:
-    """Run a coroutine to its end on uvloop (asyncio where uvloop has no ``run``)."""
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a process's main coroutine to its end on uvloop (asyncio where uvloop has no
+    ``run``); imported here, after the fork, so the supervisor never loads it."""
     import asyncio
 
     import uvloop
 
-    runner = uvloop.run if hasattr(uvloop, "run") else asyncio.run
-    return int(runner(main))  # type: ignore[arg-type]
+    if hasattr(uvloop, "run"):
+        return int(uvloop.run(main))
+    return asyncio.run(main)
