@@ -89,9 +89,21 @@ class Flaky(FSM, name="op_flaky", queue="op"):
         return Done({"firsts": ctx.state["firsts"], "attempt": ctx.attempt, "state": ctx.state})
 
 
+class FlakyQuiet(FSM, name="op_flaky_quiet", queue="op", history=False):
+    """Flaky's counting, without step history."""
+
+    @step(initial=True)
+    def first(self, ctx):
+        return Next(self.end, {**ctx.state, "firsts": ctx.state.get("firsts", 0) + 1})
+
+    @step
+    def end(self, ctx):
+        return Done({"firsts": ctx.state["firsts"]})
+
+
 @job(name="op_quick", queue="op")
 def quick(args: dict, ctx):
     return args
 
 
-ALL = [Plain, Order, Leaf, Tree, CareTree, Flaky, quick]
+ALL = [Plain, Order, Leaf, Tree, CareTree, Flaky, FlakyQuiet, quick]

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from pgdurable import FSM, DefinitionError, InstanceExecuting, OperationRefused, UnknownStep, step
-from pgdurable.client import AsyncClient, NoTarget
+from pgdurable.client import AsyncClient, NoTarget, Rewound
 from pgdurable.client.common import Failed
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
@@ -25,7 +25,7 @@ from pgdurable.runtime.config import parse_limits
 from pgdurable.runtime.sweeps.reaper import reclaim
 from pgdurable.testing import assert_done, assert_status, drain
 
-from .operate_machines import ALL, CareTree, Flaky, Order, Plain, Tree, quick
+from .operate_machines import ALL, CareTree, Flaky, FlakyQuiet, Order, Plain, Tree, quick
 from .supervised import start, wait_until
 from .test_races import Background, wait_until_blocked
 
@@ -482,14 +482,30 @@ def test_rewind_a_finished_instance_with_a_new_state(dsn, schema, client):
     iid = client.insert(Flaky, {"flag": "/nonexistent"})
     drain(dsn, ALL, schema=schema)
     assert client.get(iid).result["firsts"] == 1
-    client.rewind(iid, "first")  # the stored state: first runs again on it
+    # No state given: first runs again on the state it had when it ran (from its history).
+    assert client.rewind(iid, "first") == Rewound(iid, "first", 1, "history")
+    assert client.get(iid).state == {"flag": "/nonexistent"}
     drain(dsn, ALL, schema=schema)
-    assert client.get(iid).result["firsts"] == 2
-    client.rewind(iid, "second", {"flag": "/nonexistent", "firsts": 10})
+    assert client.get(iid).result["firsts"] == 1
+    # The latest attempt at second ran with firsts=1: a rewind there restores it.
+    assert client.rewind(iid, "second").state_from == "history"
+    assert client.get(iid).state == {"flag": "/nonexistent", "firsts": 1}
+    drain(dsn, ALL, schema=schema)
+    assert client.get(iid).result["firsts"] == 1
+    assert client.rewind(iid, "second", {"flag": "/nonexistent", "firsts": 10}).state_from == "given"
     inst = client.get(iid)
     assert (inst.status, inst.step, inst.result) == ("runnable", "second", None)
     drain(dsn, ALL, schema=schema)
     assert client.get(iid).result["firsts"] == 10
+
+
+def test_rewind_without_history_runs_on_the_stored_state(dsn, schema, client):
+    iid = client.insert(FlakyQuiet, {"flag": "/nonexistent"})
+    drain(dsn, ALL, schema=schema)
+    assert client.history(iid) == []
+    assert client.rewind(iid, "first").state_from == "stored"
+    drain(dsn, ALL, schema=schema)
+    assert client.get(iid).result["firsts"] == 2  # first ran again on the stored state
 
 
 def test_rewind_a_live_instance_and_what_it_refuses(dsn, schema, client):

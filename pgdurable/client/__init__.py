@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
-from pgdurable.client.operate import CancelResult, RetryReport
+from pgdurable.client.operate import CancelResult, RetryReport, Rewound
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
     DuplicateInstance,
@@ -41,6 +41,7 @@ __all__ = [
     "NoTarget",
     "OperationRefused",
     "RetryReport",
+    "Rewound",
     "StepAttempt",
     "UnknownMachine",
     "UnknownStep",

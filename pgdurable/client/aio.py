@@ -41,6 +41,7 @@ from pgdurable.client.concurrency import ALock, TaskEmitter, asleep
 from pgdurable.client.operate import (
     CancelResult,
     RetryReport,
+    Rewound,
     cancel_params,
     cancel_result,
     paused_of,
@@ -378,14 +379,15 @@ class AsyncClient:
         state: Any = None,
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
-    ) -> None:
+    ) -> Rewound:
         """Move an instance back (or on) to ``step`` of its machine version (as the
-        supervisors registered it), runnable now, with ``state`` (None: the stored state).
-        Live or finished, but not executing. Raises NoTarget, InstanceExecuting,
-        UnknownStep, UnknownMachine, or OperationRefused (live children; a finished
-        instance whose correlation key another live one holds)."""
+        supervisors registered it), runnable now, with ``state``; None: the state the
+        instance had when ``step`` last ran (its step history), else its stored state —
+        ``Rewound.state_from`` says which. Live or finished, but not executing. Raises
+        NoTarget, InstanceExecuting, UnknownStep, UnknownMachine, or OperationRefused (live
+        children; a finished instance whose correlation key another live one holds)."""
         params = rewind_params(iid, step, state)
-        rewind_result(iid, step, await self._one("instance_rewind", params, conn))
+        return rewind_result(iid, step, await self._one("instance_rewind", params, conn))
 
     async def pause(self, queue: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
         """Pause a queue: from their next claim on, its workers on every host claim nothing

@@ -101,6 +101,8 @@ class StepAttempt:
     error: str | None
     #: When the step raised: the exception with its traceback (its last 16,384 characters).
     traceback: str | None
+    #: The state the step ran with (None in rows kept before schema version 7).
+    state: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +150,10 @@ def history_params(iid: int, last: int | None) -> dict[str, Any]:
 
 
 def attempt_of(row: Sequence[Any]) -> StepAttempt:
-    """A ``history_of_instance`` row as a ``StepAttempt``."""
-    return StepAttempt(*row)
+    """A ``history_of_instance`` row as a ``StepAttempt``, its state decoded."""
+    cols = list(row)
+    cols[13] = _json(cols[13], f"state of instance {cols[0]} at step {cols[3]}")
+    return StepAttempt(*cols)
 
 
 def outcome_of(inst: Instance) -> WaitResult:

@@ -24,6 +24,7 @@ from pgdurable.contract.spec import machine_info
 __all__ = [
     "CancelResult",
     "RetryReport",
+    "Rewound",
     "cancel_params",
     "cancel_result",
     "paused_of",
@@ -144,7 +145,7 @@ def _refused(iid: int, status: str, reason: str, verb: str) -> Exception:
 
 
 def rewind_params(iid: int, step: str, state: Any) -> dict[str, Any]:
-    """The parameters of ``instance_rewind``; ``state`` None keeps the stored state."""
+    """The parameters of ``instance_rewind``; ``state`` None: the state from history."""
     if not isinstance(step, str) or not step:
         raise ValueError(f"rewind needs a step name, got {step!r}")
     values.check_text(step, "rewind step")
@@ -152,13 +153,26 @@ def rewind_params(iid: int, step: str, state: Any) -> dict[str, Any]:
     return {"id": iid, "step": step, "state": encoded}
 
 
-def rewind_result(iid: int, step: str, row: Sequence[Any] | None) -> None:
-    """Nothing for a rewound instance; the error that stands for a refusal."""
+@dataclass(frozen=True, slots=True)
+class Rewound:
+    """What ``rewind`` did: the instance is ``runnable`` at ``step`` of machine ``version``;
+    ``state_from`` says which state it runs with: ``given`` (the call's), ``history`` (the
+    state the instance had when that step last ran, from its step history) or ``stored``
+    (its current state: the step never ran, or its machine keeps no history)."""
+
+    id: int
+    step: str
+    version: int
+    state_from: str
+
+
+def rewind_result(iid: int, step: str, row: Sequence[Any] | None) -> Rewound:
+    """The rewound instance; the error that stands for a refusal."""
     if row is None:
         raise NoTarget(f"no instance {iid!r} to rewind")
-    outcome, status, version, steps = row
+    outcome, status, version, steps, state_from = row
     if outcome == "rewound":
-        return
+        return Rewound(iid, step, version, state_from)
     if outcome == "unknown_machine":
         raise UnknownMachine(
             f"instance {iid}'s machine (version {version}) is not registered by any worker of "

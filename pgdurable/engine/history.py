@@ -55,6 +55,7 @@ class _Row(msgspec.Struct, omit_defaults=True):
     next_step: str | None = None
     error: str | None = None
     traceback: str | None = None
+    state: msgspec.Raw | None = None  # the JSON the step ran with, as the claim read it
 
 
 _encoder = msgspec.json.Encoder()
@@ -76,6 +77,7 @@ def params(worker: str, results: Sequence[Result]) -> dict[str, Any] | None:
             r.step if r.kind in _MOVES else None,
             r.error if r.error is not None else r.raised,
             r.traceback,
+            msgspec.Raw(r.row.state.encode()) if r.row.state else None,
         )
         for r in results
         if r.history

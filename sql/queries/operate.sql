@@ -59,9 +59,10 @@ WHERE i.status = 'failed'
 
 -- name: instance_rewind
 -- Move an instance no worker holds back to a registered step of its machine version, with
--- a new state or the stored one: its outcome (rewound, executing, children, key,
--- unknown_machine, unknown_step), status, version and the registered steps.
-SELECT outcome, status, version, steps
+-- a new state, else the state it had at that step (history), else the stored one: its
+-- outcome (rewound, executing, children, key, unknown_machine, unknown_step), status,
+-- version, the registered steps and where the state came from (given, history, stored).
+SELECT outcome, status, version, steps, state_from
 FROM {schema}.rewind(%(id)s::bigint, %(step)s::text, %(state)s::jsonb);
 
 -- name: queue_pause

@@ -32,6 +32,13 @@ from pgdurable.ops.cli.common import (
 _REFUSED = (NoTarget, InstanceExecuting, OperationRefused, UnknownMachine, UnknownStep)
 
 
+_STATE_FROM = {
+    "given": "the given state",
+    "history": "its state when that step last ran",
+    "stored": "its stored state (no history of that step)",
+}
+
+
 def _who(ident: str, by_key: bool) -> int | str:
     return int(ident) if ident.isdigit() and not by_key else ident
 
@@ -176,7 +183,8 @@ def rewind(
     as_json: bool,
 ) -> int:
     """Move instance ID (live or finished, not executing) to STEP of its machine version,
-    runnable now, with STATE_JSON (default: the stored state; - reads stdin).
+    runnable now, with STATE_JSON (- reads stdin); without it, with the state the instance
+    had when STEP last ran (its step history), else its stored state.
 
     Exit 3 when the instance is unknown or executing, or STEP is not one of its machine's.
     """
@@ -186,13 +194,13 @@ def rewind(
     target = resolve(dsn, schema, config_path)
     with connected(target) as (conn, _q), Client(target.dsn, schema=target.schema) as client:
         try:
-            client.rewind(iid, step, state, conn=conn)
+            done = client.rewind(iid, step, state, conn=conn)
         except _REFUSED as exc:
             raise CliError(str(exc), NOT_FOUND) from exc
     if as_json:
-        print_json({"id": iid, "step": step})
+        print_json({"id": iid, "step": step, "version": done.version, "state_from": done.state_from})
     else:
-        click.echo(f"instance {iid} rewound to step {step!r}")
+        click.echo(f"instance {iid} rewound to step {step!r} with {_STATE_FROM[done.state_from]}")
     return 0
 
 

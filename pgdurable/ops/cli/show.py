@@ -1,8 +1,8 @@
 """``pgdurable show``: one instance — its header, state, inbox, children, parent and error.
 
 ``collect`` builds the document (``--json`` prints it as is) and ``render`` writes it as
-text, one section after another. The step history of an instance is not recorded yet; once
-it is, it joins both as a ``history`` section after the state (see the markers below).
+text, one section after another; the step history (``--history N``) follows the state as
+a timeline.
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def history(conn: psycopg.Connection[Any], q: Queries, iid: int, last: int) -> l
             "worker": a.worker,
             "error": a.error,
             "traceback": a.traceback,
+            "state": a.state,
         }
         for a in map(attempt_of, found)
     ]
