@@ -32,6 +32,7 @@ enabled = {maintenance_enabled}
 interval = 1
 gc_interval = {gc_interval}
 retention = {retention}
+queue_check_interval = {queue_check_interval}
 
 [queues.rt]
 processes = {processes}
@@ -65,6 +66,7 @@ class Supervised:
             "modules": '["tests.runtime_machines"]',
             "gc_interval": 3600,
             "retention": 604800,
+            "queue_check_interval": 60,
         }
         opts.update(settings)
         self.config = tmp / f"{name}.toml"

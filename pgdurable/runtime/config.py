@@ -83,6 +83,7 @@ class Maintenance(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     gc_interval: float = 60.0
     retention: float = 7 * 86400.0
     gc_batch: int = 1000
+    queue_check_interval: float = 60.0  # 0: never look for unserved queues
 
 
 class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -156,6 +157,11 @@ def _positive(cfg: Config) -> None:
         ("maintenance.gc_interval", cfg.maintenance.gc_interval, cfg.maintenance.gc_interval > 0),
         ("maintenance.retention", cfg.maintenance.retention, cfg.maintenance.retention >= 0),
         ("maintenance.gc_batch", cfg.maintenance.gc_batch, cfg.maintenance.gc_batch >= 1),
+        (
+            "maintenance.queue_check_interval",
+            cfg.maintenance.queue_check_interval,
+            cfg.maintenance.queue_check_interval >= 0,
+        ),
     ]
     for name, q in cfg.queues.items():
         checks += [

@@ -1,6 +1,7 @@
 """The maintenance process: one per supervisor, forked and restarted like a worker.
 
-It runs the sweeps — the reaper, await deadlines, garbage collection — each a component
+It runs the sweeps — the reaper, await deadlines, garbage collection, the look for queues
+no worker serves — each a component
 with the one lifecycle, on their own short-lived connections, so a slow sweep (a large GC)
 never stalls the supervisor's loop (reaping, restarts, the systemd watchdog). It reports to
 the supervisor once a second over the same pipe as the workers.
@@ -27,6 +28,7 @@ from pgdurable.runtime.sweeps.awaits import AwaitDeadlines
 from pgdurable.runtime.sweeps.base import Sweep
 from pgdurable.runtime.sweeps.gc import Collector
 from pgdurable.runtime.sweeps.reaper import Reaper
+from pgdurable.runtime.sweeps.unserved import UnservedQueues
 
 log = logging.getLogger("pgdurable.maintenance")
 
@@ -57,6 +59,8 @@ class Maintenance:
             AwaitDeadlines(self.connect, queries, m.interval, log),
             Collector(self.connect, queries, m.gc_interval, m.retention, m.gc_batch),
         ]
+        if m.queue_check_interval > 0:
+            self.sweeps.append(UnservedQueues(self.connect, queries, m.queue_check_interval, log))
 
     def connect(self) -> psycopg.Connection[Any]:
         # Bounded, so that a stop never waits long on a sweep.

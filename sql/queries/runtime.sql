@@ -148,3 +148,25 @@ SELECT {schema}.notify_channel(%(queue)s) AS channel;
 -- Switch the session's commit durability ('on' or 'off'): an idle worker's feeder waits with
 -- 'off', so the claim that follows a wake-up does not wait for a disk flush.
 SELECT set_config('synchronous_commit', %(value)s, false);
+
+-- name: queue_unserved
+-- The queues of registered machines (their newest versions) that no worker process of
+-- this database serves: no feeder connection named 'pgdurable feeder QUEUE' in
+-- pg_stat_activity (see ops_status_listeners: the name carries no schema). Per queue: its
+-- machines and its runnable rows, counted up to 10,001 (an index range of instances_pick,
+-- bounded so that a large backlog costs the same).
+WITH newest AS (
+    SELECT DISTINCT ON (name) name, queue FROM {schema}.machines ORDER BY name, version DESC
+), served AS (
+    SELECT substr(application_name, 18) AS queue
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND left(application_name, 17) = 'pgdurable feeder '
+)
+SELECT n.queue, array_agg(n.name ORDER BY n.name) AS machines,
+       (SELECT count(*) FROM (SELECT 1 FROM {schema}.instances AS i
+                              WHERE i.queue = n.queue AND i.status = 'runnable'
+                              LIMIT 10001) AS r)::int AS runnable
+FROM newest AS n
+WHERE n.queue NOT IN (SELECT queue FROM served)
+GROUP BY n.queue
+ORDER BY n.queue;
