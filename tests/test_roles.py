@@ -210,7 +210,7 @@ def test_documented_roles_run_pgdurable(server_dsn, tmp_path, monkeypatch):
         try:
             sup.ready()
             with Client(producer_dsn, schema=r.schema) as client:
-                run_as_producer(client, sup, producer_dsn, tmp_path)
+                run_as_producer(client, sup, producer_dsn, worker_dsn, r.schema, tmp_path)
                 with psycopg.connect(r.dsn, autocommit=True) as admin:
                     assert admin.execute(f"SELECT status FROM {s}.instances").fetchall() == [("held",)]
                     assert admin.execute(f"SELECT count(*) FROM {s}.signals").fetchone() == (0,)
@@ -225,8 +225,11 @@ def test_documented_roles_run_pgdurable(server_dsn, tmp_path, monkeypatch):
         assert not re.search(r"permission denied|failed|refused", log), log
 
 
-def run_as_producer(client: Client, sup: Supervised, producer_dsn: str, tmp: Path) -> None:
-    """Everything a producer does, run by the worker; then GC as the worker (reload)."""
+def run_as_producer(
+    client: Client, sup: Supervised, producer_dsn: str, worker_dsn: str, schema: str, tmp: Path
+) -> None:
+    """Everything a producer does, run by the worker; operating instances and queues as the
+    worker role (refused to the producer); then GC as the worker (reload)."""
     one = client.insert(echo, {"n": 0})
     by_name = client.insert_many([Insert("role_echo", {"n": n}) for n in range(1, 4)])
     limited = client.insert_many(
@@ -253,9 +256,33 @@ def run_as_producer(client: Client, sup: Supervised, producer_dsn: str, tmp: Pat
     assert client.wait(crashed, timeout=60) == Done({"attempt": 0})
     wait_until(lambda: client.get(held).status == "held", what="the unknown machine held")
 
+    # Operating — cancel, retry, rewind, pause — writes what the producer may not: run it
+    # as the worker role (docs/operations.md), from the client and the CLI.
+    parked = client.insert(Gate, {})
+    wait_until(lambda: client.get(parked).status == "awaiting_signal", what="the gate parked")
+    with pytest.raises(errors.InsufficientPrivilege):
+        client.cancel(parked)
+    with pytest.raises(errors.InsufficientPrivilege):
+        client.pause("rt")
+    with Client(worker_dsn, schema=schema) as operator:
+        assert operator.cancel(parked, "as the worker").outcome == "cancelled"
+        assert operator.retry(parked) == "opened"  # where the await had sent it
+        assert client.wait(parked, timeout=60) == Done({"payloads": [], "timed_out": True})
+        assert operator.rewind(parked, "start").state_from == "history"
+        assert operator.retry_many(machine=Gate, dry_run=True).matched == 0
+        assert operator.pause("rt") is True
+        assert operator.resume("rt") is True
+    db = ("--dsn", worker_dsn, "--schema", schema)
+    for verb in (("pause", "rt"), ("resume", "rt"), ("status",), ("list",), ("show", str(parked))):
+        run = cli(*verb, *db)
+        assert run.returncode == 0, (verb, run.stderr)
+    wait_until(lambda: client.get(parked).status == "awaiting_signal", what="the gate parked again")
+    assert client.signal(parked, "open", {"x": 2}) is not None
+    assert client.wait(parked, timeout=60) == Done({"payloads": [{"x": 2}], "timed_out": False})
+
     # Garbage collection as the worker: reloaded with no retention, every finished row goes,
     # the children with their parent.
     sup.config.write_text(sup.config.read_text().replace("retention = 3600", "retention = 0"))
     sup.proc.send_signal(signal.SIGHUP)
-    finished = [one, *by_name, *limited, in_txn, signalled, timed_out, brood, crashed]
+    finished = [one, *by_name, *limited, in_txn, signalled, timed_out, brood, crashed, parked]
     wait_until(lambda: all(client.get(i) is None for i in finished), what="GC as the worker")
