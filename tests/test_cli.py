@@ -27,7 +27,7 @@ from pgdurable.db.queries import for_schema
 from pgdurable.testing import drain
 
 from .coord_machines import Leaf, Parent, Payment
-from .machines import Boom, Counter, send_email
+from .machines import Boom, Counter, Handled, send_email
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINES = [Counter, send_email, Boom, Payment, Parent, Leaf]
@@ -532,7 +532,8 @@ def test_graph_draws_the_edges_declared_in_code(tmp_path, dsn):
     )
 
     doc = data(cli("graph", "handled", "--config", cfg, "--json"))
-    assert {"source": "__error", "target": "recovered", "outcome": "Next", "detail": ""} in doc["edges"]
+    edge = {"source": "__error", "target": "recovered", "outcome": "Next", "detail": ""}
+    assert {**edge, "seen": None, "declared": True} in doc["edges"]
     job = data(cli("graph", "send_email", "--config", cfg, "--json"))
     assert {(e["source"], e["target"], e["outcome"]) for e in job["edges"]} == {
         ("perform", "__done", "Done"), ("perform", "perform", "Retry"), ("perform", "__failed", "Stop")
@@ -540,6 +541,46 @@ def test_graph_draws_the_edges_declared_in_code(tmp_path, dsn):
 
     line = refusal(cli("graph", "nope", "--config", cfg), 3)
     assert line.startswith(f"pgdurable: no machine 'nope' in the modules of {cfg} (it defines: ")
+
+
+def test_graph_observed_counts_the_transitions_taken(tmp_path, dsn, schema):
+    with Client(dsn, schema=schema) as client:
+        for _ in range(2):
+            client.insert(Counter, {"n": 0, "limit": 2})
+        client.insert(Handled, {})
+        client.insert(Boom, {})
+    drain(dsn, [Counter, Handled, Boom], schema=schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a transition an older code took
+        conn.execute(
+            f'INSERT INTO "{schema}".history (instance_id, fsm, version, step, attempt, outcome,'
+            " next_step, started_at, finished_at, duration, worker)"
+            " VALUES (0, 'counter', 1, 'finish', 0, 'next', 'bump', now(), now(), 0, 'w')"
+        )
+    cfg = str(write_config(tmp_path, dsn, schema))
+
+    mermaid = ok(cli("graph", "counter", "--config", cfg, "--observed"))
+    for edge in (
+        "bump --> bump: Next ×4",
+        "bump --> finish: Next ×2",
+        "finish --> __done: Done ×2",
+        "finish --> bump: Next ×1 (not in code)",
+    ):
+        assert f"    {edge}\n" in mermaid, (edge, mermaid)
+    assert "×N: step attempts that took it, from the step history" in mermaid
+    dot = ok(cli("graph", "counter", "--config", cfg, "--observed", "--format", "dot"))
+    assert '"finish" -> "bump" [label="Next ×1 (not in code)", style=dashed];' in dot
+    # What handle() returned after a step raised is counted on that step, through handle().
+    handled = data(cli("graph", "handled", "--config", cfg, "--observed", "--json"))
+    assert handled["observed"] is True
+    assert {"source": "go", "target": "recovered", "outcome": "Next", "detail": "through handle()",
+            "seen": 1, "declared": True} in handled["edges"]  # fmt: skip
+    boom = ok(cli("graph", "boom", "--config", cfg, "--observed"))
+    assert "    go --> __failed: Stop (through handle()) ×1\n" in boom
+    # Without --observed, no count and no database.
+    assert "×" not in ok(cli("graph", "counter", "--config", cfg))
+    assert "--dsn and --schema are for --observed only" in refusal(
+        cli("graph", "counter", "--config", cfg, "--dsn", dsn), 2
+    )
 
 
 def test_graph_follows_helpers_and_lists_what_it_cannot_resolve(tmp_path, dsn):

@@ -11,7 +11,9 @@ an exception retries it until ``max_attempts``, ``Cancel`` fails it.
 
 A step named as ``self.x``, ``Class.x`` or a string is drawn; anything else (a variable,
 an expression) cannot be resolved from the text and is listed as not drawn, with its line.
-So the graph is what the code declares, not a proof of what it does.
+So the graph is what the code declares, not a proof of what it does. ``observe`` adds what
+the instances did: how often each transition was taken, from the step history, and the
+transitions taken that the code does not show.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import ast
 import inspect
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pgdurable.contract.fsm import FSM
@@ -37,6 +39,8 @@ class Edge:
     target: str  # a step, DONE, FAILED (ERROR for a Retry from handle(): the step that raised)
     outcome: str  # Next, Retry, Await, Spawn, Done, Stop, Cancel, or the callee of a then=
     detail: str = ""  # Await: the signal names; a job: when it happens
+    seen: int | None = None  # observed: attempts that took it (None: history not read)
+    declared: bool = True  # False: taken by instances, not written in the code
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class Graph:
     steps: tuple[str, ...]
     edges: tuple[Edge, ...]
     not_drawn: tuple[NotDrawn, ...] = field(default=())
+    observed: bool = False  # the edges carry what the step history saw
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +95,57 @@ def transitions(cls: type[FSM]) -> Graph:
         tuple(reader.edges),
         tuple(reader.not_drawn),
     )
+
+
+#: A history outcome as the edge it took: its outcome in code, and its target (None: the
+#: history row's next_step; "" the step itself).
+_TAKEN = {
+    "next": ("Next", None),
+    "await": ("Await", None),
+    "spawn": ("Spawn", None),
+    "retry": ("Retry", ""),
+    "done": ("Done", DONE),
+    "stop": ("Stop", FAILED),
+}
+
+
+def observe(g: Graph, taken: list[tuple[str, str, str | None, int]]) -> Graph:
+    """``g`` with how often each transition was taken: ``taken`` holds (step, history
+    outcome, next step, attempts) from ``history_transitions``. A declared edge matches on
+    its source, target and outcome, whether a step returned it or ``handle()`` did after the
+    step raised (history names the step either way); a transition taken that no declared
+    edge draws is added, marked not declared. An outcome history does not know is left out.
+    """
+    counts: dict[tuple[str, str, str], int] = {}
+    for step, outcome, next_step, n in taken:
+        if outcome not in _TAKEN:
+            continue
+        name, target = _TAKEN[outcome]
+        to = (next_step or step) if target is None else (step if target == "" else target)
+        counts[step, to, name] = counts.get((step, to, name), 0) + n
+    edges: list[Edge] = []
+    matched: set[tuple[str, str, str]] = set()
+    for e in g.edges:
+        key = (e.source, e.target, e.outcome)
+        if e.source == ERROR:
+            edges.append(e)
+            continue
+        matched.add(key)
+        edges.append(replace(e, seen=counts.get(key, 0)))
+    # handle()'s edges stand for every step: what a step took through it is counted there.
+    for e in g.edges:
+        if e.source == ERROR:
+            for (src, to, name), n in counts.items():
+                through = to == e.target or (e.target == ERROR and to == src)  # Retry: the step again
+                if (src, to, name) not in matched and name == e.outcome and through:
+                    matched.add((src, to, name))
+                    edges.append(Edge(src, to, name, "through handle()", n))
+    edges += [
+        Edge(src, to, name, "", n, declared=False)
+        for (src, to, name), n in sorted(counts.items())
+        if (src, to, name) not in matched
+    ]
+    return replace(g, edges=tuple(edges), observed=True)
 
 
 class _Reader:
@@ -225,8 +281,16 @@ def _signal_names(node: ast.expr | None) -> str:
 
 def _label(edge: Edge) -> str:
     if not edge.detail:
-        return edge.outcome
-    return f"{edge.outcome} {edge.detail}" if edge.outcome == "Await" else f"{edge.outcome} ({edge.detail})"
+        text = edge.outcome
+    elif edge.outcome == "Await":
+        text = f"{edge.outcome} {edge.detail}"
+    else:
+        text = f"{edge.outcome} ({edge.detail})"
+    if edge.seen is not None:
+        text += f" ×{edge.seen}"
+    if not edge.declared:
+        text += " (not in code)"
+    return text
 
 
 def _pseudo(g: Graph) -> Iterator[str]:
@@ -235,10 +299,13 @@ def _pseudo(g: Graph) -> Iterator[str]:
 
 
 def _header(g: Graph) -> str:
-    return (
+    text = (
         f"{g.machine} version {g.version}, queue {g.queue}: transitions declared in code "
         "(the outcomes written in each step and the methods it calls)"
     )
+    if g.observed:
+        text += "; ×N: step attempts that took it, from the step history"
+    return text
 
 
 def mermaid(g: Graph) -> str:
@@ -266,7 +333,9 @@ def dot(g: Graph) -> str:
     out += [f"    {_q(p)} [label={_q(LABELS[p])}, shape={shapes[p]}];" for p in _pseudo(g)]
     out += [f"    {_q(s)};" for s in g.steps]
     out.append(f'    "__start" -> {_q(g.initial)};')
-    out += [f"    {_q(e.source)} -> {_q(e.target)} [label={_q(_label(e))}];" for e in g.edges]
+    for e in g.edges:
+        style = "" if e.declared else ", style=dashed"
+        out.append(f"    {_q(e.source)} -> {_q(e.target)} [label={_q(_label(e))}{style}];")
     out += [f"    // not drawn: {d.code} in {d.source} (line {d.line}): {d.reason}" for d in g.not_drawn]
     out.append("}")
     return "\n".join(out)

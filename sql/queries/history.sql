@@ -26,3 +26,14 @@ SELECT instance_id, fsm, version, step, attempt, outcome, next_step, started_at,
 FROM (SELECT * FROM {schema}.history WHERE instance_id = %(id)s
       ORDER BY started_at DESC LIMIT %(limit)s) AS h
 ORDER BY started_at;
+
+-- name: history_transitions
+-- The transitions the instances of one machine version took, from the step history: per
+-- step, outcome and next step, how many attempts and when the last one finished (held
+-- rows, whose step is not known, left out). history has no index by machine, so this
+-- reads the whole table: an operator's query (pgdurable graph --observed), on demand.
+SELECT step, outcome, next_step, count(*)::bigint AS seen, max(finished_at) AS last_seen
+FROM {schema}.history
+WHERE fsm = %(fsm)s AND version = %(version)s AND step IS NOT NULL AND outcome <> 'hold'
+GROUP BY step, outcome, next_step
+ORDER BY step, outcome, next_step;
