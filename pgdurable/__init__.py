@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from pgdurable.contract.fsm import FSM, ChildInfo, Context, Registry, Signal, job, step
     from pgdurable.contract.outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
+    from pgdurable.contract.saga import saga
     from pgdurable.contract.spec import Child, Insert
 
 _WHERE = {
@@ -62,6 +63,7 @@ _WHERE = {
         "Spawn",
         "Stop",
     ),
+    "pgdurable.contract.saga": ("saga",),
     "pgdurable.contract.spec": ("Child", "Insert"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
@@ -99,6 +101,7 @@ __all__ = [
     "UnknownMachine",
     "UnknownStep",
     "job",
+    "saga",
     "step",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ holds what they share without I/O, ``concurrency.py`` the few pieces that differ
 from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
-from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
+from pgdurable.client.common import Busy, Failed, Instance, Saga, StepAttempt, WaitResult
 from pgdurable.client.operate import CancelResult, RetryReport, Rewound
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
@@ -42,6 +42,7 @@ __all__ = [
     "OperationRefused",
     "RetryReport",
     "Rewound",
+    "Saga",
     "StepAttempt",
     "UnknownMachine",
     "UnknownStep",

@@ -40,6 +40,40 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class Saga:
+    """An instance's compensations (docs/sagas.md).
+
+    ``status``: None while it runs normally (``pending`` holds what a failure would undo),
+    ``compensating``, then ``compensated`` (every compensation returned) or
+    ``compensation_failed`` (``failures`` of them gave up). ``pending``: the compensations
+    still to run, in the order they will run. ``error`` and ``step``: the failure that
+    started them, and the step it happened in.
+    """
+
+    status: str | None
+    pending: tuple[str, ...]
+    error: str | None = None
+    step: str | None = None
+    failures: int = 0
+
+
+def saga_of(raw: str | None) -> Saga | None:
+    """The ``saga`` column as a ``Saga`` (None: no step with a compensation completed)."""
+    if raw is None:
+        return None
+    doc = values.decode(raw, "saga")
+    if not isinstance(doc, dict):
+        return None
+    return Saga(
+        doc.get("mode"),
+        tuple(reversed(doc.get("stack") or [])),
+        doc.get("error"),
+        doc.get("step"),
+        int(doc.get("failures") or 0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Instance:
     """A snapshot of one instance row."""
 
@@ -74,6 +108,8 @@ class Instance:
     cancel_reason: str | None = None
     #: A cancel waits for its executing step to return (docs/operating.md).
     cancel_requested: bool = False
+    #: Its compensations, once a step that declares one completed (docs/sagas.md).
+    saga: Saga | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +175,7 @@ def instance_of(row: Sequence[Any]) -> Instance:
     cols = list(row)
     cols[9] = _json(cols[9], f"state of instance {cols[0]}")
     cols[10] = _json(cols[10], f"result of instance {cols[0]}")
+    cols[26] = saga_of(cols[26])
     return Instance(*cols)
 
 

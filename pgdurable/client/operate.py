@@ -127,6 +127,14 @@ def _refused(iid: int, status: str, reason: str, verb: str) -> Exception:
             status=status,
             reason=reason,
         )
+    if reason == "compensated":
+        return OperationRefused(
+            f"instance {iid} ({status}) compensated the steps it had completed, so the step it "
+            f"failed in cannot simply run again; rewind it to a step (its first, say) to start over",
+            instance=iid,
+            status=status,
+            reason=reason,
+        )
     if reason == "key":
         return OperationRefused(
             f"instance {iid} ({status}) holds a correlation key that another live instance "

@@ -79,6 +79,9 @@ class Context:
     #: Why the instance was cancelled, while it runs its machine's ``on_cancel`` step (and
     #: any step that one moves on to); None otherwise.
     cancel_reason: str | None = None
+    #: While a compensation step runs: the failure that made the instance compensate its
+    #: completed steps (docs/sagas.md); None otherwise.
+    compensating: str | None = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -105,30 +108,44 @@ class StepDef:
     is_async: bool
     initial: bool
     timeout: float | None
+    #: The step that undoes this one once it completed, should the instance fail or be
+    #: cancelled later (docs/sagas.md); None: nothing to undo.
+    compensate: str | None = None
 
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @overload
-def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ...) -> _Fn: ...
+def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ...) -> _Fn: ...
 
 
 @overload
-def step(fn: None = None, *, initial: bool = ..., timeout: float | None = ...) -> Callable[[_Fn], _Fn]: ...
+def step(
+    fn: None = None, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ...
+) -> Callable[[_Fn], _Fn]: ...
 
 
-def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None) -> Any:
+def step(
+    fn: Callable[..., Any] | None = None,
+    *,
+    initial: bool = False,
+    timeout: float | None = None,
+    compensate: Any = None,
+) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
     ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
     step's result is discarded; either way the timeout is an error routed to ``handle()``.
+    ``compensate`` names the step (by name, or the step itself) that undoes this one: once
+    this step completed, a later failure or cancel of the instance runs it (docs/sagas.md).
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
         if timeout is not None and timeout <= 0:
             raise DefinitionError(f"step {f.__name__}: timeout must be positive")
-        f.__pgdurable_step__ = (initial, timeout)  # type: ignore[attr-defined]
+        undo = compensate if compensate is None or isinstance(compensate, str) else compensate.__name__
+        f.__pgdurable_step__ = (initial, timeout, undo)  # type: ignore[attr-defined]
         return f
 
     return mark(fn) if fn is not None else mark
@@ -160,6 +177,8 @@ class FSM:
     #: can undo what it did; the instance ends ``cancelled`` when that step (or one it moves
     #: on to) finishes. None: a cancel ends the instance at once (docs/operating.md).
     on_cancel: ClassVar[Any] = None
+    #: How many times a compensation step runs before it gives up and the next one runs.
+    compensation_attempts: ClassVar[int] = 3
 
     def __init_subclass__(
         cls,
@@ -169,6 +188,7 @@ class FSM:
         queue: str = "default",
         max_crashes: int | None = None,
         history: bool = True,
+        compensation_attempts: int | None = None,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -185,13 +205,19 @@ class FSM:
             cls.max_crashes = max_crashes
         if not isinstance(history, bool):
             raise DefinitionError(f"{cls.__name__}: history must be True or False")
+        if compensation_attempts is not None:
+            if not isinstance(compensation_attempts, int) or compensation_attempts < 1:
+                raise DefinitionError(f"{cls.__name__}: compensation_attempts must be a positive integer")
+            cls.compensation_attempts = compensation_attempts
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 marker = getattr(value, "__pgdurable_step__", None)
                 if marker is not None:
-                    initial, timeout = marker
-                    steps[attr] = StepDef(attr, value, inspect.iscoroutinefunction(value), initial, timeout)
+                    initial, timeout, undo = marker
+                    steps[attr] = StepDef(
+                        attr, value, inspect.iscoroutinefunction(value), initial, timeout, undo
+                    )
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
         initials = [s.name for s in steps.values() if s.initial]
@@ -201,6 +227,7 @@ class FSM:
             raise DefinitionError(f"{cls.__name__}: mark the initial step with @step(initial=True)")
         initial = initials[0] if initials else next(iter(steps))
         on_cancel = _hook_step(cls, steps)
+        _check_compensations(cls, steps)
         state_type = vars(cls).get("State", getattr(cls, "State", None))
         cls.__pgdurable_steps__ = steps
         cls.__pgdurable__ = MachineInfo(
@@ -232,6 +259,26 @@ def _hook_step(cls: type, steps: dict[str, StepDef]) -> str | None:
     if name not in steps:
         raise DefinitionError(f"{cls.__name__}: on_cancel = {hook!r} names no step (steps: {list(steps)})")
     return name
+
+
+def _check_compensations(cls: type, steps: dict[str, StepDef]) -> None:
+    """Each ``compensate=`` names a step of the class, which compensates nothing itself."""
+    for s in steps.values():
+        if s.compensate is None:
+            continue
+        undo = steps.get(s.compensate)
+        if undo is None:
+            raise DefinitionError(
+                f"{cls.__name__}: step {s.name!r} compensate={s.compensate!r} names no step "
+                f"(steps: {list(steps)})"
+            )
+        if undo.compensate is not None:
+            raise DefinitionError(
+                f"{cls.__name__}: {undo.name!r} compensates {s.name!r}, so it cannot declare a "
+                "compensation of its own"
+            )
+        if undo.name == s.name or undo.initial:
+            raise DefinitionError(f"{cls.__name__}: step {s.name!r} cannot be compensated by {undo.name!r}")
 
 
 def _args_type(fn: Callable[..., Any]) -> Any:

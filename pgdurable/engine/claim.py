@@ -51,6 +51,7 @@ class Claimed:
     has_children: bool
     gated: bool
     cancel_reason: str | None  # set while it runs its on_cancel step (ctx.cancel_reason)
+    saga: str | None  # its compensations, as JSON text (docs/sagas.md); None: none yet
     _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted

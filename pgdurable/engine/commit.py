@@ -345,6 +345,7 @@ def continued(row: Claimed, r: Result) -> Claimed:
         # A claim carries the state as JSON text (what instance_claim reads); the flush
         # stored the same document (jsonb may differ only in spacing and key order).
         state=r.state.decode() if r.state is not None else row.state,
+        saga=r.saga.decode() if r.saga is not None else row.saga,
         attempt=0,
         crashes=0,
         awaits=None,
@@ -378,6 +379,7 @@ class _CommitRow(msgspec.Struct, array_like=False):
     result: msgspec.Raw | None
     error: str | None
     traceback: str | None
+    saga: msgspec.Raw | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -409,6 +411,7 @@ def _plain_params(
             _raw(r.result),
             r.error,
             r.traceback if r.error is not None else None,  # the traceback of last_error
+            _raw(r.saga),
         )
         for r in rs
     ]
@@ -433,6 +436,7 @@ def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
         "states": [None if r.state is None else r.state.decode() for r in rs],
         "awaits": [encode_json(r.awaits) for r in rs],
         "timeouts": [r.timeout for r in rs],
+        "sagas": [None if r.saga is None else r.saga.decode() for r in rs],
     }
 
 
@@ -445,4 +449,5 @@ def _spawn_params(rs: list[Result], locked: list[int]) -> dict[str, Any]:
         "versions": [r.version for r in rs],
         "steps": [r.step for r in rs],
         "states": [None if r.state is None else r.state.decode() for r in rs],
+        "sagas": [None if r.saga is None else r.saga.decode() for r in rs],
     }

@@ -26,6 +26,7 @@ from pgdurable.contract.errors import InvalidOutcome, InvalidValue, StateDecodeE
 from pgdurable.contract.fsm import FSM, Context, Registry, StepDef, decode_state
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
+from pgdurable.engine import sagas
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.history import TRACEBACK_LIMIT, format_traceback, storable
 from pgdurable.engine.limits import Limits
@@ -66,6 +67,10 @@ class Result:
     raised: str | None = None  # repr() of what the step raised
     traceback: str | None = None  # its formatted traceback (history.TRACEBACK_LIMIT)
     history: bool = True  # its machine and queue keep history
+    saga: bytes | None = None  # the instance's new saga document (JSON); None keeps it
+    #: The outcome its history row names when it is not ``kind``: ``compensate`` (the step
+    #: failed and the instance compensates), ``compensated`` (the last compensation ran).
+    label: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -149,12 +154,78 @@ class Executor:
             children=row.children,
             cancel_reason=row.cancel_reason,
         )
+        saga = sagas.read(row.saga)
+        if saga is not None and sagas.due(saga, step_name):
+            return await self._compensate(machine, cls.compensation_attempts, row, info, sdef, ctx, saga)
         taken = [s.id for s in ctx.awaited]
         try:
             outcome = await self._call(machine, sdef, ctx)
-            return self._finish(row, info, step_name, outcome, taken)
+            result = self._finish(row, info, step_name, outcome, taken)
         except Exception as exc:  # noqa: BLE001 - every step error is routed to handle()
-            return self._handle(machine, row, info, step_name, ctx, exc, taken)
+            result = self._handle(machine, row, info, step_name, ctx, exc, taken)
+        return sagas.after(row, info, sdef, saga, result, self._log)
+
+    async def _compensate(
+        self,
+        machine: FSM,
+        attempts: int,
+        row: Claimed,
+        info: MachineInfo,
+        sdef: StepDef,
+        ctx: Context,
+        saga: dict[str, Any],
+    ) -> Result:
+        """Run the compensation due (the last of the saga's stack): returned, it is popped and
+        the next one is due, or the instance ends; raised, it is retried with the machine's
+        backoff until ``compensation_attempts`` runs, then given up (counted) and popped."""
+        ctx.compensating = saga.get("error")
+        try:
+            await self._call(machine, sdef, ctx)
+            return sagas.popped(row, info, sdef.name, saga, gave_up=False)
+        except Exception as exc:  # noqa: BLE001 - a compensation's error is retried, then counted
+            where = {
+                **_fields(row, info.name, sdef.name),
+                "error_type": type(exc).__name__,
+                "error": str(exc),
+            }
+            if row.attempt + 1 < attempts:
+                delay = machine.backoff(row.attempt)
+                self._log.warning(
+                    "compensation %r of instance %d raised %s: %s; retrying in %.3g s (attempt %d)",
+                    sdef.name,
+                    row.id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    row.attempt + 1,
+                    exc_info=exc,
+                    extra={"event": "compensation_error", **where},
+                )
+                retry = Result(
+                    row,
+                    "retry",
+                    version=info.version,
+                    step=sdef.name,
+                    delay=delay,
+                    attempt=row.attempt + 1,
+                    keep_awaits=True,
+                    keep_rate=True,
+                    error=repr(exc),
+                    ran=sdef.name,
+                )
+                return _raised(retry, exc)
+            self._log.error(
+                "compensation %r of instance %d raised %s: %s; gave up after %d attempts, "
+                "the next compensation runs",
+                sdef.name,
+                row.id,
+                type(exc).__name__,
+                exc,
+                row.attempt + 1,
+                exc_info=exc,
+                extra={"event": "compensation_failed", **where},
+            )
+            return _raised(sagas.popped(row, info, sdef.name, saga, gave_up=True), exc)
 
     async def _call(self, machine: FSM, sdef: StepDef, ctx: Context) -> Any:
         # A sync step runs in a thread, which cannot be interrupted: past the deadline its

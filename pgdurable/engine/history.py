@@ -21,7 +21,7 @@ TRACEBACK_LIMIT = 16_384
 _CUT = "[… {n} characters cut]\n"
 
 #: Outcomes that send the instance to a step (``next_step``); the others end it or hold it.
-_MOVES = frozenset(("next", "retry", "await", "spawn"))
+_MOVES = frozenset(("next", "retry", "await", "spawn", "compensate"))
 
 
 def storable(text: str, limit: int) -> str:
@@ -69,12 +69,12 @@ def params(worker: str, results: Sequence[Result]) -> dict[str, Any] | None:
             r.row.id,
             r.row.fsm,
             r.row.attempt,
-            r.kind,
+            r.label or r.kind,
             r.started,
             r.duration,
             r.version or r.row.version,
             r.ran or r.row.step,
-            r.step if r.kind in _MOVES else None,
+            r.step if (r.label or r.kind) in _MOVES else None,
             r.error if r.error is not None else r.raised,
             r.traceback,
             msgspec.Raw(r.row.state.encode()) if r.row.state else None,

@@ -109,7 +109,7 @@ RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.c
           i.rate_limit, i.weight, i.parent_id,
           EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
           EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children,
-          w.gated, i.cancel_reason;
+          w.gated, i.cancel_reason, i.saga::text AS saga;
 
 -- name: instance_children_many
 -- Every child of the given parents (any status), for ctx.children.
@@ -151,6 +151,7 @@ WITH written AS (
         result = u.result::jsonb,
         last_error = u.error,
         last_traceback = u.traceback,
+        saga = COALESCE(u.saga::jsonb, i.saga),
         -- 'executing': an inline continue keeps the claim (and its gate slot) for the next step
         locked_by = CASE WHEN u.status = 'executing' THEN i.locked_by END,
         lease_token = CASE WHEN u.status = 'executing' THEN i.lease_token END,
@@ -160,7 +161,7 @@ WITH written AS (
          AS u(id bigint, token bigint, status text, version int, step text, state json,
               delay float8, attempt int, keep_awaits bool, set_concurrency bool,
               concurrency_key text, keep_rate bool, rate_limit text, weight float8,
-              result json, error text, traceback text)
+              result json, error text, traceback text, saga json)
     WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[])  -- a PK probe per row, whatever else executes
       AND i.locked_by = %(worker)s AND i.lease_token = u.token AND i.status = 'executing'
       AND i.cancel_requested IS NULL
@@ -193,11 +194,11 @@ SET status = 'awaiting_signal', version = u.version, step = u.step,
     await_deadline = CASE WHEN u.timeout IS NULL THEN NULL
                           ELSE now() + make_interval(secs => u.timeout) END,
     eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL, weight = 1,
-    last_error = NULL, last_traceback = NULL,
+    last_error = NULL, last_traceback = NULL, saga = COALESCE(u.saga::jsonb, i.saga),
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
-            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[])
-     AS u(id, token, version, step, state, awaits, timeout)
+            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[], %(sagas)s::text[])
+     AS u(id, token, version, step, state, awaits, timeout, saga)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token
   AND i.status = 'executing' AND i.cancel_requested IS NULL
@@ -256,10 +257,11 @@ SET status = CASE WHEN COALESCE(l.n, 0) > 0 THEN 'awaiting_children' ELSE 'runna
     version = u.version, step = u.step, state = COALESCE(u.state::jsonb, i.state),
     children_pending = COALESCE(l.n, 0), attempt = 0, crashes = 0, awaits = NULL,
     await_deadline = NULL, eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL,
-    weight = 1, last_error = NULL, last_traceback = NULL,
+    weight = 1, last_error = NULL, last_traceback = NULL, saga = COALESCE(u.saga::jsonb, i.saga),
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[])
-     AS u(id, version, step, state)
+FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
+            %(sagas)s::text[])
+     AS u(id, version, step, state, saga)
 LEFT JOIN landed AS l ON l.parent_id = u.id
 CROSS JOIN notified
 WHERE i.id = u.id AND i.id = ANY(%(locked)s::bigint[])
@@ -319,7 +321,8 @@ RETURNING i.id, i.queue, pg_notify({schema}.notify_channel(i.queue), '')::text A
 SELECT id, fsm, version, step, status, queue, priority, attempt, crashes, state::text AS state,
        result::text AS result, last_error, awaits, await_deadline, parent_id, children_pending,
        correlation_key, concurrency_key, rate_limit, weight, eligible_at, inserted_at,
-       updated_at, last_traceback, cancel_reason, cancel_requested IS NOT NULL AS cancel_requested
+       updated_at, last_traceback, cancel_reason, cancel_requested IS NOT NULL AS cancel_requested,
+       saga::text AS saga
 FROM {schema}.instances WHERE id = %(id)s;
 
 -- name: instance_runnable_queues

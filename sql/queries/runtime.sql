@@ -78,9 +78,11 @@ FROM prio WHERE prio.priority IS NOT NULL;
 -- Ordered SKIP LOCKED: safe with several supervisors at once. A row a cancel marked is not
 -- reclaimed but returned with status 'marked', still locked: the caller settles its cancel
 -- in the same transaction (instance_cancel_settle_many). A row running its on_cancel step
--- that reaches max_crashes ends `cancelled`, as any end of that step does.
+-- that reaches max_crashes ends `cancelled`, as any end of that step does. An instance
+-- with completed steps to compensate compensates them instead of failing, and one whose
+-- compensation reaches max_crashes goes on to the next (docs/sagas.md).
 WITH victims AS (
-    SELECT id, fsm, version, concurrency_key, concurrency_shard,
+    SELECT id, fsm, version, concurrency_key, concurrency_shard, crashes, step, saga,
            cancel_requested IS NOT NULL AS marked,
            (%(count_all)s OR id = ANY(%(crashed)s::bigint[]))
            AND NOT (locked_by <> ALL(%(workers)s::text[])
@@ -97,25 +99,44 @@ WITH victims AS (
 ), limits AS (
     SELECT * FROM unnest(%(fsms)s::text[], %(versions)s::int[], %(max_crashes)s::int[])
         AS l(fsm, version, max_crashes)
+), decided AS (
+    SELECT v.*, v.crashed AND v.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s) AS dies
+    FROM victims AS v
+    LEFT JOIN limits AS l ON l.fsm = v.fsm AND l.version = v.version
+), fates AS (
+    -- Past max_crashes, an instance with completed steps to compensate starts compensating
+    -- (docs/sagas.md); a compensation that reaches it gives up and the next one is due.
+    SELECT d.*,
+           CASE WHEN NOT d.dies THEN d.saga
+                WHEN {schema}.saga_due(d.saga)
+                    THEN {schema}.saga_begin(d.saga, d.step, format('worker died %%s times in step %%s',
+                                                                    d.crashes + 1, d.step))
+                WHEN d.saga->>'mode' = 'compensating' THEN {schema}.saga_give_up(d.saga)
+                ELSE d.saga END AS new_saga
+    FROM decided AS d
 ), reclaimed AS (
 UPDATE {schema}.instances AS i
-SET crashes = i.crashes + v.crashed::int,
-    status = CASE WHEN v.crashed AND i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
+SET crashes = CASE WHEN f.dies AND f.new_saga->>'mode' = 'compensating' THEN 0
+                   ELSE i.crashes + f.crashed::int END,
+    status = CASE WHEN f.dies AND f.new_saga->>'mode' IS DISTINCT FROM 'compensating'
                   THEN CASE WHEN i.cancel_reason IS NOT NULL THEN 'cancelled' ELSE 'failed' END
                   ELSE 'runnable' END,
+    step = CASE WHEN f.dies AND f.new_saga->>'mode' = 'compensating'
+                THEN f.new_saga->'stack'->>-1 ELSE i.step END,
+    attempt = CASE WHEN f.dies AND f.new_saga->>'mode' = 'compensating' THEN 0 ELSE i.attempt END,
+    saga = f.new_saga,
     last_error = CASE
-        WHEN NOT v.crashed THEN i.last_error
-        WHEN i.crashes + 1 >= COALESCE(l.max_crashes, %(default_max)s)
-            THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
+        WHEN NOT f.crashed THEN i.last_error
+        WHEN f.dies AND f.saga->>'mode' = 'compensating' THEN f.saga->>'error'
+        WHEN f.dies THEN format('worker died %%s times in step %%s', i.crashes + 1, i.step)
         ELSE format('reclaimed from %%s (worker died or lease expired) in step %%s',
                     i.locked_by, i.step) END,
-    last_traceback = CASE WHEN v.crashed THEN NULL ELSE i.last_traceback END,
+    last_traceback = CASE WHEN f.crashed THEN NULL ELSE i.last_traceback END,
     eligible_at = now(), locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
     concurrency_shard = NULL, updated_at = now()
-FROM victims AS v
-LEFT JOIN limits AS l ON l.fsm = v.fsm AND l.version = v.version
-WHERE i.id = v.id AND NOT v.marked
-RETURNING i.id, i.status, i.parent_id, i.queue, v.concurrency_key AS key, v.concurrency_shard AS shard
+FROM fates AS f
+WHERE i.id = f.id AND NOT f.marked
+RETURNING i.id, i.status, i.parent_id, i.queue, f.concurrency_key AS key, f.concurrency_shard AS shard
 ), credited AS (
     UPDATE {schema}.gate_slots AS g
     SET available = LEAST(g.capacity, g.available + c.n)
