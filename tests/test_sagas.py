@@ -4,6 +4,10 @@ when a worker dies in one."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from pgdurable import FSM, DefinitionError, DrainLimitExceeded, Next, OperationRefused, saga, step
@@ -40,6 +44,21 @@ def test_a_failure_compensates_the_completed_steps_in_reverse(dsn, schema, clien
         ("cancel_hotel", "next", "cancel_flight"),
         ("cancel_flight", "compensated", None),
     ]
+    shown = show(dsn, schema, iid)
+    assert "  saga        compensated after RuntimeError('card declined') in step charge\n" in shown.stdout
+    doc = json.loads(show(dsn, schema, iid, "--json").stdout)
+    assert doc["saga"]["mode"] == "compensated" and doc["saga"]["stack"] == []
+
+
+def show(dsn, schema, iid, *more):
+    run = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "show", str(iid), "--dsn", dsn, "--schema", schema, *more],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return run
 
 
 def test_success_runs_no_compensation_and_keeps_what_a_failure_would_undo(dsn, schema, client, tmp_path):
@@ -50,6 +69,7 @@ def test_success_runs_no_compensation_and_keeps_what_a_failure_would_undo(dsn, s
     inst = client.get(iid)
     assert (inst.status, inst.result) == ("done", "booked")
     assert inst.saga == Saga(None, ("cancel_hotel", "cancel_flight"))
+    assert "  saga        a failure would run: cancel_hotel, cancel_flight\n" in show(dsn, schema, iid).stdout
 
 
 def test_a_compensation_that_keeps_failing_gives_up_and_the_chain_goes_on(dsn, schema, client, tmp_path):

@@ -13,6 +13,8 @@
 -- keeps it), by cancel_finish when a cancel starts the compensations, and by the reaper
 -- when a step's worker died max_crashes times.
 ALTER TABLE {schema}.instances ADD COLUMN saga jsonb;
+-- history.outcome gains 'compensate', 'compensated' and 'compensation_failed' (a text
+-- column: nothing to alter).
 
 -- Whether a saga has compensations to run and is not running (or has not run) them.
 CREATE FUNCTION {schema}.saga_due(saga jsonb)

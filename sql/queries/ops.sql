@@ -159,7 +159,7 @@ SELECT i.id, i.fsm, i.version, i.step, i.status, i.queue, i.priority, i.attempt,
        i.awaits, i.await_deadline, i.parent_id, i.children_pending,
        i.correlation_key, i.correlation_scope, i.concurrency_key, i.concurrency_shard,
        i.rate_limit, i.weight, i.locked_by, i.lease_expires_at,
-       i.eligible_at, i.inserted_at, i.updated_at, now() AS now,
+       i.eligible_at, i.inserted_at, i.updated_at, now() AS now, i.saga::text AS saga,
        p.fsm AS parent_fsm, p.step AS parent_step, p.status AS parent_status
 FROM {schema}.instances AS i
 LEFT JOIN {schema}.instances AS p ON p.id = i.parent_id

@@ -130,6 +130,7 @@ def collect(
         "now": r["now"],
         "state": stored_json(r["state"]),
         "result": stored_json(r["result"]),
+        "saga": stored_json(r["saga"]),
         "inbox": {
             "total": int(inbox[0]["total"]) if inbox else 0,
             "signals": [
@@ -200,6 +201,19 @@ def indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _saga_line(saga: dict[str, Any]) -> str:
+    """The instance's compensations in one line (docs/sagas.md)."""
+    pending = ", ".join(reversed(saga.get("stack") or [])) or "none"
+    mode = saga.get("mode")
+    if mode is None:
+        return f"a failure would run: {pending}"
+    failed = f"; {saga.get('failures') or 0} gave up" if saga.get("failures") else ""
+    cause = f" after {saga.get('error')} in step {saga.get('step')}"
+    if mode == "compensating":
+        return f"compensating{cause}; still to run: {pending}{failed}"
+    return f"{mode}{cause}{failed}"
+
+
 def render(doc: dict[str, Any]) -> None:
     now: dt.datetime = doc["now"]
     say = click.echo
@@ -223,6 +237,8 @@ def render(doc: dict[str, Any]) -> None:
         fields.append(("owner", f"{doc['owner']}, lease until {when(doc['lease_expires_at'], now)}"))
     if doc["status"] == "runnable":
         fields.append(("eligible", when(doc["eligible_at"], now)))
+    if doc["saga"] is not None:
+        fields.append(("saga", _saga_line(doc["saga"])))
     fields += [("inserted", when(doc["inserted_at"], now)), ("updated", when(doc["updated_at"], now))]
     for name, value in fields:
         say(f"  {name:<12}{value}")
