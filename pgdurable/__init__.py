@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pgdurable.contract.errors import (
+        ChildrenFailed,
         ConfigError,
         DefinitionError,
         DrainLimitExceeded,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     )
     from pgdurable.contract.fsm import FSM, ChildInfo, Context, Registry, Signal, job, step
     from pgdurable.contract.outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
+    from pgdurable.contract.results import ChildResult, Results, parallel
     from pgdurable.contract.saga import saga
     from pgdurable.contract.spec import Child, Insert
 
@@ -45,6 +47,7 @@ _WHERE = {
         "NoTarget",
         "OperationRefused",
         "PgdurableError",
+        "ChildrenFailed",
         "SchemaVersionError",
         "StateDecodeError",
         "StepTimeout",
@@ -63,6 +66,7 @@ _WHERE = {
         "Spawn",
         "Stop",
     ),
+    "pgdurable.contract.results": ("ChildResult", "Results", "parallel"),
     "pgdurable.contract.saga": ("saga",),
     "pgdurable.contract.spec": ("Child", "Insert"),
 }
@@ -73,6 +77,8 @@ __all__ = [
     "Cancel",
     "Child",
     "ChildInfo",
+    "ChildResult",
+    "ChildrenFailed",
     "ConfigError",
     "Context",
     "DefinitionError",
@@ -91,6 +97,7 @@ __all__ = [
     "Outcome",
     "PgdurableError",
     "Registry",
+    "Results",
     "Retry",
     "SchemaVersionError",
     "Signal",
@@ -101,6 +108,7 @@ __all__ = [
     "UnknownMachine",
     "UnknownStep",
     "job",
+    "parallel",
     "saga",
     "step",
 ]

@@ -26,7 +26,7 @@ from pgdurable.engine.pipeline import Engine
 
 #: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
 COLLAPSED = dt.timedelta(days=365 * 100)
-KINDS = ("next", "retry", "await", "spawn", "done", "stop", "hold", "stale")
+KINDS = ("next", "retry", "await", "spawn", "done", "stop", "hold", "stale", "rejoin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,7 @@ class Tally:
     hold: int = 0
     stale: int = 0
     timeouts: int = 0
+    rejoin: int = 0  # a fail_fast parent waited again for the siblings it cancelled
 
     @property
     def steps(self) -> int:

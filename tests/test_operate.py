@@ -678,7 +678,7 @@ def test_race_cascade_waits_for_a_child_commit_without_holding_its_parent(dsn, s
             cancel = Background(cancel_top)
             await asyncio.to_thread(wait_until_blocked, db, db.info.dbname)
             await committing.execute(
-                engine.q["instance_join_parents_many"], {"parents": [top], "counts": [1]}
+                engine.q["instance_join_parents_many"], {"parents": [top], "counts": [1], "failed": [0]}
             )
             await committing.commit()
             return await asyncio.to_thread(cancel.value)

@@ -151,3 +151,15 @@ def _rebuild(cls: type[Exception], args: tuple[object, ...], state: dict[str, ob
     exc.args = args
     exc.__dict__.update(state)
     return exc
+
+
+class ChildrenFailed(PgdurableError):
+    """``Results.values()``: children of the last Spawn did not finish ``done``; the message
+    names each (id, machine, position, status, error), ``failures`` holds them."""
+
+    def __init__(self, message: str, failures: tuple[object, ...] = ()):
+        super().__init__(message)
+        self.failures = failures
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))

@@ -19,6 +19,9 @@ from pgdurable.contract.errors import DefinitionError
 from pgdurable.contract.outcomes import Cancel, Done, Outcome, Retry, Stop
 from pgdurable.contract.spec import MachineInfo
 
+if typing.TYPE_CHECKING:
+    from pgdurable.contract.results import Results
+
 
 @dataclass(frozen=True, slots=True)
 class Signal:
@@ -41,6 +44,23 @@ class ChildInfo:
     state: Any
     result: Any
     error: str | None
+    #: Its position in the Spawn that created it (None: created before schema version 9).
+    index: int | None = None
+    #: When that Spawn committed: the children of one Spawn share it.
+    inserted_at: dt.datetime | None = None
+
+
+#: The statuses an instance ends in.
+TERMINAL = frozenset(("done", "failed", "cancelled"))
+
+
+def latest_spawn(children: list[ChildInfo]) -> list[ChildInfo]:
+    """The children of the last Spawn, in the order it gave them."""
+    if not children:
+        return []
+    last = max((c.inserted_at for c in children if c.inserted_at is not None), default=None)
+    batch = [c for c in children if c.inserted_at == last]
+    return sorted(batch, key=lambda c: (c.index if c.index is not None else c.id, c.id))
 
 
 #: The logger of ``ctx.log``: a step's own lines (``[logging.levels] "pgdurable.step"``).
@@ -83,6 +103,14 @@ class Context:
     #: completed steps (docs/sagas.md); None otherwise.
     compensating: str | None = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
+
+    def results(self, type_: Any = None) -> Results[Any]:
+        """The children of the last Spawn, in the order it gave them, each with its status,
+        error and result (converted to ``type_`` when given); ``.values()`` raises when one
+        did not finish ``done``. docs/coordination.md#parallel-results."""
+        from pgdurable.contract.results import results_of
+
+        return results_of(self.children, type_)
 
     @property
     def log(self) -> StepLog:

@@ -76,11 +76,17 @@ class Await:
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
-    """Insert ``children`` and park until every one of them is terminal, then run ``then``."""
+    """Insert ``children`` and park until every one of them is terminal, then run ``then``.
+
+    ``fail_fast=True``: the first child that fails wakes the instance, its live siblings
+    are cancelled, and ``then`` runs once they ended (``ctx.results()`` shows which did
+    what).
+    """
 
     children: Sequence[Insert]
     then: StepRef
     state: Any = KEEP
+    fail_fast: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from psycopg import errors as pgerrors
 
 from pgdurable.contract import values
 from pgdurable.contract.errors import InvalidValue
-from pgdurable.contract.fsm import ChildInfo, Signal
+from pgdurable.contract.fsm import TERMINAL, ChildInfo, Signal, latest_spawn
 from pgdurable.db.queries import Queries
 
 log = logging.getLogger("pgdurable.claim")
@@ -52,6 +52,7 @@ class Claimed:
     gated: bool
     cancel_reason: str | None  # set while it runs its on_cancel step (ctx.cancel_reason)
     saga: str | None  # its compensations, as JSON text (docs/sagas.md); None: none yet
+    join_policy: str | None  # how it waits for its last Spawn's children ('fail_fast', None)
     _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted
@@ -141,8 +142,33 @@ async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[C
             row.inbox.append(Signal(sid, name, value, dedup_key, inserted_at))
     parent_ids = [c.id for c in claimed if c.has_children]
     if parent_ids:
+        await _children(conn, q, by_id, parent_ids)
+        # A child's failure woke these parents (fail_fast) while siblings still run: cancel
+        # them (one statement for all), and read the children again. The parent runs its
+        # step once they all ended (the executor parks it again meanwhile).
+        woken = [c for c in claimed if c.join_policy == "fail_fast" and _failed_fast(c.children)]
+        if woken:
+            reason = "a sibling failed (fail_fast)"
+            ids = [c.id for c in woken]
+            await conn.execute(q["instance_cancel_live_children_many"], {"ids": ids, "reason": reason})
+            for c in woken:
+                c.children = []
+            await _children(conn, q, by_id, ids)
+
+
+def _failed_fast(children: list[ChildInfo]) -> bool:
+    """A child of the last Spawn failed and another is still live."""
+    last = latest_spawn(children)
+    return any(c.status == "failed" for c in last) and any(c.status not in TERMINAL for c in last)
+
+
+async def _children(
+    conn: psycopg.AsyncConnection[Any], q: Queries, by_id: dict[int, Claimed], parent_ids: list[int]
+) -> None:
+    """Read the children of the given parents into their rows' ``children``."""
+    if parent_ids:
         cur = await conn.execute(q["instance_children_many"], {"ids": parent_ids}, prepare=True)
-        for parent_id, cid, fsm, status, state, result, error in await cur.fetchall():
+        for parent_id, cid, fsm, status, state, result, error, index, inserted in await cur.fetchall():
             row = by_id[parent_id]
             try:
                 child_state = values.decode(state, f"child {cid} state")
@@ -150,4 +176,6 @@ async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[C
             except InvalidValue as exc:
                 row.unreadable = row.unreadable or str(exc)
                 continue
-            row.children.append(ChildInfo(cid, fsm, status, child_state, child_result, error))
+            row.children.append(
+                ChildInfo(cid, fsm, status, child_state, child_result, error, index, inserted)
+            )

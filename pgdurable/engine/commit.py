@@ -210,6 +210,7 @@ async def _flush_group(
             await _settle_cancels(conn, q, worker, [r for r in results if r.row.id in report.stale], report)
         return report
     terminal_children: Counter[int] = Counter()
+    failed_children: Counter[int] = Counter()  # of those, the failed (a fail_fast join wakes)
     async with conn.transaction():
         plain = [r for r in results if r.kind in _STATUS]
         if plain:
@@ -222,6 +223,8 @@ async def _flush_group(
                 report.committed.add(rid)
                 if status in ("done", "failed", "cancelled") and parent_id is not None:
                     terminal_children[parent_id] += 1
+                    if status == "failed":
+                        failed_children[parent_id] += 1
 
         parks = [r for r in results if r.kind == "await"]
         if parks:
@@ -256,6 +259,19 @@ async def _flush_group(
                     q["instance_spawn_children_many"], _spawn_params(spawns, locked), prepare=True
                 )
                 report.committed.update(row[0] for row in await cur.fetchall())
+
+        rejoins = [r for r in results if r.kind == "rejoin"]
+        if rejoins:
+            cur = await conn.execute(
+                q["instance_rejoin_if_owned_many"],
+                {
+                    "worker": worker,
+                    "ids": [r.row.id for r in rejoins],
+                    "tokens": [r.row.token for r in rejoins],
+                },
+                prepare=True,
+            )
+            report.committed.update(row[0] for row in await cur.fetchall())
 
         holds = [r for r in results if r.kind == "hold"]
         if holds:
@@ -298,7 +314,11 @@ async def _flush_group(
             parents = sorted(terminal_children)
             cur = await conn.execute(
                 q["instance_join_parents_many"],
-                {"parents": parents, "counts": [terminal_children[p] for p in parents]},
+                {
+                    "parents": parents,
+                    "counts": [terminal_children[p] for p in parents],
+                    "failed": [failed_children[p] for p in parents],
+                },
                 prepare=True,
             )
             for pid, status, _queue, _n in await cur.fetchall():
@@ -450,4 +470,5 @@ def _spawn_params(rs: list[Result], locked: list[int]) -> dict[str, Any]:
         "steps": [r.step for r in rs],
         "states": [None if r.state is None else r.state.decode() for r in rs],
         "sagas": [None if r.saga is None else r.saga.decode() for r in rs],
+        "policies": [r.join_policy for r in rs],
     }

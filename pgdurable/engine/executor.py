@@ -23,7 +23,7 @@ import msgspec
 
 from pgdurable.contract import values
 from pgdurable.contract.errors import InvalidOutcome, InvalidValue, StateDecodeError, StepTimeout
-from pgdurable.contract.fsm import FSM, Context, Registry, StepDef, decode_state
+from pgdurable.contract.fsm import FSM, TERMINAL, Context, Registry, StepDef, decode_state
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
 from pgdurable.engine import sagas
@@ -68,6 +68,7 @@ class Result:
     traceback: str | None = None  # its formatted traceback (history.TRACEBACK_LIMIT)
     history: bool = True  # its machine and queue keep history
     saga: bytes | None = None  # the instance's new saga document (JSON); None keeps it
+    join_policy: str | None = None  # spawn: how it waits for its children ('fail_fast')
     #: The outcome its history row names when it is not ``kind``: ``compensate`` (the step
     #: failed and the instance compensates), ``compensated`` (the last compensation ran).
     label: str | None = None
@@ -128,6 +129,10 @@ class Executor:
             )
         if row.unreadable is not None:  # its inbox or children did not decode: it cannot run
             return self._unreadable(row, info, step_name, row.unreadable)
+        if row.join_policy == "fail_fast" and any(c.status not in TERMINAL for c in row.children):
+            # A child failed and woke it; the claim cancelled the live siblings, and some
+            # have yet to end (their step was running): wait for them, then run the step.
+            return Result(row, "rejoin", version=info.version, step=step_name, ran=step_name)
         try:
             state = decode_state(info, row.state)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -545,6 +550,7 @@ def _columns(
                 state=_encode(info, outcome.state),
                 children=children,
                 consume=taken,
+                join_policy="fail_fast" if outcome.fail_fast else None,
             )
         case Done():
             return Result(

@@ -109,14 +109,17 @@ RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.c
           i.rate_limit, i.weight, i.parent_id,
           EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
           EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children,
-          w.gated, i.cancel_reason, i.saga::text AS saga;
+          w.gated, i.cancel_reason, i.saga::text AS saga, i.join_policy;
 
 -- name: instance_children_many
--- Every child of the given parents (any status), for ctx.children.
-SELECT parent_id, id, fsm, status, state::text AS state, result::text AS result, last_error
+-- Every child of the given parents (any status), for ctx.children: oldest Spawn first
+-- (the children of one Spawn share their insert's transaction time), each Spawn's children
+-- in the order it gave them.
+SELECT parent_id, id, fsm, status, state::text AS state, result::text AS result, last_error,
+       spawn_index, inserted_at
 FROM {schema}.instances
 WHERE parent_id = ANY(%(ids)s::bigint[])
-ORDER BY parent_id, id;
+ORDER BY parent_id, inserted_at, spawn_index, id;
 
 -- name: instance_commit_if_owned_many
 -- Commit Next / Retry / Done / Stop outcomes (and inline continues, which stay executing)
@@ -233,11 +236,13 @@ FOR NO KEY UPDATE OF i;
 WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
-         correlation_scope, concurrency_key, rate_limit, weight)
+         correlation_scope, concurrency_key, rate_limit, weight, spawn_index)
     SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, COALESCE(c.priority, 0),
            COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
-           c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1)
+           c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1),
+           -- its position among its parent's children of this Spawn (ord: in the document)
+           (rank() OVER (PARTITION BY c.parent_id ORDER BY COALESCE(c.ord, 0)) - 1)::int
     FROM json_to_recordset(%(children)s::json)
          AS c(parent_id bigint, fsm text, version int, step text, state json, queue text,
               priority smallint, at timestamptz, delay float8, correlation_key text,
@@ -258,10 +263,11 @@ SET status = CASE WHEN COALESCE(l.n, 0) > 0 THEN 'awaiting_children' ELSE 'runna
     children_pending = COALESCE(l.n, 0), attempt = 0, crashes = 0, awaits = NULL,
     await_deadline = NULL, eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL,
     weight = 1, last_error = NULL, last_traceback = NULL, saga = COALESCE(u.saga::jsonb, i.saga),
+    join_policy = u.policy,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
-            %(sagas)s::text[])
-     AS u(id, version, step, state, saga)
+            %(sagas)s::text[], %(policies)s::text[])
+     AS u(id, version, step, state, saga, policy)
 LEFT JOIN landed AS l ON l.parent_id = u.id
 CROSS JOIN notified
 WHERE i.id = u.id AND i.id = ANY(%(locked)s::bigint[])
@@ -272,18 +278,23 @@ RETURNING i.id, i.status, i.queue,
 -- name: instance_join_parents_many
 -- One aggregated decrement per parent for children that reached a terminal status in this
 -- flush; parents locked in id order (two flushes sharing parents cannot deadlock). A parent
--- whose last child finished becomes runnable now.
+-- whose last child finished becomes runnable now; so does a parent waiting fail-fast
+-- (join_policy) for one of whose children failed (%(failed)s: how many of the n failed).
 WITH d AS (
-    SELECT * FROM unnest(%(parents)s::bigint[], %(counts)s::int[]) AS d(id, n)
+    SELECT * FROM unnest(%(parents)s::bigint[], %(counts)s::int[], %(failed)s::int[]) AS d(id, n, failed)
 ), locked AS (
     SELECT p.id FROM {schema}.instances AS p JOIN d ON d.id = p.id
     ORDER BY p.id FOR NO KEY UPDATE OF p
 )
 UPDATE {schema}.instances AS p
 SET children_pending = p.children_pending - d.n,
-    status = CASE WHEN p.status = 'awaiting_children' AND p.children_pending - d.n <= 0
+    status = CASE WHEN p.status = 'awaiting_children'
+                       AND (p.children_pending - d.n <= 0
+                            OR (p.join_policy = 'fail_fast' AND d.failed > 0))
                   THEN 'runnable' ELSE p.status END,
-    eligible_at = CASE WHEN p.status = 'awaiting_children' AND p.children_pending - d.n <= 0
+    eligible_at = CASE WHEN p.status = 'awaiting_children'
+                            AND (p.children_pending - d.n <= 0
+                                 OR (p.join_policy = 'fail_fast' AND d.failed > 0))
                        THEN now() ELSE p.eligible_at END,
     updated_at = now()
 FROM d
@@ -363,3 +374,29 @@ SELECT status, count(*) FROM {schema}.instances WHERE fsm = %(fsm)s GROUP BY sta
 -- name: queue_notify_many
 -- Wake the listeners of the given queues (the client's coalesced, after-commit notify).
 SELECT count(pg_notify({schema}.notify_channel(q), '')) FROM unnest(%(queues)s::text[]) AS q;
+
+-- name: instance_cancel_live_children_many
+-- The live children of parents that a child's failure woke (join_policy fail_fast) are
+-- cancelled, each as cancel() does it (its own live descendants with it, its on_cancel step
+-- and compensations run; an executing one is marked and settled when its step returns),
+-- and joined to the parent. Returns each child and what the cancel did to it.
+SELECT c.id, k.outcome
+FROM {schema}.instances AS c
+CROSS JOIN LATERAL {schema}.cancel(c.id, NULL, %(reason)s::text, true, true) AS k
+WHERE c.parent_id = ANY(%(ids)s::bigint[]) AND c.status NOT IN ('done', 'failed', 'cancelled')
+  AND k.instance_id = c.id;
+
+-- name: instance_rejoin_if_owned_many
+-- Rows a child's failure woke (fail_fast) whose cancelled children have not all ended yet:
+-- they wait for them again, in the same step (the children's ends join them as usual), or
+-- are runnable now when the last one ended meanwhile. Not a row a cancel marked.
+UPDATE {schema}.instances AS i
+SET status = CASE WHEN i.children_pending > 0 THEN 'awaiting_children' ELSE 'runnable' END,
+    eligible_at = now(), concurrency_shard = NULL,
+    locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS u(id, token)
+WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
+  AND i.lease_token = u.token AND i.status = 'executing' AND i.cancel_requested IS NULL
+RETURNING i.id, i.status, i.queue,
+          CASE WHEN i.status = 'runnable'
+               THEN pg_notify({schema}.notify_channel(i.queue), '')::text END AS notified;

@@ -68,13 +68,16 @@ def reclaim(
             settled = conn.execute(q["instance_cancel_settle_many"], {"ids": marked}).fetchall()
             ended += [(parent_id, status) for _rid, parent_id, status, _queue in settled]
         parents: dict[int, int] = {}
+        failures: dict[int, int] = {}
         for parent_id, status in ended:
             if status in ("failed", "cancelled") and parent_id is not None:
                 parents[parent_id] = parents.get(parent_id, 0) + 1
+                failures[parent_id] = failures.get(parent_id, 0) + (status == "failed")
         if parents:
             ids = sorted(parents)
             conn.execute(
-                q["instance_join_parents_many"], {"parents": ids, "counts": [parents[p] for p in ids]}
+                q["instance_join_parents_many"],
+                {"parents": ids, "counts": [parents[p] for p in ids], "failed": [failures[p] for p in ids]},
             )
     if rows:
         failed = [rid for rid, status, *_ in rows if status == "failed"]
