@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
+from pgdurable.client.inputs import PendingInput
 from pgdurable.client.operate import CancelResult, RetryReport
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
     DuplicateInstance,
     InstanceExecuting,
+    InvalidInput,
     InvalidValue,
     NoTarget,
     OperationRefused,
@@ -37,9 +39,11 @@ __all__ = [
     "Insert",
     "Instance",
     "InstanceExecuting",
+    "InvalidInput",
     "InvalidValue",
     "NoTarget",
     "OperationRefused",
+    "PendingInput",
     "RetryReport",
     "StepAttempt",
     "UnknownMachine",

@@ -79,6 +79,10 @@ class Context:
     #: Why the instance was cancelled, while it runs its machine's ``on_cancel`` step (and
     #: any step that one moves on to); None otherwise.
     cancel_reason: str | None = None
+    #: The answer to the input the instance awaited (the payload of the awaited signal on
+    #: the await's first name), decoded into the step's ``input`` type when it declares one;
+    #: None when none arrived (a timeout, or another name woke it). docs/inputs.md
+    input: Any = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -105,30 +109,48 @@ class StepDef:
     is_async: bool
     initial: bool
     timeout: float | None
+    #: The type of the input this step receives in ``ctx.input`` (``@step(input=T)``).
+    input: Any = None
 
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @overload
-def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ...) -> _Fn: ...
+def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ..., input: Any = ...) -> _Fn: ...
 
 
 @overload
-def step(fn: None = None, *, initial: bool = ..., timeout: float | None = ...) -> Callable[[_Fn], _Fn]: ...
+def step(
+    fn: None = None, *, initial: bool = ..., timeout: float | None = ..., input: Any = ...
+) -> Callable[[_Fn], _Fn]: ...
 
 
-def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None) -> Any:
+def step(
+    fn: Callable[..., Any] | None = None,
+    *,
+    initial: bool = False,
+    timeout: float | None = None,
+    input: Any = None,
+) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
     ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
     step's result is discarded; either way the timeout is an error routed to ``handle()``.
+
+    ``input`` (a type msgspec decodes: a ``Struct``, ``int``, a ``Literal``…) is the type of
+    the answer this step receives after an ``Await`` that asks for input: ``ctx.input`` is
+    the delivered value decoded into it (one that does not fit is an ``InvalidInput`` routed
+    to ``handle()``), and an ``Await`` whose ``then`` is this step takes it as its default
+    ``schema`` (docs/inputs.md).
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
         if timeout is not None and timeout <= 0:
             raise DefinitionError(f"step {f.__name__}: timeout must be positive")
         f.__pgdurable_step__ = (initial, timeout)  # type: ignore[attr-defined]
+        if input is not None:
+            f.__pgdurable_input__ = input  # type: ignore[attr-defined]
         return f
 
     return mark(fn) if fn is not None else mark
@@ -191,7 +213,14 @@ class FSM:
                 marker = getattr(value, "__pgdurable_step__", None)
                 if marker is not None:
                     initial, timeout = marker
-                    steps[attr] = StepDef(attr, value, inspect.iscoroutinefunction(value), initial, timeout)
+                    steps[attr] = StepDef(
+                        attr,
+                        value,
+                        inspect.iscoroutinefunction(value),
+                        initial,
+                        timeout,
+                        getattr(value, "__pgdurable_input__", None),
+                    )
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
         initials = [s.name for s in steps.values() if s.initial]

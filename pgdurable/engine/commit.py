@@ -433,6 +433,7 @@ def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
         "states": [None if r.state is None else r.state.decode() for r in rs],
         "awaits": [encode_json(r.awaits) for r in rs],
         "timeouts": [r.timeout for r in rs],
+        "inputs": [None if r.input_request is None else r.input_request.decode() for r in rs],
     }
 
 

@@ -185,19 +185,21 @@ FROM written AS w CROSS JOIN notified;
 
 -- name: instance_park_await_if_owned_many
 -- Park rows this worker still owns on a set of signal names (awaits as JSON arrays); not a
--- row a cancel marked (the flush settles it).
+-- row a cancel marked (the flush settles it). An await that asks for input stores its
+-- request (prompt, schema, choices; NULL for a plain await: docs/inputs.md).
 UPDATE {schema}.instances AS i
 SET status = 'awaiting_signal', version = u.version, step = u.step,
     state = COALESCE(u.state::jsonb, i.state), attempt = 0, crashes = 0,
     awaits = ARRAY(SELECT jsonb_array_elements_text(u.awaits::jsonb)),
     await_deadline = CASE WHEN u.timeout IS NULL THEN NULL
                           ELSE now() + make_interval(secs => u.timeout) END,
+    input_request = u.input::jsonb,
     eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL, weight = 1,
     last_error = NULL, last_traceback = NULL,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
-            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[])
-     AS u(id, token, version, step, state, awaits, timeout)
+            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[], %(inputs)s::text[])
+     AS u(id, token, version, step, state, awaits, timeout, input)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token
   AND i.status = 'executing' AND i.cancel_requested IS NULL
