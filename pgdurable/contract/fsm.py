@@ -171,7 +171,8 @@ class FSM:
     Subclass with keywords: ``class Checkout(FSM, name="checkout", version=1, queue="q")``.
     A nested ``State`` type (a ``msgspec.Struct``, or anything msgspec decodes) types the
     state; without one the state is a plain dict. ``history=False`` records none of its step
-    attempts in the history table (docs/history.md).
+    attempts in the history table (docs/history.md). ``deadline`` (seconds or a timedelta)
+    is the default deadline of its instances, counted from their insert (docs/deadlines.md).
     """
 
     __pgdurable__: ClassVar[MachineInfo]
@@ -191,6 +192,7 @@ class FSM:
         queue: str = "default",
         max_crashes: int | None = None,
         history: bool = True,
+        deadline: float | dt.timedelta | None = None,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -207,6 +209,7 @@ class FSM:
             cls.max_crashes = max_crashes
         if not isinstance(history, bool):
             raise DefinitionError(f"{cls.__name__}: history must be True or False")
+        deadline_s = _deadline_seconds(cls.__name__, deadline)
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
@@ -241,6 +244,7 @@ class FSM:
             state_type=state_type,
             history=history,
             on_cancel=on_cancel,
+            deadline=deadline_s,
         )
 
     def handle(self, exc: BaseException, ctx: Context) -> Outcome:
@@ -250,6 +254,21 @@ class FSM:
     def backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt + 1`` when ``Retry`` gives no delay."""
         return default_backoff(attempt)
+
+
+def _deadline_seconds(name: str, deadline: float | dt.timedelta | None) -> float | None:
+    """A machine's relative deadline (``deadline=``) in seconds, checked."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, dt.timedelta):
+        value = deadline.total_seconds()
+    elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        value = float(deadline)
+    else:
+        raise DefinitionError(f"{name}: deadline must be seconds or a timedelta, got {deadline!r}")
+    if not 0 < value < 100 * 365 * 86400:
+        raise DefinitionError(f"{name}: deadline must be positive and under 100 years, got {deadline!r}")
+    return value
 
 
 def _hook_step(cls: type, steps: dict[str, StepDef]) -> str | None:
@@ -285,6 +304,7 @@ def job(
     timeout: float | None = None,
     max_crashes: int | None = None,
     history: bool = True,
+    deadline: float | dt.timedelta | None = None,
 ) -> Any:
     """Declare a one-step machine from a function ``fn(args[, ctx])``.
 
@@ -293,6 +313,7 @@ def job(
     (capped exponential with jitter by default) until ``max_attempts`` runs were made, then
     fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
     plain function stays available as ``.fn``. ``history=False``: no history rows.
+    ``deadline``: the default deadline of its instances (docs/deadlines.md).
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
@@ -341,6 +362,8 @@ def job(
             kwds["max_crashes"] = max_crashes
         if history is not True:
             kwds["history"] = history
+        if deadline is not None:
+            kwds["deadline"] = deadline
         cls = types.new_class(f.__name__, (FSM,), kwds, lambda ns: ns.update(body))
         return cls
 

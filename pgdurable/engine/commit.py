@@ -285,7 +285,7 @@ async def _flush_group(
         refused = [r for r in results if r.row.id not in report.committed]
         if refused:
             for parent_id, status in await _settle_cancels(conn, q, worker, refused, report, join=False):
-                if status == "cancelled" and parent_id is not None:
+                if status in ("cancelled", "failed") and parent_id is not None:  # failed: a deadline
                     terminal_children[parent_id] += 1
 
         # Every committed outcome takes its row out of executing: give back its gate slot
