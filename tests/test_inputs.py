@@ -180,6 +180,27 @@ def test_a_plain_signal_is_not_checked_but_the_step_decodes_it_with_its_type(dsn
     assert "input 'approval' does not fit Approval" in inst.last_error and "$.approved" in inst.last_error
 
 
+def test_a_type_msgspec_cannot_describe_is_refused_early(dsn, schema, client):
+    from pgdurable import FSM, Await, DefinitionError, Done, step
+
+    with pytest.raises(DefinitionError, match="not a type msgspec describes"):
+        step(input=object)(lambda self, ctx: None)
+
+    class Odd(FSM, name="in_odd", queue="rt"):
+        @step(initial=True)
+        def ask(self, ctx):
+            return Await("x", then=self.end, prompt="?", schema=object, choices=["a"])
+
+        @step
+        def end(self, ctx):
+            return Done(None)
+
+    iid = client.insert(Odd, {})
+    drain(dsn, [Odd], schema=schema)
+    assert "Await schema <class 'object'> is not a type msgspec describes" in client.get(iid).last_error
+    assert client.inputs() == []
+
+
 def test_race_a_stale_request_is_not_answered(dsn, schema, client, db):
     """The answer was checked against question 0; before it is delivered the instance asks
     question 1 on the same name. Guard: input_respond delivers only while the request it was

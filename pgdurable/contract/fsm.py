@@ -150,6 +150,12 @@ def step(
             raise DefinitionError(f"step {f.__name__}: timeout must be positive")
         f.__pgdurable_step__ = (initial, timeout)  # type: ignore[attr-defined]
         if input is not None:
+            try:
+                msgspec.json.schema(input)
+            except (TypeError, ValueError) as exc:
+                raise DefinitionError(
+                    f"step {f.__name__}: input {input!r} is not a type msgspec describes"
+                ) from exc
             f.__pgdurable_input__ = input  # type: ignore[attr-defined]
         return f
 
