@@ -3,7 +3,9 @@
 ``drain()`` claims whatever is runnable, runs each step inline and commits its outcome,
 until nothing is left. Delays, retries and await timeouts are collapsed by default (time
 jumps forward to the next scheduled thing); ``collapse_time=False`` leaves future work
-parked. ``max_steps`` turns a machine that never settles into a clear failure.
+parked. Expiry and deadlines (docs/deadlines.md) are checked on the real clock before each
+round, as the maintenance process's sweep would. ``max_steps`` turns a machine that never
+settles into a clear failure.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ async def adrain(
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await engine.register(conn)
         while True:
+            # Expiry and deadlines on the real clock (time is collapsed for delays and
+            # await timeouts only): what the maintenance process's sweep would do now.
+            await conn.execute(engine.q["deadline_expire"], {"limit": batch})
+            await conn.execute(engine.q["deadline_fail"], {"limit": batch})
             if queues is None:
                 cur = await conn.execute(engine.q["instance_runnable_queues"], {"horizon": horizon})
                 names = sorted(row[0] for row in await cur.fetchall())

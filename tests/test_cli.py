@@ -39,6 +39,8 @@ VERBS = [
     "show",
     "insert",
     "signal",
+    "inputs",
+    "respond",
     "cancel",
     "retry",
     "rewind",

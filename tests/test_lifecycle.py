@@ -24,6 +24,7 @@ from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.slots import Slots
 from pgdurable.runtime.sweeps.awaits import AwaitDeadlines
+from pgdurable.runtime.sweeps.deadlines import Deadlines
 from pgdurable.runtime.sweeps.gc import Collector
 from pgdurable.runtime.sweeps.reaper import Reaper
 
@@ -137,6 +138,7 @@ def test_every_runtime_component_follows_the_lifecycle(dsn, schema):
                 Reporter(None, dict, str, rt.stopping.set),
                 Reaper(connect, q, registry, 3, 0.05, 60.0),
                 AwaitDeadlines(connect, q, 0.05, log),
+                Deadlines(connect, q, 0.05, log),
                 Collector(connect, q, 0.05, 3600.0, 100),
             ]
             for c in components:

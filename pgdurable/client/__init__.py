@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, Saga, StepAttempt, WaitResult
+from pgdurable.client.inputs import PendingInput
 from pgdurable.client.operate import CancelResult, RetryReport, Rewound
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
     DuplicateInstance,
     InstanceExecuting,
+    InvalidInput,
     InvalidValue,
     NoTarget,
     OperationRefused,
@@ -37,9 +39,11 @@ __all__ = [
     "Insert",
     "Instance",
     "InstanceExecuting",
+    "InvalidInput",
     "InvalidValue",
     "NoTarget",
     "OperationRefused",
+    "PendingInput",
     "RetryReport",
     "Rewound",
     "Saga",

@@ -38,7 +38,7 @@ from pgdurable.contract.spec import (
 COLUMNS = (
     "id", "fsm", "version", "step", "state", "queue", "priority", "eligible_at",
     "correlation_key", "correlation_scope", "concurrency_key", "rate_limit", "weight",
-    "inserted_at",
+    "inserted_at", "expires_at", "on_expiry", "deadline",
 )  # fmt: skip
 #: The columns of a plain batch (``instance_copy_plain``): the rest take their defaults.
 PLAIN_COLUMNS = COLUMNS[:6]
@@ -63,6 +63,13 @@ def _state(raw: bytes) -> str:
     return text.replace("\\", "\\\\") if "\\" in text else text
 
 
+def _at(now: dt.datetime, at: dt.datetime | None, after: float | None) -> str:
+    """A time limit in COPY's text format: absolute, or ``after`` seconds from ``now``."""
+    if at is not None:
+        return at.isoformat()
+    return _NULL if after is None else (now + dt.timedelta(seconds=after)).isoformat()
+
+
 def _shape_key(spec: Insert) -> tuple[Any, ...]:
     """What a row shares with others of its shape: everything but its state and key."""
     scope = spec.correlation_scope
@@ -70,6 +77,7 @@ def _shape_key(spec: Insert) -> tuple[Any, ...]:
         spec.fsm, spec.queue, spec.priority, type(spec.priority), spec.schedule_in, spec.schedule_at,
         None if scope is None else tuple(scope), spec.concurrency_key, spec.rate_limit,
         spec.weight, type(spec.weight), spec.version, spec.step,
+        spec.expires_at, spec.expires_in, spec.on_expiry, spec.deadline, type(spec.deadline),
     )  # fmt: skip
 
 
@@ -84,6 +92,7 @@ class Batch:
     shapes: list[InsertRow]  # state and correlation key left empty
     rows: list[tuple[int, bytes, str | None]]  # (shape, state JSON, correlation key)
     order: list[int]  # rows[k] is the caller's specs[order[k]]
+    infos: list[MachineInfo | None]  # the machine class of each shape, if the spec gave one
 
     @classmethod
     def of(cls, specs: Sequence[Insert]) -> Batch:
@@ -113,36 +122,46 @@ class Batch:
             # by key, then position; a str compares by code point, which is the "C" order
             order.sort(key=lambda i: (rows[i][2] is None, rows[i][2] or "", i))
             rows = [rows[i] for i in order]
-        return cls(shapes, rows, order)
+        return cls(shapes, rows, order, infos)
 
     def unresolved(self) -> list[str]:
-        """Machine names whose version, step or queue must come from the machines table."""
-        return sorted({r.fsm for r in self.shapes if r.queue is None or r.version is None or r.step is None})
+        """Machine names whose version, step or queue must come from the machines table, or
+        that name no deadline (the registered machine's applies)."""
+        return sorted(
+            {
+                r.fsm
+                for k, r in enumerate(self.shapes)
+                if r.queue is None
+                or r.version is None
+                or r.step is None
+                or (self.infos[k] is None and r.deadline_at is None and r.deadline_in is None)
+            }
+        )
 
     def fill(self, machines: Sequence[Sequence[Any]]) -> None:
         """Complete shapes from ``machines_lookup`` rows (name, version, initial_step,
         queue): the newest version, or the one the row names. A row whose queue stays
         unknown refuses the batch, as ``insert`` does."""
-        newest: dict[str, tuple[int, str, str]] = {}
-        exact: dict[tuple[str, int], tuple[int, str, str]] = {}
-        for name, version, initial, queue in machines:
-            exact[(name, version)] = (version, initial, queue)
+        newest: dict[str, tuple[int, str, str, float | None]] = {}
+        exact: dict[tuple[str, int], tuple[int, str, str, float | None]] = {}
+        for name, version, initial, queue, deadline in machines:
+            exact[(name, version)] = (version, initial, queue, deadline)
             if name not in newest or version > newest[name][0]:
-                newest[name] = (version, initial, queue)
+                newest[name] = (version, initial, queue, deadline)
         missing: set[str] = set()
         for k, r in enumerate(self.shapes):
-            if r.queue is not None and r.version is not None and r.step is not None:
-                continue
             m = newest.get(r.fsm) if r.version is None else exact.get((r.fsm, r.version))
             if m is None:
                 if r.queue is None:
                     missing.add(r.fsm)
                 continue
+            no_deadline = self.infos[k] is None and r.deadline_at is None and r.deadline_in is None
             self.shapes[k] = msgspec.structs.replace(
                 r,
                 version=m[0] if r.version is None else r.version,
                 step=m[1] if r.step is None else r.step,
                 queue=m[2] if r.queue is None else r.queue,
+                deadline_in=m[3] if no_deadline else r.deadline_in,
             )
         if missing:
             raise UnknownMachine(
@@ -161,6 +180,10 @@ class Batch:
             and r.concurrency_key is None
             and r.rate_limit is None
             and r.weight == 1.0
+            and r.expires_at is None
+            and r.expires_in is None
+            and r.deadline_at is None
+            and r.deadline_in is None
             for r in self.shapes
         )
 
@@ -182,11 +205,13 @@ class Batch:
             if plain:
                 tails.append((f"\t{_text(r.queue)}\n", ""))
                 continue
+            expires = _at(now, r.expires_at, r.expires_in)
+            deadline = _at(now, r.deadline_at, r.deadline_in)
             tails.append(
                 (
                     f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t",
                     f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}"
-                    f"\t{now_text}\n",
+                    f"\t{now_text}\t{expires}\t{_text(r.on_expiry)}\t{deadline}\n",
                 )
             )
         lines = []

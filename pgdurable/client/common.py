@@ -110,6 +110,11 @@ class Instance:
     cancel_requested: bool = False
     #: Its compensations, once a step that declares one completed (docs/sagas.md).
     saga: Saga | None = None
+    #: It must have started by then, or it ends instead (docs/deadlines.md); cleared once it
+    #: started, and once it expired.
+    expires_at: dt.datetime | None = None
+    #: It must have finished by then, or it fails (docs/deadlines.md); cleared once it fired.
+    deadline: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +230,11 @@ def insert_params(spec: Insert) -> dict[str, Any]:
         "concurrency_key": r.concurrency_key,
         "rate_limit": r.rate_limit,
         "weight": r.weight,
+        "expires_at": r.expires_at,
+        "expires_in": r.expires_in,
+        "on_expiry": r.on_expiry,
+        "deadline_at": r.deadline_at,
+        "deadline_in": r.deadline_in,
     }
 
 

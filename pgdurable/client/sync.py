@@ -38,6 +38,15 @@ from pgdurable.client.common import (
     signal_result,
 )
 from pgdurable.client.concurrency import Lock, ThreadEmitter, sleep
+from pgdurable.client.inputs import (
+    PendingInput,
+    check_answer,
+    list_params,
+    pending_of,
+    respond_params,
+    respond_result,
+    target_params,
+)
 from pgdurable.client.operate import (
     CancelResult,
     RetryReport,
@@ -264,6 +273,45 @@ class Client:
                 return res
             sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.2)
+
+    # -- human input (docs/inputs.md) ---------------------------------------------------------
+
+    def inputs(
+        self,
+        *,
+        machine: Any = None,
+        queue: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> list[PendingInput]:
+        """The pending inputs — instances parked on an ``Await`` that asks for input — in
+        instance id order, of ``machine`` (a name or class) and ``queue`` when given; at
+        most ``limit``, after instance ``after`` (the next page: the last one's id)."""
+        rows = self._all("input_pending_list", list_params(machine, queue, after, limit), conn)
+        return pending_of(rows)
+
+    def respond(
+        self,
+        target: int | str,
+        name: str,
+        value: Any,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> int:
+        """Answer the input ``name`` that an instance (id, or the correlation key it holds)
+        awaits, and wake it; returns the stored signal's id. The value is checked first
+        against the input's JSON Schema and choices: a bad one raises ``InvalidInput``
+        naming the field, and nothing is stored. Raises ``NoTarget`` when the instance does
+        not await that input (unknown, finished, not parked on it, or it stopped waiting
+        before the answer was delivered). Two statements: the request is read, the value
+        checked here, then delivered only while that same request is pending."""
+        params = target_params(target, name)
+        iid, request, encoded = check_answer(
+            target, name, self._one("input_pending_get", params, conn), value
+        )
+        row = self._one("input_respond", respond_params(iid, name, request, encoded), conn)
+        return respond_result(iid, name, row)
 
     # -- operating instances and queues (docs/operating.md) ---------------------------------
 

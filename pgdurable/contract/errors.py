@@ -80,6 +80,20 @@ class NoTarget(PgdurableError):
     """A signal's target is unknown or already finished."""
 
 
+class InvalidInput(PgdurableError, ValueError):
+    """An answer to a pending input was refused: it does not fit the input's schema, or is
+    not one of its choices (``respond``, before anything is stored); or, in the step, the
+    delivered value does not decode into the step's declared input type. ``field`` is where
+    (``$`` the value itself, ``$.amount`` a field of it)."""
+
+    def __init__(self, message: str, *, field: str = "$"):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
 class OperationRefused(PgdurableError):
     """An operation on an instance (retry, rewind) was refused for the state it is in;
     ``status`` is that state and ``reason`` says why in a word (``children``: it has live

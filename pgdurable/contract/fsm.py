@@ -102,6 +102,10 @@ class Context:
     #: While a compensation step runs: the failure that made the instance compensate its
     #: completed steps (docs/sagas.md); None otherwise.
     compensating: str | None = None
+    #: The answer to the input the instance awaited (the payload of the awaited signal on
+    #: the await's first name), decoded into the step's ``input`` type when it declares one;
+    #: None when none arrived (a timeout, or another name woke it). docs/inputs.md
+    input: Any = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
 
     def results(self, type_: Any = None) -> Results[Any]:
@@ -139,18 +143,27 @@ class StepDef:
     #: The step that undoes this one once it completed, should the instance fail or be
     #: cancelled later (docs/sagas.md); None: nothing to undo.
     compensate: str | None = None
+    #: The type of the input this step receives in ``ctx.input`` (``@step(input=T)``).
+    input: Any = None
 
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @overload
-def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ...) -> _Fn: ...
+def step(
+    fn: _Fn, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ..., input: Any = ...
+) -> _Fn: ...
 
 
 @overload
 def step(
-    fn: None = None, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ...
+    fn: None = None,
+    *,
+    initial: bool = ...,
+    timeout: float | None = ...,
+    compensate: Any = ...,
+    input: Any = ...,
 ) -> Callable[[_Fn], _Fn]: ...
 
 
@@ -160,6 +173,7 @@ def step(
     initial: bool = False,
     timeout: float | None = None,
     compensate: Any = None,
+    input: Any = None,
 ) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
@@ -167,6 +181,12 @@ def step(
     step's result is discarded; either way the timeout is an error routed to ``handle()``.
     ``compensate`` names the step (by name, or the step itself) that undoes this one: once
     this step completed, a later failure or cancel of the instance runs it (docs/sagas.md).
+
+    ``input`` (a type msgspec decodes: a ``Struct``, ``int``, a ``Literal``…) is the type of
+    the answer this step receives after an ``Await`` that asks for input: ``ctx.input`` is
+    the delivered value decoded into it (one that does not fit is an ``InvalidInput`` routed
+    to ``handle()``), and an ``Await`` whose ``then`` is this step takes it as its default
+    ``schema`` (docs/inputs.md).
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -174,6 +194,14 @@ def step(
             raise DefinitionError(f"step {f.__name__}: timeout must be positive")
         undo = compensate if compensate is None or isinstance(compensate, str) else compensate.__name__
         f.__pgdurable_step__ = (initial, timeout, undo)  # type: ignore[attr-defined]
+        if input is not None:
+            try:
+                msgspec.json.schema(input)
+            except (TypeError, ValueError) as exc:
+                raise DefinitionError(
+                    f"step {f.__name__}: input {input!r} is not a type msgspec describes"
+                ) from exc
+            f.__pgdurable_input__ = input  # type: ignore[attr-defined]
         return f
 
     return mark(fn) if fn is not None else mark
@@ -194,7 +222,8 @@ class FSM:
     Subclass with keywords: ``class Checkout(FSM, name="checkout", version=1, queue="q")``.
     A nested ``State`` type (a ``msgspec.Struct``, or anything msgspec decodes) types the
     state; without one the state is a plain dict. ``history=False`` records none of its step
-    attempts in the history table (docs/history.md).
+    attempts in the history table (docs/history.md). ``deadline`` (seconds or a timedelta)
+    is the default deadline of its instances, counted from their insert (docs/deadlines.md).
     """
 
     __pgdurable__: ClassVar[MachineInfo]
@@ -217,6 +246,7 @@ class FSM:
         max_crashes: int | None = None,
         history: bool = True,
         compensation_attempts: int | None = None,
+        deadline: float | dt.timedelta | None = None,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -237,6 +267,7 @@ class FSM:
             if not isinstance(compensation_attempts, int) or compensation_attempts < 1:
                 raise DefinitionError(f"{cls.__name__}: compensation_attempts must be a positive integer")
             cls.compensation_attempts = compensation_attempts
+        deadline_s = _deadline_seconds(cls.__name__, deadline)
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
@@ -244,7 +275,13 @@ class FSM:
                 if marker is not None:
                     initial, timeout, undo = marker
                     steps[attr] = StepDef(
-                        attr, value, inspect.iscoroutinefunction(value), initial, timeout, undo
+                        attr,
+                        value,
+                        inspect.iscoroutinefunction(value),
+                        initial,
+                        timeout,
+                        undo,
+                        getattr(value, "__pgdurable_input__", None),
                     )
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
@@ -267,6 +304,7 @@ class FSM:
             state_type=state_type,
             history=history,
             on_cancel=on_cancel,
+            deadline=deadline_s,
         )
 
     def handle(self, exc: BaseException, ctx: Context) -> Outcome:
@@ -276,6 +314,21 @@ class FSM:
     def backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt + 1`` when ``Retry`` gives no delay."""
         return default_backoff(attempt)
+
+
+def _deadline_seconds(name: str, deadline: float | dt.timedelta | None) -> float | None:
+    """A machine's relative deadline (``deadline=``) in seconds, checked."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, dt.timedelta):
+        value = deadline.total_seconds()
+    elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        value = float(deadline)
+    else:
+        raise DefinitionError(f"{name}: deadline must be seconds or a timedelta, got {deadline!r}")
+    if not 0 < value < 100 * 365 * 86400:
+        raise DefinitionError(f"{name}: deadline must be positive and under 100 years, got {deadline!r}")
+    return value
 
 
 def _hook_step(cls: type, steps: dict[str, StepDef]) -> str | None:
@@ -331,6 +384,7 @@ def job(
     timeout: float | None = None,
     max_crashes: int | None = None,
     history: bool = True,
+    deadline: float | dt.timedelta | None = None,
 ) -> Any:
     """Declare a one-step machine from a function ``fn(args[, ctx])``.
 
@@ -339,6 +393,7 @@ def job(
     (capped exponential with jitter by default) until ``max_attempts`` runs were made, then
     fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
     plain function stays available as ``.fn``. ``history=False``: no history rows.
+    ``deadline``: the default deadline of its instances (docs/deadlines.md).
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
@@ -387,6 +442,8 @@ def job(
             kwds["max_crashes"] = max_crashes
         if history is not True:
             kwds["history"] = history
+        if deadline is not None:
+            kwds["deadline"] = deadline
         cls = types.new_class(f.__name__, (FSM,), kwds, lambda ns: ns.update(body))
         return cls
 

@@ -66,12 +66,23 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Await:
-    """Park until a signal named in ``names`` arrives (or ``timeout`` passes), then run ``then``."""
+    """Park until a signal named in ``names`` arrives (or ``timeout`` passes), then run ``then``.
+
+    With ``prompt``, ``schema`` or ``choices`` it asks for input (docs/inputs.md): a pending
+    input answered on the first of ``names``, listed by ``Client.inputs()`` and ``pgdurable
+    inputs``. ``schema`` is the type of the answer (a ``msgspec.Struct``, ``int``, a
+    ``Literal``…; default: the ``input`` type ``then`` declares), stored as its JSON Schema
+    so that ``respond`` can refuse a bad answer without the machine's code; ``choices`` are
+    the allowed values.
+    """
 
     names: str | Sequence[str]
     then: StepRef
     state: Any = KEEP
     timeout: Seconds = None
+    prompt: str | None = None
+    schema: Any = None
+    choices: Sequence[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

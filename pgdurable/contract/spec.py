@@ -42,6 +42,7 @@ class MachineInfo:
     state_type: Any  # a msgspec-decodable type, or None for a plain dict
     history: bool = True  # its step attempts are recorded in the history table
     on_cancel: str | None = None  # the step a cancel sends an instance to (FSM.on_cancel)
+    deadline: float | None = None  # seconds from the insert to the instance's default deadline
 
 
 class Insert(msgspec.Struct, frozen=True):
@@ -66,6 +67,14 @@ class Insert(msgspec.Struct, frozen=True):
     weight: float = 1.0
     version: int | None = None
     step: str | None = None
+    #: Start by then, or end (``on_expiry``: ``"fail"`` or ``"cancel"``) instead of running
+    #: late: an aware datetime, or ``expires_in`` seconds (or a timedelta) from the insert.
+    expires_at: dt.datetime | None = None
+    expires_in: float | dt.timedelta | None = None
+    on_expiry: str = "fail"
+    #: Finish by then, or fail (live children cancelled): an aware datetime, or seconds (or a
+    #: timedelta) from the insert. None: the machine's ``deadline``, if it declares one.
+    deadline: dt.datetime | float | dt.timedelta | None = None
 
 
 Child = Insert
@@ -96,6 +105,11 @@ class InsertRow(msgspec.Struct, frozen=True, omit_defaults=True):
     weight: float = 1.0
     ord: int = 0
     parent_id: int | None = None
+    expires_at: dt.datetime | None = None
+    expires_in: float | None = None
+    on_expiry: str | None = None  # None: fail
+    deadline_at: dt.datetime | None = None
+    deadline_in: float | None = None
 
 
 def encode_json(value: Any) -> str:
@@ -196,6 +210,7 @@ def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
             f"correlation_scope must be empty or contain every live status {list(LIVE_STATUSES)}"
             f" (plus any terminal ones that should keep the key reserved); got {scope}"
         )
+    expires_at, expires_in, on_expiry, deadline_at, deadline_in = time_limits(spec, info)
     return InsertRow(
         fsm=name,
         version=version,
@@ -210,6 +225,46 @@ def resolve(spec: Insert, state: bytes | None = None) -> InsertRow:
         concurrency_key=limit_key(spec.concurrency_key, "concurrency_key"),
         rate_limit=limit_key(spec.rate_limit, "rate_limit"),
         weight=float(spec.weight),
+        expires_at=expires_at,
+        expires_in=expires_in,
+        on_expiry=on_expiry,
+        deadline_at=deadline_at,
+        deadline_in=deadline_in,
+    )
+
+
+def time_limits(
+    spec: Insert, info: MachineInfo | None
+) -> tuple[dt.datetime | None, float | None, str | None, dt.datetime | None, float | None]:
+    """An insert's expiry and deadline as column values: (expires_at, expires_in,
+    on_expiry, deadline_at, deadline_in); a relative one counts from the insert (the
+    database's clock). The machine class's ``deadline`` when the insert gives none."""
+    if spec.expires_at is not None and spec.expires_in is not None:
+        raise ValueError("give expires_at or expires_in, not both")
+    if spec.expires_at is not None and (
+        not isinstance(spec.expires_at, dt.datetime) or spec.expires_at.tzinfo is None
+    ):
+        raise ValueError(f"expires_at must be a timezone-aware datetime, got {spec.expires_at!r}")
+    expires_in = None if spec.expires_in is None else seconds(spec.expires_in)
+    values.check_seconds(expires_in, "expires_in")
+    if spec.on_expiry not in ("fail", "cancel"):
+        raise ValueError(f"on_expiry must be 'fail' or 'cancel', got {spec.on_expiry!r}")
+    deadline_at = deadline_in = None
+    if isinstance(spec.deadline, dt.datetime):
+        if spec.deadline.tzinfo is None:
+            raise ValueError("deadline must be timezone-aware when it is a datetime")
+        deadline_at = spec.deadline
+    elif spec.deadline is not None:
+        deadline_in = seconds(spec.deadline)
+    elif info is not None and info.deadline is not None:
+        deadline_in = info.deadline
+    values.check_seconds(deadline_in, "deadline")
+    return (
+        spec.expires_at,
+        expires_in,
+        None if spec.on_expiry == "fail" else spec.on_expiry,
+        deadline_at,
+        deadline_in,
     )
 
 

@@ -301,7 +301,7 @@ async def _flush_group(
         refused = [r for r in results if r.row.id not in report.committed]
         if refused:
             for parent_id, status in await _settle_cancels(conn, q, worker, refused, report, join=False):
-                if status == "cancelled" and parent_id is not None:
+                if status in ("cancelled", "failed") and parent_id is not None:  # failed: a deadline
                     terminal_children[parent_id] += 1
 
         # Every committed outcome takes its row out of executing: give back its gate slot
@@ -457,6 +457,7 @@ def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
         "awaits": [encode_json(r.awaits) for r in rs],
         "timeouts": [r.timeout for r in rs],
         "sagas": [None if r.saga is None else r.saga.decode() for r in rs],
+        "inputs": [None if r.input_request is None else r.input_request.decode() for r in rs],
     }
 
 

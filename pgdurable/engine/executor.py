@@ -12,17 +12,24 @@ fails for every row in it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
 import msgspec
 
 from pgdurable.contract import values
-from pgdurable.contract.errors import InvalidOutcome, InvalidValue, StateDecodeError, StepTimeout
+from pgdurable.contract.errors import (
+    InvalidInput,
+    InvalidOutcome,
+    InvalidValue,
+    StateDecodeError,
+    StepTimeout,
+)
 from pgdurable.contract.fsm import FSM, TERMINAL, Context, Registry, StepDef, decode_state
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
@@ -57,6 +64,7 @@ class Result:
     error: str | None = None
     awaits: list[str] = field(default_factory=list)
     timeout: float | None = None
+    input_request: bytes | None = None  # an Await that asks for input: its prompt, schema, choices
     children: list[InsertRow] = field(default_factory=list)
     consume: list[int] = field(default_factory=list)  # signal ids taken on progress
     inline: bool = False
@@ -164,6 +172,8 @@ class Executor:
             return await self._compensate(machine, cls.compensation_attempts, row, info, sdef, ctx, saga)
         taken = [s.id for s in ctx.awaited]
         try:
+            if row.awaits:
+                ctx.input = received_input(row, sdef)
             outcome = await self._call(machine, sdef, ctx)
             result = self._finish(row, info, step_name, outcome, taken)
         except Exception as exc:  # noqa: BLE001 - every step error is routed to handle()
@@ -333,6 +343,85 @@ class Executor:
                 "Next, Retry, Await, Spawn, Done, Stop"
             )
         return prepare(self.registry, row, info, step_name, outcome, taken, error, self.limits)
+
+
+def received_input(row: Claimed, sdef: StepDef) -> Any:
+    """``ctx.input``: the payload of the first awaited signal on the await's first name (the
+    name an input is answered on), decoded into the step's ``input`` type when it declares
+    one; None when none arrived. Raises ``InvalidInput`` (routed to ``handle()``) when the
+    value does not fit the type: a plain ``signal`` is not checked against the schema."""
+    name = row.awaits[0] if row.awaits else None
+    got = next((s for s in row.awaited if s.name == name), None)
+    if got is None:
+        return None
+    if sdef.input is None:
+        return got.payload
+    try:
+        return msgspec.convert(got.payload, sdef.input, strict=True)
+    except msgspec.ValidationError as exc:
+        where = _state_field(exc)
+        raise InvalidInput(
+            f"input {name!r} does not fit {_type_name(sdef.input)}: {exc}",
+            field=f"$.{where}" if where else "$",
+        ) from None
+
+
+def _type_name(kind: Any) -> str:
+    return str(getattr(kind, "__name__", kind))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_schema(kind: Any) -> Any:
+    return msgspec.json.schema(kind)
+
+
+def json_schema(kind: Any) -> Any:
+    """The JSON Schema of a msgspec type (cached per type: a park should not rebuild it)."""
+    try:
+        return _cached_schema(kind)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise InvalidOutcome(f"Await schema {kind!r} is not a type msgspec describes: {exc}") from exc
+    try:
+        return msgspec.json.schema(kind)
+    except TypeError as exc:
+        raise InvalidOutcome(f"Await schema {kind!r} is not a type msgspec describes: {exc}") from exc
+
+
+def _input_request(registry: Registry, info: MachineInfo, outcome: Await, then: str) -> bytes | None:
+    """What an ``Await`` that asks for input stores: its prompt, the JSON Schema of the
+    answer's type (the Await's ``schema``, else the input type ``then`` declares) and its
+    choices, each checked against that type. None for a plain await."""
+    if outcome.prompt is None and outcome.schema is None and outcome.choices is None:
+        return None
+    found = registry.get(info.name, info.version)
+    declared = found[0].__pgdurable_steps__[then].input if found is not None else None
+    kind = outcome.schema if outcome.schema is not None else declared
+    if outcome.schema is not None and declared is not None and outcome.schema != declared:
+        raise InvalidOutcome(
+            f"Await schema {_type_name(outcome.schema)} differs from the input type "
+            f"{_type_name(declared)} that step {then!r} declares"
+        )
+    if outcome.prompt is not None and not isinstance(outcome.prompt, str):
+        raise InvalidOutcome(f"Await prompt must be text, got {outcome.prompt!r}")
+    choices = None
+    if outcome.choices is not None:
+        if isinstance(outcome.choices, str | bytes) or not isinstance(outcome.choices, Sequence):
+            raise InvalidOutcome(f"Await choices must be a list of values, got {outcome.choices!r}")
+        if not outcome.choices:
+            raise InvalidOutcome("Await choices must not be empty: nothing could answer it")
+        choices = [values.decode(_json(c, "Await choice"), "Await choice") for c in outcome.choices]
+        for c in choices if kind is not None else ():
+            try:
+                msgspec.convert(c, kind, strict=True)
+            except msgspec.ValidationError as exc:
+                raise InvalidOutcome(f"Await choice {c!r} does not fit {_type_name(kind)}: {exc}") from exc
+    request = {
+        "prompt": outcome.prompt,
+        "schema": json_schema(kind) if kind is not None else None,
+        "choices": choices,
+    }
+    return _json(request, "Await input")
 
 
 def _raised(result: Result, exc: BaseException) -> Result:
@@ -530,14 +619,16 @@ def _columns(
                 raise InvalidOutcome(str(exc)) from exc
             if timeout is not None and timeout <= 0:
                 raise InvalidOutcome(f"Await timeout must be positive, got {outcome.timeout!r}")
+            then = _step_name(info, outcome.then, "Await")
             return Result(
                 row,
                 "await",
                 version=info.version,
-                step=_step_name(info, outcome.then, "Await"),
+                step=then,
                 state=_encode(info, outcome.state),
                 awaits=names,
                 timeout=timeout,
+                input_request=_input_request(registry, info, outcome, then),
                 consume=taken,  # not consumed: the park's recheck ignores these ids
             )
         case Spawn():

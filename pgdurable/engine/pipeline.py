@@ -42,6 +42,7 @@ def registration(registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
         "queues": [m.queue for m in infos],
         "steps": [encode_json(list(m.steps)) for m in infos],
         "on_cancels": [m.on_cancel for m in infos],
+        "deadlines": [m.deadline for m in infos],
     }
     held = {"fsms": machines["names"], "versions": machines["versions"]}
     return machines, held

@@ -1,7 +1,7 @@
 """The maintenance process: one per supervisor, forked and restarted like a worker.
 
-It runs the sweeps — the reaper, await deadlines, garbage collection, the look for queues
-no worker serves — each a component
+It runs the sweeps — the reaper, await deadlines, expiry and instance deadlines, garbage
+collection, the look for queues no worker serves — each a component
 with the one lifecycle, on their own short-lived connections, so a slow sweep (a large GC)
 never stalls the supervisor's loop (reaping, restarts, the systemd watchdog). It reports to
 the supervisor once a second over the same pipe as the workers.
@@ -26,6 +26,7 @@ from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.sweeps.awaits import AwaitDeadlines
 from pgdurable.runtime.sweeps.base import Sweep
+from pgdurable.runtime.sweeps.deadlines import Deadlines
 from pgdurable.runtime.sweeps.gc import Collector
 from pgdurable.runtime.sweeps.reaper import Reaper
 from pgdurable.runtime.sweeps.unserved import UnservedQueues
@@ -57,6 +58,7 @@ class Maintenance:
                 self.connect, queries, spec.registry, cfg.runtime.max_crashes, m.interval, cfg.runtime.lease
             ),
             AwaitDeadlines(self.connect, queries, m.interval, log),
+            Deadlines(self.connect, queries, m.interval),
             Collector(self.connect, queries, m.gc_interval, m.retention, m.gc_batch),
         ]
         if m.queue_check_interval > 0:

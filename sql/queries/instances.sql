@@ -1,6 +1,6 @@
 -- name: instance_insert_one
 -- Insert one instance, resolving version, initial step and queue from the machines table when
--- the producer left them out. Returns id (NULL when the correlation key is occupied), whether
+-- the producer left them out (and the machine's relative deadline when it gives none). Returns id (NULL when the correlation key is occupied), whether
 -- the machine could be resolved at all, and the queue. NOTIFY rides this transaction only
 -- when asked (an insert inside a caller's transaction); otherwise the client notifies
 -- after the commit, coalesced (see docs/performance.md).
@@ -8,22 +8,27 @@ WITH c AS (
     SELECT %(fsm)s::text AS fsm,
            COALESCE(%(version)s::int, m.version) AS version,
            COALESCE(%(step)s::text, m.initial_step) AS step,
-           COALESCE(%(queue)s::text, m.queue) AS queue
+           COALESCE(%(queue)s::text, m.queue) AS queue,
+           m.deadline
     FROM (SELECT 1) AS one
     LEFT JOIN LATERAL (
-        SELECT version, initial_step, queue FROM {schema}.machines
+        SELECT version, initial_step, queue, deadline FROM {schema}.machines
         WHERE name = %(fsm)s::text AND (%(version)s::int IS NULL OR version = %(version)s::int)
         ORDER BY version DESC LIMIT 1) AS m ON true
 ), ins AS (
     INSERT INTO {schema}.instances
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
-         correlation_scope, concurrency_key, rate_limit, weight)
+         correlation_scope, concurrency_key, rate_limit, weight, expires_at, on_expiry, deadline)
     SELECT c.fsm, c.version, c.step, %(state)s::jsonb, c.queue, %(priority)s,
            COALESCE(%(at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
            %(correlation_key)s,
            COALESCE(%(correlation_scope)s::text[], '{runnable,executing,awaiting_signal,awaiting_children,held}'),
            %(concurrency_key)s,
-           %(rate_limit)s, %(weight)s
+           %(rate_limit)s, %(weight)s,
+           COALESCE(%(expires_at)s::timestamptz, now() + make_interval(secs => %(expires_in)s::float8)),
+           %(on_expiry)s::text,
+           COALESCE(%(deadline_at)s::timestamptz, now() + make_interval(secs => %(deadline_in)s::float8),
+                    now() + c.deadline)
     FROM c WHERE c.queue IS NOT NULL
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
     RETURNING id, queue
@@ -47,7 +52,7 @@ SELECT now(), ARRAY(SELECT nextval(seq.s) FROM seq, generate_series(1, %(n)s::in
 -- COPY writes the given identity values (as INSERT ... OVERRIDING SYSTEM VALUE would).
 COPY {schema}.instances (id, fsm, version, step, state, queue, priority, eligible_at,
                          correlation_key, correlation_scope, concurrency_key, rate_limit,
-                         weight, inserted_at)
+                         weight, inserted_at, expires_at, on_expiry, deadline)
 FROM STDIN;
 
 -- name: instance_copy_plain
@@ -67,7 +72,8 @@ COPY {schema}.instances (id, fsm, version, step, state, queue) FROM STDIN;
 -- (%(gates)s, with their limits) skip the probe, are taken at most `limit` per key, and get
 -- a provisional shard (-1) that admission replaces by the slot's shard.
 -- has_inbox / has_children tell the caller which rows need enrichment. A paused queue
--- (a row of the queues table, read once per claim by primary key) claims nothing.
+-- (a row of the queues table, read once per claim by primary key) claims nothing. A row past
+-- its expires_at or its deadline is skipped (a filter on the candidates the index yields).
 WITH candidates AS (
     SELECT i.id, i.concurrency_key, i.priority, i.eligible_at,
            CASE WHEN i.concurrency_name = ANY(%(gates)s::text[])
@@ -83,6 +89,10 @@ WITH candidates AS (
     WHERE i.status = 'runnable' AND i.queue = %(queue)s
       AND i.eligible_at <= now() + %(horizon)s::interval
       AND b.busy IS NULL
+      -- time limits (docs/deadlines.md): never start a row past its expiry, nor run a step
+      -- past the deadline (but an on_cancel step's); the deadline sweep ends those rows
+      AND (i.expires_at IS NULL OR i.expires_at > now())
+      AND (i.deadline IS NULL OR i.deadline > now() OR i.cancel_reason IS NOT NULL)
       AND NOT EXISTS (SELECT 1 FROM {schema}.queues AS p WHERE p.name = %(queue)s AND p.paused)
     ORDER BY i.priority, i.eligible_at
     LIMIT %(limit)s
@@ -146,6 +156,7 @@ WITH written AS (
         crashes = 0,
         awaits = CASE WHEN u.keep_awaits THEN i.awaits END,
         await_deadline = NULL,
+        expires_at = NULL,  -- it started: its first outcome is committed
         concurrency_key = CASE WHEN u.set_concurrency THEN u.concurrency_key
                                ELSE i.concurrency_key END,
         concurrency_shard = CASE WHEN u.status = 'executing' THEN i.concurrency_shard END,
@@ -189,19 +200,22 @@ FROM written AS w CROSS JOIN notified;
 
 -- name: instance_park_await_if_owned_many
 -- Park rows this worker still owns on a set of signal names (awaits as JSON arrays); not a
--- row a cancel marked (the flush settles it).
+-- row a cancel marked (the flush settles it). An await that asks for input stores its
+-- request (prompt, schema, choices; NULL for a plain await: docs/inputs.md).
 UPDATE {schema}.instances AS i
 SET status = 'awaiting_signal', version = u.version, step = u.step,
     state = COALESCE(u.state::jsonb, i.state), attempt = 0, crashes = 0,
     awaits = ARRAY(SELECT jsonb_array_elements_text(u.awaits::jsonb)),
     await_deadline = CASE WHEN u.timeout IS NULL THEN NULL
                           ELSE now() + make_interval(secs => u.timeout) END,
+    input_request = u.input::jsonb, expires_at = NULL,
     eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL, weight = 1,
     last_error = NULL, last_traceback = NULL, saga = COALESCE(u.saga::jsonb, i.saga),
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(versions)s::int[], %(steps)s::text[],
-            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[], %(sagas)s::text[])
-     AS u(id, token, version, step, state, awaits, timeout, saga)
+            %(states)s::text[], %(awaits)s::text[], %(timeouts)s::float8[], %(sagas)s::text[],
+            %(inputs)s::text[])
+     AS u(id, token, version, step, state, awaits, timeout, saga, input)
 WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
   AND i.lease_token = u.token
   AND i.status = 'executing' AND i.cancel_requested IS NULL
@@ -236,17 +250,22 @@ FOR NO KEY UPDATE OF i;
 WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
-         correlation_scope, concurrency_key, rate_limit, weight, spawn_index)
+         correlation_scope, concurrency_key, rate_limit, weight, expires_at, on_expiry, deadline,
+         spawn_index)
     SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, COALESCE(c.priority, 0),
            COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
            c.concurrency_key, c.rate_limit, COALESCE(c.weight, 1),
+           COALESCE(c.expires_at, now() + make_interval(secs => c.expires_in)), c.on_expiry,
+           COALESCE(c.deadline_at, now() + make_interval(secs => c.deadline_in)),
            -- its position among its parent's children of this Spawn (ord: in the document)
            (rank() OVER (PARTITION BY c.parent_id ORDER BY COALESCE(c.ord, 0)) - 1)::int
     FROM json_to_recordset(%(children)s::json)
          AS c(parent_id bigint, fsm text, version int, step text, state json, queue text,
               priority smallint, at timestamptz, delay float8, correlation_key text,
-              scope text[], concurrency_key text, rate_limit text, weight float8, ord int)
+              scope text[], concurrency_key text, rate_limit text, weight float8, ord int,
+              expires_at timestamptz, expires_in float8, on_expiry text,
+              deadline_at timestamptz, deadline_in float8)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, COALESCE(c.ord, 0)
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
@@ -261,9 +280,9 @@ UPDATE {schema}.instances AS i
 SET status = CASE WHEN COALESCE(l.n, 0) > 0 THEN 'awaiting_children' ELSE 'runnable' END,
     version = u.version, step = u.step, state = COALESCE(u.state::jsonb, i.state),
     children_pending = COALESCE(l.n, 0), attempt = 0, crashes = 0, awaits = NULL,
-    await_deadline = NULL, eligible_at = now(), concurrency_shard = NULL, rate_limit = NULL,
-    weight = 1, last_error = NULL, last_traceback = NULL, saga = COALESCE(u.saga::jsonb, i.saga),
-    join_policy = u.policy,
+    await_deadline = NULL, expires_at = NULL, eligible_at = now(), concurrency_shard = NULL,
+    rate_limit = NULL, weight = 1, last_error = NULL, last_traceback = NULL,
+    saga = COALESCE(u.saga::jsonb, i.saga), join_policy = u.policy,
     locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(versions)s::int[], %(steps)s::text[], %(states)s::text[],
             %(sagas)s::text[], %(policies)s::text[])
@@ -333,7 +352,7 @@ SELECT id, fsm, version, step, status, queue, priority, attempt, crashes, state:
        result::text AS result, last_error, awaits, await_deadline, parent_id, children_pending,
        correlation_key, concurrency_key, rate_limit, weight, eligible_at, inserted_at,
        updated_at, last_traceback, cancel_reason, cancel_requested IS NOT NULL AS cancel_requested,
-       saga::text AS saga
+       saga::text AS saga, expires_at, deadline
 FROM {schema}.instances WHERE id = %(id)s;
 
 -- name: instance_runnable_queues

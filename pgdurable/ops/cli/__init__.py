@@ -11,6 +11,7 @@ A module per group of verbs, each verb a click command registered in ``VERBS``:
 - ``graph.py``: ``graph`` (no database; ``pgdurable/ops/transitions.py`` reads the code)
 
 - ``operate.py``: ``cancel``, ``retry``, ``rewind``, ``pause``, ``resume`` (through the client)
+- ``inputs.py``: ``inputs``, ``respond`` (pending human input, through the client)
 
 The step history is a section of ``show``.
 ``common.py`` holds what they share: the database options, the connection, the exit
@@ -21,7 +22,7 @@ the schema is behind or ahead; ``check``: the deploy would hold rows or leave a 
 unserved); 2 a usage or operator error (arguments, config file, modules, database address,
 privileges), printed as one line on stderr; 3 what was named is not there or not in a
 state that allows the request (``show``, ``signal``, ``insert``, ``graph``, ``cancel``,
-``retry``, ``rewind``); 130
+``retry``, ``rewind``, ``respond``); 130
 interrupted. A traceback means a bug in pgdurable; the traceback of the operator's own
 module that failed to import is shown only with ``supervise --log-level debug``.
 """
@@ -38,6 +39,7 @@ from pgdurable.ops.cli.cleanup import cleanup
 from pgdurable.ops.cli.common import INTERRUPTED, USAGE, CliError, one_line
 from pgdurable.ops.cli.deploy import check
 from pgdurable.ops.cli.graph import graph
+from pgdurable.ops.cli.inputs import inputs, respond
 from pgdurable.ops.cli.listing import list_
 from pgdurable.ops.cli.operate import cancel, pause, resume, retry, rewind
 from pgdurable.ops.cli.produce import insert, signal
@@ -55,6 +57,8 @@ VERBS: tuple[click.Command, ...] = (
     show,
     insert,
     signal,
+    inputs,
+    respond,
     cancel,
     retry,
     rewind,

@@ -224,6 +224,30 @@ class IsoTime(_Param):
         return at
 
 
+class TimeOrDuration(_Param):
+    """An ISO 8601 time (without an offset: local time), or a duration from now (``2h``)."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.datetime | dt.timedelta:
+        if isinstance(value, dt.datetime | dt.timedelta):
+            return value
+        text = str(value).strip()
+        after = parse_duration(text)
+        if after is not None:
+            return after
+        at = parse_time(text)
+        if at is None:
+            self.fail(
+                f"{value!r} is neither a duration (90, 30m, 2h) nor an ISO time (2026-12-01T10:00:00+00:00)",
+                param,
+                ctx,
+            )
+        return at
+
+
 class TimeOrAgo(_Param):
     """An ISO 8601 time (a time without an offset is local), or a duration ago (``1h``, ``2d``)."""
 

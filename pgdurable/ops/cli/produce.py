@@ -14,6 +14,7 @@ from pgdurable.ops.cli.common import (
     CliError,
     Duration,
     IsoTime,
+    TimeOrDuration,
     connected,
     database_options,
     decode_json,
@@ -41,6 +42,20 @@ from pgdurable.ops.cli.common import (
 @click.option(
     "--schedule-at", type=IsoTime(), help="runnable at this ISO time (without an offset: local time)"
 )
+@click.option("--expires-in", type=Duration(), help="not started within this long: it ends instead (5m, 1h)")
+@click.option("--expires-at", type=IsoTime(), help="not started by this ISO time: it ends instead")
+@click.option(
+    "--on-expiry",
+    type=click.Choice(["fail", "cancel"]),
+    default="fail",
+    show_default=True,
+    help="how an instance that expired ends",
+)
+@click.option(
+    "--deadline",
+    type=TimeOrDuration(),
+    help="not finished by then, it fails: a duration from now (2h) or an ISO time",
+)
 @click.option(
     "--version",
     "machine_version",
@@ -60,13 +75,19 @@ def insert(
     concurrency_key: str | None,
     schedule_in: dt.timedelta | None,
     schedule_at: dt.datetime | None,
+    expires_in: dt.timedelta | None,
+    expires_at: dt.datetime | None,
+    on_expiry: str,
+    deadline: dt.datetime | dt.timedelta | None,
     machine_version: int | None,
     as_json: bool,
 ) -> int:
     """Insert one instance of MACHINE (by name) with STATE_JSON (default {}; - reads stdin).
 
     The version, initial step and queue come from what the supervisors registered, as for
-    a producer's insert by name. Exit 3 when the correlation key is occupied or the
+    a producer's insert by name. --expires-in/--expires-at: not started by then, it fails
+    (or is cancelled: --on-expiry cancel) instead of running late; --deadline: not finished
+    by then, it fails (docs/deadlines.md). Exit 3 when the correlation key is occupied or the
     machine is not registered and no --queue was given.
     """
     from pgdurable.client import Client
@@ -80,7 +101,12 @@ def insert(
         "schedule_in": schedule_in,
         "schedule_at": schedule_at,
         "version": machine_version,
+        "expires_in": expires_in,
+        "expires_at": expires_at,
+        "on_expiry": on_expiry,
     }
+    if deadline is not None:  # else the machine's own deadline, if it declares one
+        options["deadline"] = deadline
     target = resolve(dsn, schema, config_path)
     with connected(target) as (conn, _q), Client(target.dsn, schema=target.schema) as client:
         try:
