@@ -6,6 +6,7 @@ import datetime as dt
 import importlib
 import inspect
 import logging
+import math
 import random
 import types
 import typing
@@ -104,31 +105,49 @@ class StepDef:
     fn: Callable[..., Any]
     is_async: bool
     initial: bool
-    timeout: float | None
+    timeout: float | None  # seconds: the step's own, else its machine's step_timeout
+
+
+Timeout = float | dt.timedelta | None
+
+
+def timeout_seconds(value: Timeout, what: str) -> float | None:
+    """A step timeout in seconds (None: no timeout), or a DefinitionError naming ``what``."""
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise DefinitionError(f"{what}: timeout must be seconds (a number or a timedelta), got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise DefinitionError(f"{what}: timeout must be a positive, finite number of seconds, got {value!r}")
+    return seconds
 
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @overload
-def step(fn: _Fn, *, initial: bool = ..., timeout: float | None = ...) -> _Fn: ...
+def step(fn: _Fn, *, initial: bool = ..., timeout: Timeout = ...) -> _Fn: ...
 
 
 @overload
-def step(fn: None = None, *, initial: bool = ..., timeout: float | None = ...) -> Callable[[_Fn], _Fn]: ...
+def step(fn: None = None, *, initial: bool = ..., timeout: Timeout = ...) -> Callable[[_Fn], _Fn]: ...
 
 
-def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: float | None = None) -> Any:
+def step(fn: Callable[..., Any] | None = None, *, initial: bool = False, timeout: Timeout = None) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
-    ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
-    step's result is discarded; either way the timeout is an error routed to ``handle()``.
+    ``timeout`` (seconds, or a timedelta) bounds the step; None takes the machine's
+    ``step_timeout``. An async step is cancelled at its deadline; a sync step's thread cannot
+    be interrupted: its outcome is discarded (on an ``isolation = "process"`` queue its
+    process is killed). Either way ``StepTimeout`` goes to ``handle()`` (docs/timeouts.md).
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
-        if timeout is not None and timeout <= 0:
-            raise DefinitionError(f"step {f.__name__}: timeout must be positive")
-        f.__pgdurable_step__ = (initial, timeout)  # type: ignore[attr-defined]
+        f.__pgdurable_step__ = (initial, timeout_seconds(timeout, f"step {f.__name__}"))  # type: ignore[attr-defined]
         return f
 
     return mark(fn) if fn is not None else mark
@@ -160,6 +179,8 @@ class FSM:
     #: can undo what it did; the instance ends ``cancelled`` when that step (or one it moves
     #: on to) finishes. None: a cancel ends the instance at once (docs/operating.md).
     on_cancel: ClassVar[Any] = None
+    #: Seconds a step may run when it declares no ``timeout`` of its own; None: unbounded.
+    step_timeout: ClassVar[float | None] = None
 
     def __init_subclass__(
         cls,
@@ -169,6 +190,7 @@ class FSM:
         queue: str = "default",
         max_crashes: int | None = None,
         history: bool = True,
+        step_timeout: Timeout = None,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -185,12 +207,17 @@ class FSM:
             cls.max_crashes = max_crashes
         if not isinstance(history, bool):
             raise DefinitionError(f"{cls.__name__}: history must be True or False")
+        if step_timeout is not None:
+            cls.step_timeout = timeout_seconds(step_timeout, f"{cls.__name__} step_timeout")
+        default_timeout = timeout_seconds(cls.step_timeout, f"{cls.__name__} step_timeout")
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 marker = getattr(value, "__pgdurable_step__", None)
                 if marker is not None:
                     initial, timeout = marker
+                    if timeout is None:
+                        timeout = default_timeout
                     steps[attr] = StepDef(attr, value, inspect.iscoroutinefunction(value), initial, timeout)
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
@@ -253,7 +280,7 @@ def job(
     version: int = 1,
     max_attempts: int = 20,
     backoff: Callable[[int], float] | None = None,
-    timeout: float | None = None,
+    timeout: Timeout = None,
     max_crashes: int | None = None,
     history: bool = True,
 ) -> Any:
@@ -264,11 +291,14 @@ def job(
     (capped exponential with jitter by default) until ``max_attempts`` runs were made, then
     fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
     plain function stays available as ``.fn``. ``history=False``: no history rows.
+    ``timeout`` (seconds or a timedelta) bounds each run: past it the run fails with
+    ``StepTimeout`` and is retried like any error (docs/timeouts.md).
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
 
     def build(f: Callable[..., Any]) -> type[FSM]:
+        run_timeout = timeout_seconds(timeout, f"job {name or f.__name__}")
         args_type = _args_type(f)
         takes_ctx = len(inspect.signature(f).parameters) >= 2
 
@@ -296,7 +326,7 @@ def job(
             return backoff(attempt) if backoff is not None else default_backoff(attempt)
 
         body: dict[str, Any] = {
-            "perform": step(perform, initial=True, timeout=timeout),
+            "perform": step(perform, initial=True, timeout=run_timeout),
             "handle": handle,
             "backoff": job_backoff,
             "fn": staticmethod(f),
