@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pgdurable import FSM, Context, DefinitionError, Done, Stop, StepProcessDied, StepTimeout, job, step
+from pgdurable import FSM, Context, DefinitionError, Done, StepProcessDied, StepTimeout, Stop, job, step
 from pgdurable.contract.errors import ConfigError
 from pgdurable.runtime.config import parse
 from pgdurable.testing import assert_done, assert_failed, drain
@@ -81,7 +81,11 @@ def test_step_timeout_and_process_death_pickle_with_their_fields():
     )
     assert isinstance(exc, TimeoutError)
     died = pickle.loads(pickle.dumps(StepProcessDied("start", "signal 9")))
-    assert (died.step, died.status, str(died)) == ("start", "signal 9", "step process died: signal 9 (step 'start')")
+    assert (died.step, died.status, str(died)) == (
+        "start",
+        "signal 9",
+        "step process died: signal 9 (step 'start')",
+    )
 
 
 # --------------------------------------------------------------------------- async steps
@@ -121,7 +125,7 @@ def test_steps_within_their_timeout_run_as_usual(dsn, schema, client):
 def test_a_timeout_error_the_step_raises_itself_is_not_a_step_timeout(dsn, schema, client):
     iid = client.insert(tm.OwnTimeout, {})
     drain(dsn, [tm.OwnTimeout], schema=schema)
-    inst = assert_failed(client, iid, "TimeoutError(\"the step's own\")")
+    inst = assert_failed(client, iid, 'TimeoutError("the step\'s own")')
     assert "StepTimeout" not in (inst.last_error or "")
 
 

@@ -110,7 +110,9 @@ def test_an_overdue_thread_fails_its_step_keeps_its_slot_and_its_late_return_is_
     assert [a.outcome for a in client.history(blocked)] == ["stop"]
 
 
-def test_a_step_process_past_its_timeout_is_killed_and_the_worker_goes_on(sups, tmp_path, dsn, schema, client):
+def test_a_step_process_past_its_timeout_is_killed_and_the_worker_goes_on(
+    sups, tmp_path, dsn, schema, client
+):
     sup = start(sups, tmp_path, dsn, schema, **SETTINGS)
     workers = sorted(sup.workers())
     pidfile = tmp_path / "hang.pid"
@@ -167,7 +169,11 @@ def test_a_step_process_killed_from_outside_charges_only_its_row(sups, tmp_path,
 
 def test_every_outcome_and_error_crosses_the_process_boundary(sups, tmp_path, dsn, schema, client):
     sup = start(sups, tmp_path, dsn, schema, **SETTINGS)
-    [worker] = [p for p in sup.workers() if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"pgdurable: worker iso")]
+    [worker] = [
+        p
+        for p in sup.workers()
+        if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"pgdurable: worker iso")
+    ]
     tour = client.insert(tm.IsoOutcomes, {})
     raises = client.insert(tm.IsoRaises, {})
     unpicklable = client.insert(tm.IsoRaises, {"unpicklable": True})
@@ -202,9 +208,7 @@ def test_every_outcome_and_error_crosses_the_process_boundary(sups, tmp_path, ds
 
 def test_a_bad_isolation_stops_the_supervisor_naming_the_key_and_the_file(tmp_path, dsn, schema):
     config = tmp_path / "bad.toml"
-    config.write_text(
-        f'[database]\ndsn = "{dsn}"\nschema = "{schema}"\n\n[queues.iso]\nisolation = "fork"\n'
-    )
+    config.write_text(f'[database]\ndsn = "{dsn}"\nschema = "{schema}"\n\n[queues.iso]\nisolation = "fork"\n')
     out = subprocess.run(
         [sys.executable, "-m", "pgdurable", "supervise", str(config)],
         capture_output=True,
@@ -215,6 +219,6 @@ def test_a_bad_isolation_stops_the_supervisor_naming_the_key_and_the_file(tmp_pa
     )
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "expected \"thread\" or \"process\", got 'fork'" in text
+    assert 'expected "thread" or "process", got \'fork\'' in text
     assert str(config) in text and "queues.iso.isolation" in text
     assert "Traceback" not in text
