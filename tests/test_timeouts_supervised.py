@@ -222,3 +222,16 @@ def test_a_bad_isolation_stops_the_supervisor_naming_the_key_and_the_file(tmp_pa
     assert 'expected "thread" or "process", got \'fork\'' in text
     assert str(config) in text and "queues.iso.isolation" in text
     assert "Traceback" not in text
+
+
+def test_a_graceful_stop_kills_the_step_processes_and_gives_their_rows_back(
+    sups, tmp_path, dsn, schema, client
+):
+    sup = start(sups, tmp_path, dsn, schema, **{**SETTINGS, "drain_timeout": 1})
+    pidfile = tmp_path / "w.pid"
+    waits = client.insert(tm.IsoWaits, {"pidfile": str(pidfile), "release": str(tmp_path / "never")})
+    child = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
+    assert sup.stop() == 0  # the step outlived the drain: its process is killed, the row given back
+    assert gone(child)
+    inst = client.get(waits)
+    assert (inst.status, inst.attempt, inst.crashes) == ("runnable", 0, 0)

@@ -253,13 +253,17 @@ class Executor:
 
         def gone(f: asyncio.Future[Any]) -> None:
             late = None if f.cancelled() else f.exception()  # retrieved: never "not retrieved"
+            if killed:
+                what = "it was killed"
+            else:
+                what = "its result was discarded" if late is None else f"it raised {late!r}, discarded"
             self._log.info(
                 "the overdue %s of step %r of instance %d is gone after %.3g s more; %s",
                 "process" if killed else "thread",
                 sdef.name,
                 row.id,
                 time.monotonic() - since,
-                "its result was discarded" if late is None else f"it raised {late!r}, discarded",
+                what,
                 extra={"event": "step_overdue_gone", **where},
             )
 
