@@ -97,9 +97,15 @@ def test_an_overdue_thread_fails_its_step_keeps_its_slot_and_its_late_return_is_
     # Its thread still holds the queue's one slot (concurrency = 1): a new row waits. Guard:
     # Slots.busy counts the overdue; without it this row would run beside the thread.
     quick = client.insert(tm.Quick, {})
-    for _ in range(3):
-        fresh = sup.sent_during(1.0)
-        assert any("1 overdue" in m for m in fresh), fresh
+    # Three status lines later (each from a fresh report of the worker), it still waits.
+    statuses: list[str] = []
+
+    def three() -> bool:
+        statuses.extend(m for m in sup.sent_during(0.5) if m.startswith("STATUS="))
+        return len(statuses) >= 3
+
+    wait_until(three, what="three status lines")
+    assert all("1 overdue" in m for m in statuses), statuses
     assert client.get(quick).status == "runnable"
 
     release.write_text("")  # the thread returns Done("late"): discarded
