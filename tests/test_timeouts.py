@@ -165,7 +165,7 @@ def test_a_sync_step_fails_at_its_deadline_and_its_late_return_is_discarded(dsn,
     assert client.get(iid).status == "failed"
 
 
-def test_the_machine_default_bounds_a_sync_step_too(dsn, schema, client, tmp_path):
+def test_the_row_fails_at_the_deadline_while_the_thread_still_runs(dsn, schema, client, tmp_path):
     iid = client.insert(tm.Blocks, {"release": str(tmp_path / "go")})
 
     async def run() -> None:
