@@ -124,7 +124,7 @@ def test_a_step_process_past_its_timeout_is_killed_and_the_worker_goes_on(
     pidfile = tmp_path / "hang.pid"
     hung = client.insert(tm.IsoHang, {"pidfile": str(pidfile)})
     status_of(client, hung, "failed")
-    assert_failed(client, hung, "StepTimeout(\"step 'start' timed out after 0.5 s\")")
+    assert_failed(client, hung, "StepTimeout(\"step 'start' timed out after 2 s\")")
     child = int(pidfile.read_text())
     wait_until(lambda: gone(child), what="the overdue step process to be killed")
     assert child not in workers

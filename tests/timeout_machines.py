@@ -108,7 +108,7 @@ class Acc(msgspec.Struct):
 class IsoHang(FSM, name="iso_hang", queue="iso"):
     """A sync step that never returns: its step process is killed at the timeout."""
 
-    @step(timeout=0.5)
+    @step(timeout=2)  # long enough to write its pid first on a loaded machine
     def start(self, ctx: Context) -> Any:
         Path(ctx.state["pidfile"]).write_text(str(os.getpid()))
         time.sleep(3600)
