@@ -39,7 +39,34 @@ class InvalidValue(PgdurableError, ValueError):
 
 
 class StepTimeout(PgdurableError, TimeoutError):
-    """A step ran past its declared timeout; routed to handle() like any step error."""
+    """A step ran past its timeout (``@step(timeout=…)`` or the machine's ``step_timeout``);
+    routed to ``handle()`` like any step error. ``step`` names it, ``timeout`` is in seconds.
+
+    An async step was cancelled at the deadline; a sync step's thread goes on (it cannot be
+    interrupted) and what it returns is discarded; a step process was killed (docs/timeouts.md).
+    """
+
+    def __init__(self, step: str, timeout: float):
+        super().__init__(f"step {step!r} timed out after {timeout:g} s")
+        self.step = step
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (StepTimeout, (self.step, self.timeout))
+
+
+class StepProcessDied(PgdurableError):
+    """The process that ran a sync step of an ``isolation = "process"`` queue died during the
+    step (a segfault, ``os._exit``, a kill from outside); routed to ``handle()``. ``status``
+    says how: ``"signal 9"``, ``"exit status 3"``."""
+
+    def __init__(self, step: str, status: str):
+        super().__init__(f"step process died: {status} (step {step!r})")
+        self.step = step
+        self.status = status
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (StepProcessDied, (self.step, self.status))
 
 
 class StateDecodeError(PgdurableError):

@@ -6,6 +6,7 @@ import datetime as dt
 import importlib
 import inspect
 import logging
+import math
 import random
 import types
 import typing
@@ -139,7 +140,7 @@ class StepDef:
     fn: Callable[..., Any]
     is_async: bool
     initial: bool
-    timeout: float | None
+    timeout: float | None  # seconds: the step's own, else its machine's step_timeout
     #: The step that undoes this one once it completed, should the instance fail or be
     #: cancelled later (docs/sagas.md); None: nothing to undo.
     compensate: str | None = None
@@ -147,12 +148,30 @@ class StepDef:
     input: Any = None
 
 
+Timeout = float | dt.timedelta | None
+
+
+def timeout_seconds(value: Timeout, what: str) -> float | None:
+    """A step timeout in seconds (None: no timeout), or a DefinitionError naming ``what``."""
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise DefinitionError(f"{what}: timeout must be seconds (a number or a timedelta), got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise DefinitionError(f"{what}: timeout must be a positive, finite number of seconds, got {value!r}")
+    return seconds
+
+
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @overload
 def step(
-    fn: _Fn, *, initial: bool = ..., timeout: float | None = ..., compensate: Any = ..., input: Any = ...
+    fn: _Fn, *, initial: bool = ..., timeout: Timeout = ..., compensate: Any = ..., input: Any = ...
 ) -> _Fn: ...
 
 
@@ -161,7 +180,7 @@ def step(
     fn: None = None,
     *,
     initial: bool = ...,
-    timeout: float | None = ...,
+    timeout: Timeout = ...,
     compensate: Any = ...,
     input: Any = ...,
 ) -> Callable[[_Fn], _Fn]: ...
@@ -171,14 +190,16 @@ def step(
     fn: Callable[..., Any] | None = None,
     *,
     initial: bool = False,
-    timeout: float | None = None,
+    timeout: Timeout = None,
     compensate: Any = None,
     input: Any = None,
 ) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
-    ``timeout`` (seconds) bounds the step: an async step is cancelled at its deadline, a sync
-    step's result is discarded; either way the timeout is an error routed to ``handle()``.
+    ``timeout`` (seconds, or a timedelta) bounds the step; None takes the machine's
+    ``step_timeout``. An async step is cancelled at its deadline; a sync step's thread cannot
+    be interrupted: its outcome is discarded (on an ``isolation = "process"`` queue its
+    process is killed). Either way ``StepTimeout`` goes to ``handle()`` (docs/timeouts.md).
     ``compensate`` names the step (by name, or the step itself) that undoes this one: once
     this step completed, a later failure or cancel of the instance runs it (docs/sagas.md).
 
@@ -190,10 +211,9 @@ def step(
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
-        if timeout is not None and timeout <= 0:
-            raise DefinitionError(f"step {f.__name__}: timeout must be positive")
         undo = compensate if compensate is None or isinstance(compensate, str) else compensate.__name__
-        f.__pgdurable_step__ = (initial, timeout, undo)  # type: ignore[attr-defined]
+        seconds = timeout_seconds(timeout, f"step {f.__name__}")
+        f.__pgdurable_step__ = (initial, seconds, undo)  # type: ignore[attr-defined]
         if input is not None:
             try:
                 msgspec.json.schema(input)
@@ -236,6 +256,8 @@ class FSM:
     on_cancel: ClassVar[Any] = None
     #: How many times a compensation step runs before it gives up and the next one runs.
     compensation_attempts: ClassVar[int] = 3
+    #: Seconds a step may run when it declares no ``timeout`` of its own; None: unbounded.
+    step_timeout: ClassVar[float | None] = None
 
     def __init_subclass__(
         cls,
@@ -247,6 +269,7 @@ class FSM:
         history: bool = True,
         compensation_attempts: int | None = None,
         deadline: float | dt.timedelta | None = None,
+        step_timeout: Timeout = None,
         abstract: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -268,12 +291,17 @@ class FSM:
                 raise DefinitionError(f"{cls.__name__}: compensation_attempts must be a positive integer")
             cls.compensation_attempts = compensation_attempts
         deadline_s = _deadline_seconds(cls.__name__, deadline)
+        if step_timeout is not None:
+            cls.step_timeout = timeout_seconds(step_timeout, f"{cls.__name__} step_timeout")
+        default_timeout = timeout_seconds(cls.step_timeout, f"{cls.__name__} step_timeout")
         steps: dict[str, StepDef] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 marker = getattr(value, "__pgdurable_step__", None)
                 if marker is not None:
                     initial, timeout, undo = marker
+                    if timeout is None:
+                        timeout = default_timeout
                     steps[attr] = StepDef(
                         attr,
                         value,
@@ -381,7 +409,7 @@ def job(
     version: int = 1,
     max_attempts: int = 20,
     backoff: Callable[[int], float] | None = None,
-    timeout: float | None = None,
+    timeout: Timeout = None,
     max_crashes: int | None = None,
     history: bool = True,
     deadline: float | dt.timedelta | None = None,
@@ -394,11 +422,14 @@ def job(
     fails; raising ``Cancel`` fails at once. The decorator returns the machine class; the
     plain function stays available as ``.fn``. ``history=False``: no history rows.
     ``deadline``: the default deadline of its instances (docs/deadlines.md).
+    ``timeout`` (seconds or a timedelta) bounds each run: past it the run fails with
+    ``StepTimeout`` and is retried like any error (docs/timeouts.md).
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
 
     def build(f: Callable[..., Any]) -> type[FSM]:
+        run_timeout = timeout_seconds(timeout, f"job {name or f.__name__}")
         args_type = _args_type(f)
         takes_ctx = len(inspect.signature(f).parameters) >= 2
 
@@ -426,7 +457,7 @@ def job(
             return backoff(attempt) if backoff is not None else default_backoff(attempt)
 
         body: dict[str, Any] = {
-            "perform": step(perform, initial=True, timeout=timeout),
+            "perform": step(perform, initial=True, timeout=run_timeout),
             "handle": handle,
             "backoff": job_backoff,
             "fn": staticmethod(f),

@@ -7,6 +7,12 @@ the flush. ``prepare`` also refuses what PostgreSQL would refuse in the flush (a
 character, a delay out of range) and what a worker could not decode back (nesting deeper
 than ``values.MAX_DEPTH``): one step's error for its ``handle()``, not a group commit that
 fails for every row in it.
+
+Step timeouts (docs/timeouts.md): an async step is cancelled at its deadline; a sync step's
+thread cannot be interrupted, so at the deadline the step fails with ``StepTimeout`` and the
+thread becomes *overdue*: ``on_overdue`` hands its future to the slots, which keep its slot
+taken until it returns (what it returns is discarded). With ``processes`` (a queue with
+``isolation = "process"``) a sync step runs in a step process instead, killed when overdue.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any, Protocol, TypeVar, assert_never
 
 import msgspec
 
@@ -41,6 +47,7 @@ from pgdurable.engine.limits import Limits
 log = logging.getLogger("pgdurable.executor")
 
 _FIELD = re.compile(r"at `\$\.?([^`]*)`")
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -86,6 +93,24 @@ class Result:
         return self.kind in ("done", "stop")
 
 
+class StepRunner(Protocol):
+    """One step process, acquired for one step (``runtime.isolation``)."""
+
+    def run(self, row: Claimed, step: str) -> Awaitable[Result]:
+        """Run the row's sync step there: its validated result, or what the step raised
+        (``StepProcessDied`` when the process died). Cancelling the awaitable kills the
+        process; it completes once the process is gone."""
+        ...
+
+
+class StepProcesses(Protocol):
+    """Where the sync steps of an isolated queue run."""
+
+    async def acquire(self) -> StepRunner:
+        """A step process of one's own, started if need be (not counted in the step's timeout)."""
+        ...
+
+
 def _state_field(err: msgspec.ValidationError) -> str | None:
     m = _FIELD.search(str(err))
     return m.group(1) if m else None
@@ -101,11 +126,16 @@ class Executor:
         run_sync: Callable[..., Any] | None = None,
         logger: logging.Logger | None = None,
         limits: Limits | None = None,
+        processes: StepProcesses | None = None,
     ):
         self.registry = registry
         self.limits = limits or Limits()
         self._run_sync = run_sync or asyncio.to_thread
         self._log = logger or log
+        self._processes = processes
+        #: Told of each overdue step (its thread or process still runs past the timeout):
+        #: the future completes when it is gone. The worker's slots keep a slot taken till then.
+        self.on_overdue: Callable[[asyncio.Future[Any]], None] | None = None
 
     async def run(self, row: Claimed) -> Result:
         """Run the row's step; the result says when the attempt started and how long it took."""
@@ -151,22 +181,7 @@ class Executor:
             limit = f"values are limited to {values.MAX_DEPTH} levels"
             err = StateDecodeError(info.name, None, f"nested deeper than this worker can decode ({limit})")
             return self._unreadable(row, info, step_name, str(err))
-        ctx = Context(
-            id=row.id,
-            fsm=info.name,
-            version=info.version,
-            step=step_name,
-            attempt=row.attempt,
-            state=state,
-            queue=row.queue,
-            priority=row.priority,
-            correlation_key=row.correlation_key,
-            concurrency_key=row.concurrency_key,
-            awaited=row.awaited,
-            inbox=row.inbox,
-            children=row.children,
-            cancel_reason=row.cancel_reason,
-        )
+        ctx = _context(row, info, step_name, state)
         saga = sagas.read(row.saga)
         if saga is not None and sagas.due(saga, step_name):
             return await self._compensate(machine, cls.compensation_attempts, row, info, sdef, ctx, saga)
@@ -174,7 +189,15 @@ class Executor:
         try:
             if row.awaits:
                 ctx.input = received_input(row, sdef)
-            outcome = await self._call(machine, sdef, ctx)
+            if sdef.is_async:
+                outcome = await self._call_async(machine, sdef, ctx)
+            elif self._processes is not None:
+                runner = await self._processes.acquire()
+                result = await self._bounded(row, sdef, runner.run(row, step_name), kill=True)
+                result.row = row  # the very claim (token, depth) this worker holds
+                return sagas.after(row, info, sdef, saga, result, self._log)
+            else:
+                outcome = await self._bounded(row, sdef, self._run_sync(sdef.fn, machine, ctx), kill=False)
             result = self._finish(row, info, step_name, outcome, taken)
         except Exception as exc:  # noqa: BLE001 - every step error is routed to handle()
             result = self._handle(machine, row, info, step_name, ctx, exc, taken)
@@ -195,7 +218,11 @@ class Executor:
         backoff until ``compensation_attempts`` runs, then given up (counted) and popped."""
         ctx.compensating = saga.get("error")
         try:
-            await self._call(machine, sdef, ctx)
+            # In the worker, also on an isolated queue: its thread (or its loop) runs it.
+            if sdef.is_async:
+                await self._call_async(machine, sdef, ctx)
+            else:
+                await self._bounded(row, sdef, self._run_sync(sdef.fn, machine, ctx), kill=False)
             return sagas.popped(row, info, sdef.name, saga, gave_up=False)
         except Exception as exc:  # noqa: BLE001 - a compensation's error is retried, then counted
             where = {
@@ -242,19 +269,100 @@ class Executor:
             )
             return _raised(sagas.popped(row, info, sdef.name, saga, gave_up=True), exc)
 
-    async def _call(self, machine: FSM, sdef: StepDef, ctx: Context) -> Any:
-        # A sync step runs in a thread, which cannot be interrupted: past the deadline its
-        # result is discarded. An async step is cancelled at the deadline.
-        work = sdef.fn(machine, ctx) if sdef.is_async else self._run_sync(sdef.fn, machine, ctx)
-        if sdef.timeout is None:
-            return await work
+    def run_here(self, row: Claimed, step_name: str) -> Result:
+        """Run the row's sync step in this thread and validate its outcome (a step process
+        does this). Raises what the step raised, or ``InvalidOutcome``; ``handle()`` is left
+        to the caller."""
+        found = self.registry.get(row.fsm, row.version)
+        if found is None:
+            raise InvalidOutcome(f"machine {row.fsm!r} version {row.version} is unknown to the step process")
+        cls, machine = found
+        info = cls.__pgdurable__
         try:
-            async with asyncio.timeout(sdef.timeout) as deadline:
-                return await work
+            state = decode_state(info, row.state)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise StateDecodeError(info.name, None, str(exc)) from exc
+        ctx = _context(row, info, step_name, state)
+        sdef = cls.__pgdurable_steps__[step_name]
+        if row.awaits:
+            ctx.input = received_input(row, sdef)
+        outcome = sdef.fn(machine, ctx)
+        return self._finish(row, info, step_name, outcome, [s.id for s in ctx.awaited])
+
+    async def _call_async(self, machine: FSM, sdef: StepDef, ctx: Context) -> Any:
+        """An async step, cancelled at its deadline."""
+        if sdef.timeout is None:
+            return await sdef.fn(machine, ctx)
+        async with asyncio.timeout(sdef.timeout) as deadline:
+            try:
+                value = await sdef.fn(machine, ctx)
+            except TimeoutError:
+                if deadline.expired():  # ours, not a TimeoutError raised by the step itself
+                    raise StepTimeout(sdef.name, sdef.timeout) from None
+                raise
+            except asyncio.CancelledError:
+                if deadline.expired():
+                    raise StepTimeout(sdef.name, sdef.timeout) from None
+                raise  # the worker's drain cancelled it
+        if deadline.expired():  # it swallowed the cancellation: what it returned is late
+            raise StepTimeout(sdef.name, sdef.timeout)
+        return value
+
+    async def _bounded(self, row: Claimed, sdef: StepDef, work: Awaitable[_T], *, kill: bool) -> _T:
+        """Await a sync step's thread (``kill=False``) or step process (``kill=True``) until
+        its deadline. Past it: ``StepTimeout``; the work is overdue (a process is killed by
+        cancelling its awaitable) and ``on_overdue`` learns when it is gone."""
+        fut = asyncio.ensure_future(work)
+        if sdef.timeout is None:
+            return await fut
+        try:
+            async with asyncio.timeout(sdef.timeout):
+                # Shielded: the deadline must not cancel the future of a thread that goes on.
+                return await asyncio.shield(fut)
         except TimeoutError:
-            if deadline.expired():  # ours, not a TimeoutError raised by the step itself
-                raise StepTimeout(f"step {sdef.name!r} timed out after {sdef.timeout} s") from None
+            if fut.done():  # the step raised TimeoutError itself (or ended as the clock ran out)
+                return fut.result()
+            if kill:
+                fut.cancel()
+            self._overdue(row, sdef, fut, killed=kill)
+            raise StepTimeout(sdef.name, sdef.timeout) from None
+        except asyncio.CancelledError:
+            fut.cancel()  # the drain cancelled the step: a process is killed, a thread goes on
             raise
+
+    def _overdue(self, row: Claimed, sdef: StepDef, fut: asyncio.Future[Any], *, killed: bool) -> None:
+        where = {**_fields(row, row.fsm, sdef.name), "timeout": sdef.timeout}
+        since = time.monotonic()
+        self._log.warning(
+            "step %r of instance %d ran past its timeout of %g s: %s",
+            sdef.name,
+            row.id,
+            sdef.timeout,
+            "its step process is killed"
+            if killed
+            else "it failed; its thread cannot be stopped and keeps its slot until it returns",
+            extra={"event": "step_overdue", **where},
+        )
+
+        def gone(f: asyncio.Future[Any]) -> None:
+            late = None if f.cancelled() else f.exception()  # retrieved: never "not retrieved"
+            if killed:
+                what = "it was killed"
+            else:
+                what = "its result was discarded" if late is None else f"it raised {late!r}, discarded"
+            self._log.info(
+                "the overdue %s of step %r of instance %d is gone after %.3g s more; %s",
+                "process" if killed else "thread",
+                sdef.name,
+                row.id,
+                time.monotonic() - since,
+                what,
+                extra={"event": "step_overdue_gone", **where},
+            )
+
+        fut.add_done_callback(gone)
+        if self.on_overdue is not None:
+            self.on_overdue(fut)
 
     def _handle(
         self,
@@ -422,6 +530,25 @@ def _input_request(registry: Registry, info: MachineInfo, outcome: Await, then: 
         "choices": choices,
     }
     return _json(request, "Await input")
+
+
+def _context(row: Claimed, info: MachineInfo, step_name: str, state: Any) -> Context:
+    return Context(
+        id=row.id,
+        fsm=info.name,
+        version=info.version,
+        step=step_name,
+        attempt=row.attempt,
+        state=state,
+        queue=row.queue,
+        priority=row.priority,
+        correlation_key=row.correlation_key,
+        concurrency_key=row.concurrency_key,
+        awaited=row.awaited,
+        inbox=row.inbox,
+        children=row.children,
+        cancel_reason=row.cancel_reason,
+    )
 
 
 def _raised(result: Result, exc: BaseException) -> Result:

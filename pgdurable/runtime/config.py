@@ -25,6 +25,7 @@ concurrency = 10               # steps in flight per process
 prefetch = 10                  # claimed-but-not-started rows per process
 batch = 50                     # most rows one claim takes
 history = true                 # a history row per step attempt (docs/history.md)
+isolation = "thread"           # or "process": sync steps in killable step processes (docs/timeouts.md)
 
 [logging]
 format = "text"                # or "json": one JSON object per line, for log shippers
@@ -92,7 +93,11 @@ class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     prefetch: int = 10
     batch: int = 50
     history: bool = True  # false: the queue's step attempts leave no history rows
+    isolation: str = "thread"  # where sync steps run: "thread" or "process" (ISOLATIONS)
 
+
+#: Where a queue's sync steps run: the worker's threads, or step processes it can kill.
+ISOLATIONS = ("thread", "process")
 
 #: The log formats ``[logging] format`` takes, and the levels ``level`` and ``levels`` take.
 LOG_FORMATS = ("text", "json")
@@ -170,6 +175,11 @@ def _positive(cfg: Config) -> None:
             (f"queues.{name}.prefetch", q.prefetch, q.prefetch >= 0),
             (f"queues.{name}.batch", q.batch, q.batch >= 1),
         ]
+    for name, q in cfg.queues.items():
+        if q.isolation not in ISOLATIONS:
+            expected = " or ".join(f'"{i}"' for i in ISOLATIONS)
+            key = f"queues.{name}.isolation"
+            raise ConfigError(f"expected {expected}, got {q.isolation!r}", file=cfg.path, key=key)
     for key, value, ok in checks:
         if not ok:
             expected = "a positive value" + (" below runtime.lease" if key == "runtime.heartbeat" else "")

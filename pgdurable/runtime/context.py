@@ -31,6 +31,8 @@ class Stats:
     stale: int = 0
     errors: int = 0
     last_error: str | None = None
+    #: Steps that ran past their timeout while their thread (or step process) went on.
+    overdue: int = 0
 
     def error(self, message: str) -> None:
         self.errors += 1

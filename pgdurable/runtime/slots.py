@@ -5,6 +5,11 @@ continuation), takes a slot while its step's code runs (``running``), and is ``c
 while its outcome waits for the group commit. The feeder fills the buffer; a finished step
 sets ``wake`` so the feeder looks again.
 
+A sync step past its timeout is *overdue*: its row's outcome (a ``StepTimeout``) is committed
+as usual, but its thread cannot be stopped, so it keeps a slot (``overdue``) until it returns;
+a step process keeps one until it is killed. The slots never run more step code at once than
+``concurrency``, which is also the size of the thread pool and of the step process pool.
+
 Stopping is the drain: give the buffered rows back, let running steps finish within the
 drain timeout, cancel what is left and give it back (guarded by each claim's token, so a row
 whose outcome did commit meanwhile is untouched).
@@ -13,6 +18,7 @@ whose outcome did commit meanwhile is untouched).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.commit import continued
@@ -39,6 +45,8 @@ class Slots(Component):
         self.running: dict[int, Claimed] = {}  # step code running: these take the slots
         self.committing: dict[int, Claimed] = {}  # step done, outcome waiting for its commit
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        #: Threads or step processes of steps past their timeout, each holding a slot until gone.
+        self.overdue: set[asyncio.Future[Any]] = set()
         self.wake = asyncio.Event()  # set when a step finished or a row was given back
         self._solo: int | None = None
         self.step_time = 1.0  # seconds, a moving average; until measured: slow, plain prefetch
@@ -56,7 +64,12 @@ class Slots(Component):
 
     def demand(self) -> int:
         """How many rows a claim may take now."""
-        return min(self.room() - len(self.running) - len(self.buffer), self.rt.settings.batch)
+        return min(self.room() - self.busy - len(self.buffer), self.rt.settings.batch)
+
+    @property
+    def busy(self) -> int:
+        """Slots taken: steps running, and overdue ones whose thread or process goes on."""
+        return len(self.running) + len(self.overdue)
 
     @property
     def idle(self) -> bool:
@@ -73,7 +86,7 @@ class Slots(Component):
         self.start_from_buffer()
 
     def start_from_buffer(self) -> None:
-        while self.buffer and len(self.running) < self.rt.settings.concurrency and not self.closing.is_set():
+        while self.buffer and self.busy < self.rt.settings.concurrency and not self.closing.is_set():
             if self._solo is not None:
                 break  # a suspect runs alone
             if self.buffer[0].crashes > 0:
@@ -124,6 +137,18 @@ class Slots(Component):
             self.committing.pop(row.id, None)
             self.tasks.pop(row.id, None)
             self.wake.set()
+
+    def hold_overdue(self, late: asyncio.Future[Any]) -> None:
+        """A step ran past its timeout while its thread or process goes on: it keeps a slot
+        until ``late`` completes (``Executor.on_overdue``)."""
+        self.rt.stats.overdue += 1
+        self.overdue.add(late)
+
+        def gone(f: asyncio.Future[Any]) -> None:
+            self.overdue.discard(f)
+            self.wake.set()  # a slot is free again
+
+        late.add_done_callback(gone)
 
     async def release(self, rows: list[Claimed]) -> None:
         """Give claimed rows that will not run here back to runnable."""

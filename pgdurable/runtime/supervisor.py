@@ -460,7 +460,9 @@ class Supervisor:
         cap = sum(int(c.last_report.get("concurrency", 0)) for c in workers)
         steps = sum(int(c.last_report.get("steps", 0)) for c in workers)
         held = sum(int(c.last_report.get("limit_errors", 0)) for c in workers)
+        overdue = sum(int(c.last_report.get("overdue", 0)) for c in workers)
         status = f"{len(workers)} workers, busy {busy}/{cap}, {steps} steps"
+        status += f", {overdue} overdue" if overdue else ""  # slots held by steps past their timeout
         return status + (f", {held} held by misconfigured limits" if held else "")
 
     def _healthy(self) -> bool:

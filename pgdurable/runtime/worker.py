@@ -40,6 +40,7 @@ from pgdurable.runtime.feeder import Feeder
 from pgdurable.runtime.flusher import Flusher
 from pgdurable.runtime.forked import reset_after_fork, run_loop
 from pgdurable.runtime.heartbeat import Heartbeat
+from pgdurable.runtime.isolation import StepPool
 from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.slots import Slots
@@ -78,12 +79,17 @@ class Worker:
             return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
         cfg = spec.cfg
+        # isolation = "process": sync steps run in step processes (spawned on first use).
+        self._processes = StepPool(cfg, spec.queue) if settings.isolation == "process" else None
+        self.executor = Executor(
+            spec.registry, run_sync=run_sync, logger=log, limits=cfg.limits, processes=self._processes
+        )
         self.engine = Engine(
             spec.registry,
             schema=cfg.database.schema,
             worker_id=spec.worker_id,
             lease=dt.timedelta(seconds=cfg.runtime.lease),
-            executor=Executor(spec.registry, run_sync=run_sync, logger=log, limits=cfg.limits),
+            executor=self.executor,
             limits=cfg.limits,
             history_off=() if settings.history else (spec.queue,),
         )
@@ -110,6 +116,7 @@ class Worker:
             channel = await self._channel(pool)
             flusher = Flusher(rt)
             slots = Slots(rt, flusher, spec.board)
+            self.executor.on_overdue = slots.hold_overdue
             feed = FeedConnection(
                 spec.dsn, spec.queue, channel, probe_every=cfg.runtime.heartbeat, on_connect=slots.wake.set
             )
@@ -140,7 +147,10 @@ class Worker:
                 await c.stop()  # no-ops for those stopped above; cancels the rest
             if feed is not None:
                 await feed.close()
+            if self._processes is not None:
+                await self._processes.close()
             await pool.close()
+            # An overdue thread is not waited for: the process ends with os._exit.
             self._threads.shutdown(wait=False, cancel_futures=True)
         return 1 if failed else 0
 
@@ -170,7 +180,9 @@ def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]
         "role": "worker",
         "worker": rt.worker_id,
         "queue": rt.queue,
-        "busy": len(slots.running),
+        "busy": slots.busy,
+        "overdue": len(slots.overdue),  # slots held by steps past their timeout
+        "overdue_total": rt.stats.overdue,
         "buffered": len(slots.buffer),
         "held": len(slots.held()),
         "concurrency": rt.settings.concurrency,
@@ -185,8 +197,9 @@ def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]
 
 def _title(rt: Runtime, slots: Slots) -> str:
     settings = rt.settings
-    busy = f"busy {len(slots.running)}/{settings.concurrency}"
-    return f"pgdurable: worker {rt.queue} {rt.index + 1}/{settings.processes} {busy}"
+    busy = f"busy {slots.busy}/{settings.concurrency}"
+    overdue = f" overdue {len(slots.overdue)}" if slots.overdue else ""
+    return f"pgdurable: worker {rt.queue} {rt.index + 1}/{settings.processes} {busy}{overdue}"
 
 
 def main(spec: WorkerSpec, *, parent_pid: int, signal_mask: set[int | signal.Signals]) -> int:
