@@ -22,6 +22,7 @@ import psycopg
 from pgdurable.client import Client, Instance
 from pgdurable.contract.errors import DrainLimitExceeded
 from pgdurable.contract.fsm import FSM, Registry
+from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.commit import continued
 from pgdurable.engine.limits import Limits
 from pgdurable.engine.pipeline import Engine
@@ -69,15 +70,19 @@ async def adrain(
     batch: int = 100,
     limits: Limits | None = None,
     history_off: Iterable[str] = (),
+    capture: CaptureSettings | None = CaptureSettings(),
 ) -> Tally:
     """Async ``drain``.
 
     ``limits``: the concurrency gates and rate limits to apply, as a supervisor's config
     would; ``pgdurable.runtime.config.parse_limits(concurrency_limits=..., rate_limits=...)``
     builds them from the same tables. Step history is written as a worker writes it, but
-    for the queues in ``history_off`` (as ``[queues.NAME] history = false``).
+    for the queues in ``history_off`` (as ``[queues.NAME] history = false``), with the log
+    lines each attempt ``capture``s (None: capture off, as ``[logging] capture = false``).
     """
-    engine = Engine(_registry(machines), schema=schema, limits=limits, history_off=history_off)
+    engine = Engine(
+        _registry(machines), schema=schema, limits=limits, history_off=history_off, capture=capture
+    )
     horizon = COLLAPSED if collapse_time else dt.timedelta(0)
     counts: Counter[str] = Counter()
     steps = 0

@@ -10,7 +10,7 @@ holds what they share without I/O, ``concurrency.py`` the few pieces that differ
 from __future__ import annotations
 
 from pgdurable.client.aio import AsyncClient
-from pgdurable.client.common import Busy, Failed, Instance, Saga, StepAttempt, WaitResult
+from pgdurable.client.common import Busy, Failed, Instance, LogLine, Saga, StepAttempt, WaitResult
 from pgdurable.client.inputs import PendingInput
 from pgdurable.client.operate import CancelResult, RetryReport, Rewound
 from pgdurable.client.sync import Client
@@ -41,6 +41,7 @@ __all__ = [
     "InstanceExecuting",
     "InvalidInput",
     "InvalidValue",
+    "LogLine",
     "NoTarget",
     "OperationRefused",
     "PendingInput",

@@ -23,6 +23,7 @@ __all__ = [
     "Busy",
     "Failed",
     "Instance",
+    "LogLine",
     "StepAttempt",
     "WaitResult",
     "attempt_of",
@@ -144,6 +145,19 @@ class StepAttempt:
     traceback: str | None
     #: The state the step ran with (None in rows kept before schema version 7).
     state: Any = None
+    #: What the step logged (``ctx.log``, its own loggers, ``print`` when captured), in
+    #: order: empty when it logged nothing, or capture is off (docs/history.md).
+    logs: tuple[LogLine, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line a step attempt logged."""
+
+    at: dt.datetime
+    level: str  # DEBUG … CRITICAL, or PRINT for captured print output
+    logger: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +209,11 @@ def attempt_of(row: Sequence[Any]) -> StepAttempt:
     """A ``history_of_instance`` row as a ``StepAttempt``, its state decoded."""
     cols = list(row)
     cols[13] = _json(cols[13], f"state of instance {cols[0]} at step {cols[3]}")
+    lines = _json(cols[14], f"logs of instance {cols[0]} at step {cols[3]}") or []
+    cols[14] = tuple(
+        LogLine(dt.datetime.fromtimestamp(x["at"], dt.UTC), x["level"], x["logger"], x["message"])
+        for x in lines
+    )
     return StepAttempt(*cols)
 
 

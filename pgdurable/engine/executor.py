@@ -40,6 +40,10 @@ from pgdurable.contract.fsm import FSM, TERMINAL, Context, Registry, StepDef, de
 from pgdurable.contract.outcomes import KEEP, OUTCOME_TYPES, Await, Done, Next, Outcome, Retry, Spawn, Stop
 from pgdurable.contract.spec import InsertRow, MachineInfo, limit_key, resolve, seconds
 from pgdurable.engine import sagas
+from pgdurable.engine.capture import CaptureSettings
+from pgdurable.engine.capture import begin as begin_capture
+from pgdurable.engine.capture import end as end_capture
+from pgdurable.engine.capture import install as install_capture
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.history import TRACEBACK_LIMIT, format_traceback, storable
 from pgdurable.engine.limits import Limits
@@ -84,6 +88,7 @@ class Result:
     history: bool = True  # its machine and queue keep history
     saga: bytes | None = None  # the instance's new saga document (JSON); None keeps it
     join_policy: str | None = None  # spawn: how it waits for its children ('fail_fast')
+    logs: bytes | None = None  # the attempt's captured log lines (JSON), for its history row
     #: The outcome its history row names when it is not ``kind``: ``compensate`` (the step
     #: failed and the instance compensates), ``compensated`` (the last compensation ran).
     label: str | None = None
@@ -127,8 +132,13 @@ class Executor:
         logger: logging.Logger | None = None,
         limits: Limits | None = None,
         processes: StepProcesses | None = None,
+        capture: CaptureSettings | None = None,
     ):
         self.registry = registry
+        #: Log capture of each attempt (None: off); its handler is installed once here.
+        self.capture = capture
+        if capture is not None:
+            install_capture(capture)
         self.limits = limits or Limits()
         self._run_sync = run_sync or asyncio.to_thread
         self._log = logger or log
@@ -140,8 +150,14 @@ class Executor:
     async def run(self, row: Claimed) -> Result:
         """Run the row's step; the result says when the attempt started and how long it took."""
         started, clock = time.time(), time.monotonic()
-        result = await self._run(row)
+        cap, mark = begin_capture(self.capture)
+        try:
+            result = await self._run(row)
+        finally:
+            end_capture(mark)
         result.started, result.duration = started, time.monotonic() - clock
+        if cap is not None:
+            result.logs = cap.document()
         return result
 
     async def _run(self, row: Claimed) -> Result:

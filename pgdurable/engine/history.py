@@ -56,6 +56,7 @@ class _Row(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     traceback: str | None = None
     state: msgspec.Raw | None = None  # the JSON the step ran with, as the claim read it
+    logs: msgspec.Raw | None = None  # its captured log lines (engine.capture)
 
 
 _encoder = msgspec.json.Encoder()
@@ -78,6 +79,7 @@ def params(worker: str, results: Sequence[Result]) -> dict[str, Any] | None:
             r.error if r.error is not None else r.raised,
             r.traceback,
             msgspec.Raw(r.row.state.encode()) if r.row.state else None,
+            msgspec.Raw(r.logs) if r.logs else None,
         )
         for r in results
         if r.history

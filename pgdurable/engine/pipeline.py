@@ -21,6 +21,7 @@ from pgdurable.contract.fsm import Registry
 from pgdurable.contract.spec import encode_json
 from pgdurable.db.queries import Queries, for_schema
 from pgdurable.engine.admission import admit, needs_admission
+from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
 from pgdurable.engine.executor import Executor, Result
@@ -65,6 +66,7 @@ class Engine:
         executor: Executor | None = None,
         limits: Limits | None = None,
         history_off: Iterable[str] = (),
+        capture: CaptureSettings | None = CaptureSettings(),
     ):
         self.registry = registry
         self.history_off = frozenset(history_off)
@@ -72,7 +74,7 @@ class Engine:
         self.worker_id = worker_id or new_worker_id()
         self.lease = lease
         self.limits = limits or Limits()
-        self.executor = executor or Executor(registry, limits=self.limits)
+        self.executor = executor or Executor(registry, limits=self.limits, capture=capture)
         self._gates = self.limits.claim_params()
         self._tokens = itertools.count(1)
         self.last_claimed = 0

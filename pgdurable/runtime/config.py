@@ -39,6 +39,7 @@ level = "info"                 # pgdurable supervise --log-level overrides it
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import re
@@ -54,6 +55,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgdurable.contract.errors import ConfigError, ModuleImportError, SchemaNameError
 from pgdurable.db.queries import check_schema_name
+from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.limits import Gate, Limits, Rate
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -110,6 +112,23 @@ class LogSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     format: str = "text"
     level: str = "info"
     levels: dict[str, str] = {}  # logger name -> level
+    # Log capture of each step attempt, kept with its history row (docs/history.md).
+    capture: bool = True
+    capture_level: str = "info"
+    capture_lines: int = 100
+    capture_chars: int = 2000
+    capture_print: bool = False
+
+    def capture_settings(self) -> CaptureSettings | None:
+        """What the executor captures (None: capture is off)."""
+        if not self.capture:
+            return None
+        return CaptureSettings(
+            logging.getLevelNamesMapping()[self.capture_level.upper()],
+            self.capture_lines,
+            self.capture_chars,
+            self.capture_print,
+        )
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -162,6 +181,8 @@ def _positive(cfg: Config) -> None:
         ("maintenance.gc_interval", cfg.maintenance.gc_interval, cfg.maintenance.gc_interval > 0),
         ("maintenance.retention", cfg.maintenance.retention, cfg.maintenance.retention >= 0),
         ("maintenance.gc_batch", cfg.maintenance.gc_batch, cfg.maintenance.gc_batch >= 1),
+        ("logging.capture_lines", cfg.logging.capture_lines, cfg.logging.capture_lines >= 1),
+        ("logging.capture_chars", cfg.logging.capture_chars, cfg.logging.capture_chars >= 100),
         (
             "maintenance.queue_check_interval",
             cfg.maintenance.queue_check_interval,
@@ -183,6 +204,8 @@ def _positive(cfg: Config) -> None:
     for key, value, ok in checks:
         if not ok:
             expected = "a positive value" + (" below runtime.lease" if key == "runtime.heartbeat" else "")
+            if key == "logging.capture_chars":
+                expected = "at least 100 characters"
             raise ConfigError(f"expected {expected}, got {value!r}", file=cfg.path, key=key)
     try:
         check_schema_name(cfg.database.schema)
@@ -199,6 +222,7 @@ def _check_logging(raw: Any, path: str) -> None:
     if isinstance(fmt, str) and fmt not in LOG_FORMATS:
         raise ConfigError(f'expected "text" or "json", got {fmt!r}', file=path, key="logging.format")
     _check_level(raw.get("level", "info"), "logging.level", path)
+    _check_level(raw.get("capture_level", "info"), "logging.capture_level", path)
     levels = raw.get("levels", {})
     if not isinstance(levels, dict):
         return

@@ -82,7 +82,12 @@ class Worker:
         # isolation = "process": sync steps run in step processes (spawned on first use).
         self._processes = StepPool(cfg, spec.queue) if settings.isolation == "process" else None
         self.executor = Executor(
-            spec.registry, run_sync=run_sync, logger=log, limits=cfg.limits, processes=self._processes
+            spec.registry,
+            run_sync=run_sync,
+            logger=log,
+            limits=cfg.limits,
+            processes=self._processes,
+            capture=cfg.logging.capture_settings(),
         )
         self.engine = Engine(
             spec.registry,

@@ -9,20 +9,20 @@
 -- statistics was planned as a scan of every instance, filtered on xmin.
 INSERT INTO {schema}.history
     (instance_id, fsm, version, step, attempt, outcome, next_step, started_at, finished_at,
-     duration, worker, error, traceback, state)
+     duration, worker, error, traceback, state, logs)
 SELECT h.id, h.fsm, h.version, h.step, h.attempt, h.outcome, h.next_step,
        to_timestamp(h.started), to_timestamp(h.started + h.duration), h.duration, %(worker)s,
-       h.error, h.traceback, h.state
+       h.error, h.traceback, h.state, h.logs
 FROM json_to_recordset(%(rows)s::json)
      AS h(id bigint, fsm text, version int, step text, attempt int, outcome text,
           next_step text, started float8, duration float8, error text, traceback text,
-          state jsonb)
+          state jsonb, logs jsonb)
 WHERE (SELECT i.xmin FROM {schema}.instances AS i WHERE i.id = h.id) = pg_current_xact_id()::xid;
 
 -- name: history_of_instance
 -- The step attempts of one instance, oldest first; with %(limit)s, only the last ones.
 SELECT instance_id, fsm, version, step, attempt, outcome, next_step, started_at, finished_at,
-       duration, worker, error, traceback, state::text
+       duration, worker, error, traceback, state::text, logs::text
 FROM (SELECT * FROM {schema}.history WHERE instance_id = %(id)s
       ORDER BY started_at DESC LIMIT %(limit)s) AS h
 ORDER BY started_at;

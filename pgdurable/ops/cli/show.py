@@ -185,6 +185,10 @@ def history(conn: psycopg.Connection[Any], q: Queries, iid: int, last: int) -> l
             "error": a.error,
             "traceback": a.traceback,
             "state": a.state,
+            "logs": [
+                {"at": line.at, "level": line.level, "logger": line.logger, "message": line.message}
+                for line in a.logs
+            ],
         }
         for a in map(attempt_of, found)
     ]
@@ -262,6 +266,13 @@ def render(doc: dict[str, Any]) -> None:
             for h in doc["history"]
         ]
         say(indent(table(["STARTED", "STEP", "TRY", "OUTCOME", "TOOK", "WORKER", "ERROR"], timeline)))
+        for h in doc["history"]:
+            if h["logs"]:
+                say(f"logs of step {h['step']}, try {h['attempt']}")
+                for line in h["logs"]:
+                    stamp = line["at"].strftime("%H:%M:%S.%f")[:-3]
+                    text = f"{stamp} {line['level']:<7} {line['logger']}: {line['message']}"
+                    say(indent(text))
     inbox = doc["inbox"]
     if inbox["total"]:
         say(f"inbox ({inbox['total']} signal{'s' if inbox['total'] != 1 else ''})")
