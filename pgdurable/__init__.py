@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     )
     from pgdurable.contract.fsm import FSM, ChildInfo, Context, Registry, Signal, job, step
     from pgdurable.contract.outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
+    from pgdurable.contract.schedule import schedule
     from pgdurable.contract.spec import Child, Insert
 
 _WHERE = {
@@ -63,6 +64,7 @@ _WHERE = {
         "Stop",
     ),
     "pgdurable.contract.spec": ("Child", "Insert"),
+    "pgdurable.contract.schedule": ("schedule",),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
@@ -99,6 +101,7 @@ __all__ = [
     "UnknownMachine",
     "UnknownStep",
     "job",
+    "schedule",
     "step",
 ]
 __version__ = "0.1.0"

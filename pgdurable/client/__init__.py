@@ -12,6 +12,7 @@ from __future__ import annotations
 from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, StepAttempt, WaitResult
 from pgdurable.client.operate import CancelResult, RetryReport
+from pgdurable.client.schedules import Schedule, ScheduleExists
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
     DuplicateInstance,
@@ -41,6 +42,8 @@ __all__ = [
     "NoTarget",
     "OperationRefused",
     "RetryReport",
+    "Schedule",
+    "ScheduleExists",
     "StepAttempt",
     "UnknownMachine",
     "UnknownStep",

@@ -1,6 +1,7 @@
 """The maintenance process: one per supervisor, forked and restarted like a worker.
 
-It runs the sweeps — the reaper, await deadlines, garbage collection — each a component
+It runs the sweeps — the reaper, await deadlines, garbage collection — and the cron
+component that fires schedules (``sweeps.cron``), each a component
 with the one lifecycle, on their own short-lived connections, so a slow sweep (a large GC)
 never stalls the supervisor's loop (reaping, restarts, the systemd watchdog). It reports to
 the supervisor once a second over the same pipe as the workers.
@@ -25,6 +26,7 @@ from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.sweeps.awaits import AwaitDeadlines
 from pgdurable.runtime.sweeps.base import Sweep
+from pgdurable.runtime.sweeps.cron import Cron
 from pgdurable.runtime.sweeps.gc import Collector
 from pgdurable.runtime.sweeps.reaper import Reaper
 
@@ -57,6 +59,7 @@ class Maintenance:
             AwaitDeadlines(self.connect, queries, m.interval, log),
             Collector(self.connect, queries, m.gc_interval, m.retention, m.gc_batch),
         ]
+        self.cron = Cron(self.connect, spec.dsn, queries, m.interval)
 
     def connect(self) -> psycopg.Connection[Any]:
         # Bounded, so that a stop never waits long on a sweep.
@@ -71,8 +74,9 @@ class Maintenance:
     def snapshot(self) -> dict[str, Any]:
         return {
             "role": "maintenance",
-            "sweeps": {s.name: s.runs for s in self.sweeps},
-            "errors": sum(s.failures for s in self.sweeps),
+            "sweeps": {s.name: s.runs for s in self.sweeps} | {"cron": self.cron.runs},
+            "errors": sum(s.failures for s in self.sweeps) + self.cron.failures,
+            "cron_fired": self.cron.fired,
         }
 
     async def run(self) -> int:
@@ -82,7 +86,7 @@ class Maintenance:
         reporter = Reporter(
             self.spec.report_fd, self.snapshot, lambda: "pgdurable: maintenance", stopping.set
         )
-        components: list[Component] = [reporter, *self.sweeps]
+        components: list[Component] = [reporter, *self.sweeps, self.cron]
         for c in components:
             c.start()
         stop = asyncio.ensure_future(stopping.wait())
@@ -92,7 +96,7 @@ class Maintenance:
         finally:
             stop.cancel()
             failed = any(c.failed() is not None for c in components)
-            await asyncio.gather(*(s.stop(SWEEP_STOP_TIMEOUT) for s in self.sweeps))
+            await asyncio.gather(*(s.stop(SWEEP_STOP_TIMEOUT) for s in [*self.sweeps, self.cron]))
             await reporter.stop()
         return 1 if failed else 0
 
