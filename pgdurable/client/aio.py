@@ -458,12 +458,15 @@ class AsyncClient:
         return schedule_of(row)
 
     async def _create_on(self, c: psycopg.AsyncConnection[Any], cron: Any, params: dict[str, Any]) -> Any:
-        now = await (await c.execute(self.q["schedule_now"])).fetchone()
+        row = await (await c.execute(self.q["schedule_now"])).fetchone()
+        assert row is not None
         if params["enabled"]:
-            params["next_fire_at"] = cron.next_after(now[0])
+            params["next_fire_at"] = cron.next_after(row[0])
         return await (await c.execute(self.q["schedule_create"], params)).fetchone()
 
-    async def _change(self, name: str, changes: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None) -> Any:
+    async def _change(
+        self, name: str, changes: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None
+    ) -> Any:
         """Lock the schedule, compute the change from what is locked, store it."""
         if conn is not None:
             async with conn.transaction():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgdurable.contract import values
-from pgdurable.contract.errors import NoTarget, OperationRefused, UnknownMachine
+from pgdurable.contract.errors import InvalidValue, NoTarget, OperationRefused, UnknownMachine
 from pgdurable.contract.schedule import Cron, check_name, check_policies
 from pgdurable.contract.spec import machine_info
 
@@ -98,7 +98,7 @@ def schedule_of(row: Sequence[Any]) -> Schedule:
 def _machine(fsm: Any) -> str:
     if isinstance(fsm, str):
         if not fsm:
-            raise ValueError("a schedule needs a machine name")
+            raise InvalidValue("a schedule needs a machine name")
         values.check_text(fsm, "machine")
         return fsm
     info = machine_info(fsm)
@@ -122,10 +122,10 @@ def _definition(
     check_policies(missed, catch_up_limit, overlap)
     if queue is not None:
         if not isinstance(queue, str) or not queue:
-            raise ValueError(f"queue must be a non-empty name or None (the machine's), got {queue!r}")
+            raise InvalidValue(f"queue must be a non-empty name or None (the machine's), got {queue!r}")
         values.check_text(queue, "queue")
     if isinstance(priority, bool) or not isinstance(priority, int) or not -32768 <= priority <= 32767:
-        raise ValueError(f"priority must be an integer of -32768..32767, got {priority!r}")
+        raise InvalidValue(f"priority must be an integer of -32768..32767, got {priority!r}")
     return parsed, {
         "fsm": _machine(fsm),
         "cron": parsed.expr,

@@ -446,9 +446,10 @@ class Client:
         return schedule_of(row)
 
     def _create_on(self, c: psycopg.Connection[Any], cron: Any, params: dict[str, Any]) -> Any:
-        now = c.execute(self.q["schedule_now"]).fetchone()
+        row = c.execute(self.q["schedule_now"]).fetchone()
+        assert row is not None
         if params["enabled"]:
-            params["next_fire_at"] = cron.next_after(now[0])
+            params["next_fire_at"] = cron.next_after(row[0])
         return c.execute(self.q["schedule_create"], params).fetchone()
 
     def _change(self, name: str, changes: dict[str, Any], conn: psycopg.Connection[Any] | None) -> Any:

@@ -48,7 +48,9 @@ def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidValue(f"unknown time zone {name!r} (an IANA name such as 'Europe/Paris' or 'UTC')") from exc
+        raise InvalidValue(
+            f"unknown time zone {name!r} (an IANA name such as 'Europe/Paris' or 'UTC')"
+        ) from exc
 
 
 def _fields(expr: str) -> tuple[str, bool]:

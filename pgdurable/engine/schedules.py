@@ -157,9 +157,21 @@ def fire_due(
 def fire_one(conn: psycopg.Connection[Any], q: Queries, row: Any, report: FireReport) -> None:
     """Fire one locked due schedule (a ``schedule_due_lock`` row), in the caller's
     transaction: advance it (guarded), apply its overlap policy, insert its occurrences."""
-    (name, fsm, expr, tz, missed, catch_up_limit, overlap, old, last_id, last_error, known, last_status, now) = (
-        row
-    )
+    (
+        name,
+        fsm,
+        expr,
+        tz,
+        missed,
+        catch_up_limit,
+        overlap,
+        old,
+        last_id,
+        last_error,
+        known,
+        last_status,
+        now,
+    ) = row
     try:
         cron = Cron.parse(expr, tz)
     except InvalidValue as exc:

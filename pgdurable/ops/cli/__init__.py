@@ -11,6 +11,7 @@ A module per group of verbs, each verb a click command registered in ``VERBS``:
 - ``graph.py``: ``graph`` (no database; ``pgdurable/ops/transitions.py`` reads the code)
 
 - ``operate.py``: ``cancel``, ``retry``, ``rewind``, ``pause``, ``resume`` (through the client)
+- ``schedules.py``: ``schedule list|create|update|enable|disable|trigger|delete`` (the client)
 
 The step history is a section of ``show``.
 ``common.py`` holds what they share: the database options, the connection, the exit
@@ -42,6 +43,7 @@ from pgdurable.ops.cli.listing import list_
 from pgdurable.ops.cli.operate import cancel, pause, resume, retry, rewind
 from pgdurable.ops.cli.produce import insert, signal
 from pgdurable.ops.cli.runner import supervise
+from pgdurable.ops.cli.schedules import schedule
 from pgdurable.ops.cli.schema import migrate
 from pgdurable.ops.cli.show import show
 from pgdurable.ops.cli.status import status
@@ -60,6 +62,7 @@ VERBS: tuple[click.Command, ...] = (
     rewind,
     pause,
     resume,
+    schedule,
     cleanup,
     check,
     graph,

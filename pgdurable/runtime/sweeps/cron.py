@@ -61,7 +61,9 @@ class Cron(Component):
                 except psycopg.Error as exc:
                     self.failures += 1
                     self._drop()
-                    log.warning("cron failed: %r", exc, extra={"event": "maintenance_failed", "sweep": "cron"})
+                    log.warning(
+                        "cron failed: %r", exc, extra={"event": "maintenance_failed", "sweep": "cron"}
+                    )
                     wait = self.interval
                 cap = MAX_SLEEP if self.listening else self.interval
                 wait = cap if wait is None else min(cap, wait + LATE)
