@@ -86,6 +86,18 @@ async def _caller_txn(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]
         raise
 
 
+@contextlib.asynccontextmanager
+async def _in_txn(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Statements that must run in one transaction, on the caller's connection: theirs when
+    it is not in autocommit (it commits when they commit), else one of its own (a savepoint
+    inside a transaction they opened)."""
+    if conn.autocommit:
+        async with conn.transaction():
+            yield
+    else:
+        yield
+
+
 class AsyncClient:
     """A producer's client over a small connection pool (opened on first use).
 
@@ -448,7 +460,7 @@ class AsyncClient:
             enabled=enabled,
         )
         if conn is not None:
-            async with conn.transaction():
+            async with _in_txn(conn):
                 row = await self._create_on(conn, cron_, params)
         else:
             async with (await self._get_pool()).connection() as c, c.transaction():
@@ -469,7 +481,7 @@ class AsyncClient:
     ) -> Any:
         """Lock the schedule, compute the change from what is locked, store it."""
         if conn is not None:
-            async with conn.transaction():
+            async with _in_txn(conn):
                 return await self._change_on(conn, name, changes)
         async with (await self._get_pool()).connection() as c, c.transaction():
             return await self._change_on(c, name, changes)

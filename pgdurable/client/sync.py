@@ -86,6 +86,18 @@ def _caller_txn(conn: psycopg.Connection[Any]) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _in_txn(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Statements that must run in one transaction, on the caller's connection: theirs when
+    it is not in autocommit (it commits when they commit), else one of its own (a savepoint
+    inside a transaction they opened)."""
+    if conn.autocommit:
+        with conn.transaction():
+            yield
+    else:
+        yield
+
+
 class Client:
     """A producer's client over a small connection pool (opened on first use).
 
@@ -436,7 +448,7 @@ class Client:
             enabled=enabled,
         )
         if conn is not None:
-            with conn.transaction():
+            with _in_txn(conn):
                 row = self._create_on(conn, cron_, params)
         else:
             with self._get_pool().connection() as c, c.transaction():
@@ -455,7 +467,7 @@ class Client:
     def _change(self, name: str, changes: dict[str, Any], conn: psycopg.Connection[Any] | None) -> Any:
         """Lock the schedule, compute the change from what is locked, store it."""
         if conn is not None:
-            with conn.transaction():
+            with _in_txn(conn):
                 return self._change_on(conn, name, changes)
         with self._get_pool().connection() as c, c.transaction():
             return self._change_on(c, name, changes)
