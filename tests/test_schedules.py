@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from pgdurable import InvalidValue, NoTarget, UnknownMachine, job, schedule
-from pgdurable.client import AsyncClient, Client, ScheduleExists
+from pgdurable.client import AsyncClient, ScheduleExists
 from pgdurable.db.queries import for_schema
 from pgdurable.engine import schedules
 from pgdurable.engine.schedules import FireReport, fire_due, fire_one, occurrence_key
@@ -338,7 +338,13 @@ def test_declared_schedules_keep_an_operators_changes(dsn, schema, client, db):
     v1 = declare(state={"v": 1})
     register(dsn, schema, v1)
     s = client.get_schedule("digest")
-    assert (s.source, s.fsm, s.cron, s.state, s.enabled) == ("code", "digest_job", "0 6 * * *", {"v": 1}, True)
+    assert (s.source, s.fsm, s.cron, s.state, s.enabled) == (
+        "code",
+        "digest_job",
+        "0 6 * * *",
+        {"v": 1},
+        True,
+    )
     assert s.next_fire_at is not None
 
     # the operator disables it and moves it to 07:00: a restart of the same code keeps both

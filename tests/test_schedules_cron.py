@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pgdurable import DefinitionError, FSM, InvalidValue, job, schedule, step
+from pgdurable import FSM, DefinitionError, InvalidValue, job, schedule, step
 from pgdurable.contract.schedule import Cron, declared_schedules
 
 UTC = dt.UTC
@@ -143,7 +143,10 @@ def test_names_aliases_and_seconds():
     assert Cron.parse("@HOURLY").next_after(utc(2026, 3, 1, 5, 1)) == utc(2026, 3, 1, 6)
     every2 = Cron.parse("*/2 * * * * *")  # six fields: seconds first
     assert every2.seconds
-    assert every2.upcoming(utc(2026, 1, 1, 0, 0, 1), 2) == [utc(2026, 1, 1, 0, 0, 2), utc(2026, 1, 1, 0, 0, 4)]
+    assert every2.upcoming(utc(2026, 1, 1, 0, 0, 1), 2) == [
+        utc(2026, 1, 1, 0, 0, 2),
+        utc(2026, 1, 1, 0, 0, 4),
+    ]
 
 
 @pytest.mark.parametrize(
