@@ -106,3 +106,11 @@ def test_schedule_verbs(dsn, schema, client):
     ok(cli("schedule", "create", "spooky", "ghost", "@daily", *db))
     assert "no supervisor of this schema registered" in refusal(cli("schedule", "trigger", "spooky", *db), 3)
     assert client.get_schedule("x") is None
+
+    # an occurrence of a schedule whose machine nobody registered: status reports it
+    fire_schedules(dsn, schema=schema, at=client.get_schedule("spooky").next_fire_at)
+    shown = data(cli("status", "--json", *db))
+    assert [e["name"] for e in shown["schedule_errors"]] == ["spooky"]
+    assert any(p.startswith("schedule spooky: machine 'ghost' is not registered") for p in shown["problems"])
+    assert "schedule spooky: machine 'ghost' is not registered" in ok(cli("status", *db))
+    assert "  schedule " in ok(cli("--help"))

@@ -243,3 +243,8 @@ FROM {schema}.schedules WHERE enabled;
 -- name: schedule_channel
 -- The channel the cron pass LISTENs on.
 SELECT {schema}.schedule_channel();
+
+-- name: schedule_errors
+-- Schedules whose last occurrence did not fire, and why (pgdurable status lists them).
+SELECT name, fsm, enabled, last_error, last_error_at FROM {schema}.schedules
+WHERE last_error IS NOT NULL ORDER BY name;
