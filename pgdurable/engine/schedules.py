@@ -56,6 +56,7 @@ class FireReport:
     cancelled: list[int] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     lost: int = 0  # schedules another pass had moved on (schedule_advance refused)
+    failed: list[str] = field(default_factory=list)  # a database error: they stay due
 
 
 def registration(decls: Iterable[ScheduleDecl]) -> dict[str, Any]:
@@ -143,6 +144,7 @@ def fire_due(
                         fire_one(conn, q, row, report)
                 except psycopg.Error as exc:
                     report.errors[row[0]] = repr(exc)
+                    report.failed.append(row[0])
                     log.warning(
                         "schedule %s: firing failed, it stays due: %r",
                         row[0],

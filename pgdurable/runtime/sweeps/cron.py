@@ -33,6 +33,9 @@ log = logging.getLogger("pgdurable.cron")
 MAX_SLEEP = 30.0
 #: Woken this much after the due time, so the database's now() has passed it.
 LATE = 0.002
+#: The shortest sleep: a schedule still due after a pass is held by another pass (which
+#: is firing it) and is looked at again this soon, not in a busy loop.
+MIN_SLEEP = 0.05
 
 
 class Cron(Component):
@@ -66,7 +69,7 @@ class Cron(Component):
                     )
                     wait = self.interval
                 cap = MAX_SLEEP if self.listening else self.interval
-                wait = cap if wait is None else min(cap, wait + LATE)
+                wait = cap if wait is None else min(cap, max(MIN_SLEEP, wait + LATE))
                 await self._sleep(wait)
         finally:
             listener.cancel()
@@ -91,6 +94,11 @@ class Cron(Component):
             self._conn = self.connect()
         report = fire_due(self._conn, self.q)
         self.fired += len(report.fired)
+        if report.failed:
+            # A schedule that failed to fire stays due: try it again after the interval,
+            # not at once.
+            self.failures += 1
+            return self.interval
         return seconds_until_due(self._conn, self.q)
 
     def _drop(self) -> None:
