@@ -431,17 +431,17 @@ def test_guard_advance_a_pass_that_read_a_stale_row_fires_nothing(dsn, schema, c
 
 
 def test_guard_key_an_occurrence_is_never_inserted_twice(dsn, schema, client, db, hourly):
-    """Guard 3, the occurrence key reserved in every status: even after its run finished,
-    the same occurrence inserts nothing (with the default, live-only scope it would insert
-    a second run)."""
-    q = for_schema(schema)
+    """Guard 3, the occurrence key reserved in every status: a pass that fires an occurrence
+    again (here: the schedule set back by SQL to the occurrence it fired) inserts nothing,
+    even after its run finished (with the default, live-only scope it would insert a second
+    run)."""
     at = hourly.next_fire_at
     fire_schedules(dsn, schema=schema, at=at)
     drain(dsn, [nightly], schema=schema)
-    key = occurrence_key("hourly", at)
-    rows = db.execute(q["schedule_fire"], {"name": "hourly", "keys": [key], "fired_at": at}).fetchall()
-    assert rows == []
-    assert keys_of(db, schema) == [key]
+    db.execute(f'UPDATE "{schema}".schedules SET next_fire_at = %s', [at])
+    report = fire_schedules(dsn, schema=schema, at=at)
+    assert report.fired == [] and report.lost == 0
+    assert keys_of(db, schema) == [occurrence_key("hourly", at)]
     assert client.get_schedule("hourly").fires == 1
 
 

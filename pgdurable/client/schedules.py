@@ -14,7 +14,7 @@ from typing import Any
 from pgdurable.contract import values
 from pgdurable.contract.errors import InvalidValue, NoTarget, OperationRefused, UnknownMachine
 from pgdurable.contract.schedule import Cron, check_name, check_policies
-from pgdurable.contract.spec import machine_info
+from pgdurable.contract.spec import STATUSES, machine_info
 
 __all__ = [
     "UNCHANGED",
@@ -23,6 +23,7 @@ __all__ = [
     "change_params",
     "create_params",
     "schedule_of",
+    "trigger_params",
     "trigger_result",
 ]
 
@@ -202,6 +203,11 @@ def change_params(row: Sequence[Any] | None, name: str, changes: dict[str, Any])
         "next_fire_at": next_fire_at,
         "clear_error": bool(given) or (enabled and not current.enabled),
     }
+
+
+def trigger_params(name: str) -> dict[str, Any]:
+    """The parameters of ``schedule_trigger``: its key is reserved in every status."""
+    return {"name": name, "scope": list(STATUSES)}
 
 
 def trigger_result(name: str, row: Sequence[Any] | None) -> int:

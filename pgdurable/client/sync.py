@@ -57,6 +57,7 @@ from pgdurable.client.schedules import (
     change_params,
     create_params,
     schedule_of,
+    trigger_params,
     trigger_result,
 )
 from pgdurable.contract.errors import NoTarget
@@ -528,7 +529,7 @@ class Client:
         insert one instance as an occurrence would, under the key
         ``schedule:NAME@manual:TIME``; its next fire is unchanged. Returns the instance's
         id. Raises NoTarget, or UnknownMachine when no supervisor registered its machine."""
-        return trigger_result(name, self._one("schedule_trigger", {"name": name}, conn))
+        return trigger_result(name, self._one("schedule_trigger", trigger_params(name), conn))
 
     def delete_schedule(self, name: str, *, conn: psycopg.Connection[Any] | None = None) -> None:
         """Delete a schedule (the instances it inserted stay). A schedule declared in code is

@@ -28,7 +28,7 @@ import psycopg
 
 from pgdurable.contract.errors import InvalidValue
 from pgdurable.contract.schedule import Cron, ScheduleDecl, declared_schedules
-from pgdurable.contract.spec import LIVE_STATUSES, encode_json
+from pgdurable.contract.spec import LIVE_STATUSES, STATUSES, encode_json
 from pgdurable.db.queries import Queries
 
 log = logging.getLogger("pgdurable.cron")
@@ -243,7 +243,8 @@ def fire_one(conn: psycopg.Connection[Any], q: Queries, row: Any, report: FireRe
             extra={"event": "schedule_overlap_cancelled", "schedule": name, "instance": last_id},
         )
     keys = [occurrence_key(name, t) for t in due]
-    fired = conn.execute(q["schedule_fire"], {"name": name, "keys": keys, "fired_at": due[-1]}).fetchall()
+    params = {"name": name, "keys": keys, "fired_at": due[-1], "scope": list(STATUSES)}
+    fired = conn.execute(q["schedule_fire"], params).fetchall()
     for iid, key, _ in fired:
         report.fired.append((name, key, iid))
         log.info(

@@ -71,7 +71,8 @@ RETURNING name, pg_notify({schema}.schedule_channel(), name) IS NULL AS notified
 
 -- name: schedule_trigger
 -- Fire a schedule now, outside its cron: one instance of its machine (newest registered
--- version) with its state, under the key 'schedule:NAME@manual:TIME'; it becomes the
+-- version) with its state, under the key 'schedule:NAME@manual:TIME' (reserved in the
+-- statuses of the scope parameter: every status); it becomes the
 -- schedule's previous run (for overlap). found: the schedule exists; id NULL: its machine
 -- is not registered.
 WITH s AS (
@@ -85,7 +86,7 @@ WITH s AS (
     SELECT s.fsm, m.version, m.initial_step, s.state, COALESCE(s.queue, m.queue), s.priority, now(),
            'schedule:' || s.name || '@manual:'
                || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-           '{runnable,executing,awaiting_signal,awaiting_children,held,done,failed,cancelled}'
+           %(scope)s::text[]
     FROM s, m
     RETURNING id, queue
 ), upd AS (
@@ -176,7 +177,7 @@ SET enabled = false, last_error = %(error)s, last_error_at = now(), updated_at =
 WHERE name = %(name)s;
 
 -- name: schedule_due_lock
--- The cron pass: enabled schedules due at %(at)s (NULL: now), in fire order, locked — SKIP
+-- The cron pass: enabled schedules due at the given time (NULL: now), in fire order, locked — SKIP
 -- LOCKED, so passes on several supervisors split them and none fires what another holds.
 -- With each: whether a supervisor registered its machine, and the status of its previous
 -- run (NULL: none, or collected).
@@ -208,8 +209,8 @@ RETURNING name;
 
 -- name: schedule_fire
 -- Insert the occurrences of a schedule the pass advanced (oldest first), each under its
--- key 'schedule:NAME@TIME', reserved in every status (until GC) so an occurrence is never
--- inserted twice; record the last as the schedule's previous run. Returns the new rows.
+-- key 'schedule:NAME@TIME', reserved in the statuses of the scope parameter — every
+-- status, until GC — so an occurrence is never inserted twice; record the last as the schedule's previous run. Returns the new rows.
 WITH s AS (
     SELECT name, fsm, state, queue, priority FROM {schema}.schedules WHERE name = %(name)s
 ), m AS (
@@ -219,7 +220,7 @@ WITH s AS (
     INSERT INTO {schema}.instances
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key, correlation_scope)
     SELECT s.fsm, m.version, m.initial_step, s.state, COALESCE(s.queue, m.queue), s.priority, now(),
-           k.key, '{runnable,executing,awaiting_signal,awaiting_children,held,done,failed,cancelled}'
+           k.key, %(scope)s::text[]
     FROM s, m, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, ord)
     ORDER BY k.ord
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
