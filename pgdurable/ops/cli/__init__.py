@@ -22,7 +22,7 @@ the schema is behind or ahead; ``check``: the deploy would hold rows or leave a 
 unserved); 2 a usage or operator error (arguments, config file, modules, database address,
 privileges), printed as one line on stderr; 3 what was named is not there or not in a
 state that allows the request (``show``, ``signal``, ``insert``, ``graph``, ``cancel``,
-``retry``, ``rewind``); 130
+``retry``, ``rewind``, ``schedule``); 130
 interrupted. A traceback means a bug in pgdurable; the traceback of the operator's own
 module that failed to import is shown only with ``supervise --log-level debug``.
 """
