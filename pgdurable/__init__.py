@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pgdurable.contract.outcomes import KEEP, Await, Cancel, Done, Next, Outcome, Retry, Spawn, Stop
     from pgdurable.contract.results import ChildResult, Results, parallel
     from pgdurable.contract.saga import saga
+    from pgdurable.contract.schedule import schedule
     from pgdurable.contract.spec import Child, Insert
 
 _WHERE = {
@@ -73,6 +74,7 @@ _WHERE = {
     "pgdurable.contract.results": ("ChildResult", "Results", "parallel"),
     "pgdurable.contract.saga": ("saga",),
     "pgdurable.contract.spec": ("Child", "Insert"),
+    "pgdurable.contract.schedule": ("schedule",),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
@@ -116,6 +118,7 @@ __all__ = [
     "job",
     "parallel",
     "saga",
+    "schedule",
     "step",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ jumps forward to the next scheduled thing); ``collapse_time=False`` leaves futur
 parked. Expiry and deadlines (docs/deadlines.md) are checked on the real clock before each
 round, as the maintenance process's sweep would. ``max_steps`` turns a machine that never
 settles into a clear failure.
+``fire_schedules()`` runs one cron pass, at a time of the test's choosing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.commit import continued
 from pgdurable.engine.limits import Limits
 from pgdurable.engine.pipeline import Engine
+from pgdurable.engine.schedules import FireReport
 
 #: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
 COLLAPSED = dt.timedelta(days=365 * 100)
@@ -178,3 +180,29 @@ def assert_failed(client: Client, iid: int, error_contains: str | None = None) -
             f"instance {iid} failed with {inst.last_error!r}, expected it to mention {error_contains!r}"
         )
     return inst
+
+
+def fire_schedules(
+    dsn: str,
+    machines: Registry | Iterable[type[FSM]] = (),
+    *,
+    schema: str = "pgdurable",
+    at: dt.datetime | None = None,
+) -> FireReport:
+    """Register ``machines`` and the schedules declared on them, as a starting supervisor
+    does, then run one cron pass as the maintenance process would: fire every schedule due
+    now — or at ``at``, an aware time to pretend it is (later than now: what a fleet down
+    until then would find due). Returns what the pass did (``FireReport``)."""
+    from pgdurable.engine import schedules
+
+    registry = _registry(machines)
+    engine = Engine(registry, schema=schema)
+    asyncio.run(_register(dsn, engine))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schedules.register(conn, engine.q, registry.machines())
+        return schedules.fire_due(conn, engine.q, at=at)
+
+
+async def _register(dsn: str, engine: Engine) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await engine.register(conn)

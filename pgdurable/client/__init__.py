@@ -13,6 +13,7 @@ from pgdurable.client.aio import AsyncClient
 from pgdurable.client.common import Busy, Failed, Instance, LogLine, Saga, StepAttempt, WaitResult
 from pgdurable.client.inputs import PendingInput
 from pgdurable.client.operate import CancelResult, RetryReport, Rewound
+from pgdurable.client.schedules import Schedule, ScheduleExists
 from pgdurable.client.sync import Client
 from pgdurable.contract.errors import (
     DuplicateInstance,
@@ -48,6 +49,8 @@ __all__ = [
     "RetryReport",
     "Rewound",
     "Saga",
+    "Schedule",
+    "ScheduleExists",
     "StepAttempt",
     "UnknownMachine",
     "UnknownStep",

@@ -60,6 +60,16 @@ from pgdurable.client.operate import (
     rewind_params,
     rewind_result,
 )
+from pgdurable.client.schedules import (
+    UNCHANGED,
+    Schedule,
+    ScheduleExists,
+    change_params,
+    create_params,
+    schedule_of,
+    trigger_params,
+    trigger_result,
+)
 from pgdurable.contract.errors import NoTarget
 from pgdurable.contract.spec import Insert
 from pgdurable.db.queries import Queries, for_schema
@@ -85,6 +95,18 @@ async def _caller_txn(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]
         if not conn.autocommit:
             await conn.rollback()
         raise
+
+
+@contextlib.asynccontextmanager
+async def _in_txn(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Statements that must run in one transaction, on the caller's connection: theirs when
+    it is not in autocommit (it commits when they commit), else one of its own (a savepoint
+    inside a transaction they opened)."""
+    if conn.autocommit:
+        async with conn.transaction():
+            yield
+    else:
+        yield
 
 
 class AsyncClient:
@@ -451,3 +473,142 @@ class AsyncClient:
     async def paused(self, *, conn: psycopg.AsyncConnection[Any] | None = None) -> dict[str, dt.datetime]:
         """The paused queues, each with when it was paused."""
         return paused_of(await self._all("queue_paused", {}, conn))
+
+    # -- cron schedules (docs/schedules.md) --------------------------------------------------
+
+    async def create_schedule(
+        self,
+        name: str,
+        fsm: Any,
+        cron: str,
+        *,
+        tz: str = "UTC",
+        state: Any = None,
+        queue: str | None = None,
+        priority: int = 0,
+        missed: str = "skip",
+        catch_up_limit: int = 10,
+        overlap: str = "allow",
+        enabled: bool = True,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Schedule:
+        """Create a schedule: each occurrence of ``cron`` (5 fields, or 6 with a leading
+        seconds field) in time zone ``tz`` inserts an instance of machine ``fsm`` (a name or
+        a class) with ``state``. The options are those of ``@schedule``; its first fire is
+        computed from the database's time. Raises ScheduleExists when the name is taken,
+        InvalidValue for a cron expression, time zone or policy that is not one."""
+        cron_, params = create_params(
+            name,
+            fsm,
+            cron,
+            tz=tz,
+            state=state,
+            queue=queue,
+            priority=priority,
+            missed=missed,
+            catch_up_limit=catch_up_limit,
+            overlap=overlap,
+            enabled=enabled,
+        )
+        if conn is not None:
+            async with _in_txn(conn):
+                row = await self._create_on(conn, cron_, params)
+        else:
+            async with (await self._get_pool()).connection() as c, c.transaction():
+                row = await self._create_on(c, cron_, params)
+        if row is None:
+            raise ScheduleExists(name)
+        return schedule_of(row)
+
+    async def _create_on(self, c: psycopg.AsyncConnection[Any], cron: Any, params: dict[str, Any]) -> Any:
+        row = await (await c.execute(self.q["schedule_now"])).fetchone()
+        assert row is not None
+        if params["enabled"]:
+            params["next_fire_at"] = cron.next_after(row[0])
+        return await (await c.execute(self.q["schedule_create"], params)).fetchone()
+
+    async def _change(
+        self, name: str, changes: dict[str, Any], conn: psycopg.AsyncConnection[Any] | None
+    ) -> Any:
+        """Lock the schedule, compute the change from what is locked, store it."""
+        if conn is not None:
+            async with _in_txn(conn):
+                return await self._change_on(conn, name, changes)
+        async with (await self._get_pool()).connection() as c, c.transaction():
+            return await self._change_on(c, name, changes)
+
+    async def _change_on(self, c: psycopg.AsyncConnection[Any], name: str, changes: dict[str, Any]) -> Any:
+        row = await (await c.execute(self.q["schedule_get_for_update"], {"name": name})).fetchone()
+        params = change_params(row, name, changes)
+        return row, await (await c.execute(self.q["schedule_write"], params)).fetchone()
+
+    async def update_schedule(
+        self,
+        name: str,
+        *,
+        fsm: Any = UNCHANGED,
+        cron: str = UNCHANGED,
+        tz: str = UNCHANGED,
+        state: Any = UNCHANGED,
+        queue: str | None = UNCHANGED,
+        priority: int = UNCHANGED,
+        missed: str = UNCHANGED,
+        catch_up_limit: int = UNCHANGED,
+        overlap: str = UNCHANGED,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Schedule:
+        """Change the given fields of a schedule (``queue=None``: the machine's queue). A new
+        cron or time zone recomputes the next fire from now; the last occurrence's error is
+        cleared. On a schedule declared in code, the change holds until a deploy changes
+        the same field in code (docs/schedules.md). Raises NoTarget, InvalidValue."""
+        changes = {
+            "fsm": fsm,
+            "cron": cron,
+            "tz": tz,
+            "state": state,
+            "queue": queue,
+            "priority": priority,
+            "missed": missed,
+            "catch_up_limit": catch_up_limit,
+            "overlap": overlap,
+        }
+        _old, row = await self._change(name, changes, conn)
+        return schedule_of(row)
+
+    async def enable_schedule(self, name: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
+        """Enable a schedule; its next fire is computed from now (what it missed while
+        disabled is not fired). True when this call enabled it. Raises NoTarget."""
+        old, _row = await self._change(name, {"enabled": True}, conn)
+        return not old[10]
+
+    async def disable_schedule(self, name: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> bool:
+        """Disable a schedule: it fires nothing until enabled (a run it started goes on).
+        Kept across restarts, also for a schedule declared in code. True when this call
+        disabled it. Raises NoTarget."""
+        old, _row = await self._change(name, {"enabled": False}, conn)
+        return bool(old[10])
+
+    async def trigger_schedule(self, name: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> int:
+        """Fire a schedule now, outside its cron (enabled or not, overlap not checked):
+        insert one instance as an occurrence would, under the key
+        ``schedule:NAME@manual:TIME``; its next fire is unchanged. Returns the instance's
+        id. Raises NoTarget, or UnknownMachine when no supervisor registered its machine."""
+        return trigger_result(name, await self._one("schedule_trigger", trigger_params(name), conn))
+
+    async def delete_schedule(self, name: str, *, conn: psycopg.AsyncConnection[Any] | None = None) -> None:
+        """Delete a schedule (the instances it inserted stay). A schedule declared in code is
+        registered again at the next supervisor start: disable it instead, or remove the
+        declaration first. Raises NoTarget."""
+        if await self._one("schedule_delete", {"name": name}, conn) is None:
+            raise NoTarget(f"no schedule {name!r}")
+
+    async def get_schedule(
+        self, name: str, *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> Schedule | None:
+        """A snapshot of the schedule, or None when there is none by that name."""
+        row = await self._one("schedule_get", {"name": name}, conn)
+        return None if row is None else schedule_of(row)
+
+    async def schedules(self, *, conn: psycopg.AsyncConnection[Any] | None = None) -> list[Schedule]:
+        """Every schedule, by name, each with its next fire time."""
+        return [schedule_of(row) for row in await self._all("schedule_list", {}, conn)]

@@ -1,7 +1,8 @@
 """The maintenance process: one per supervisor, forked and restarted like a worker.
 
 It runs the sweeps — the reaper, await deadlines, expiry and instance deadlines, garbage
-collection, the look for queues no worker serves — each a component
+collection, the look for queues no worker serves — and the cron component that fires
+schedules (``sweeps.cron``), each a component
 with the one lifecycle, on their own short-lived connections, so a slow sweep (a large GC)
 never stalls the supervisor's loop (reaping, restarts, the systemd watchdog). It reports to
 the supervisor once a second over the same pipe as the workers.
@@ -26,6 +27,7 @@ from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.sweeps.awaits import AwaitDeadlines
 from pgdurable.runtime.sweeps.base import Sweep
+from pgdurable.runtime.sweeps.cron import Cron
 from pgdurable.runtime.sweeps.deadlines import Deadlines
 from pgdurable.runtime.sweeps.gc import Collector
 from pgdurable.runtime.sweeps.reaper import Reaper
@@ -63,6 +65,7 @@ class Maintenance:
         ]
         if m.queue_check_interval > 0:
             self.sweeps.append(UnservedQueues(self.connect, queries, m.queue_check_interval, log))
+        self.cron = Cron(self.connect, spec.dsn, queries, m.interval)
 
     def connect(self) -> psycopg.Connection[Any]:
         # Bounded, so that a stop never waits long on a sweep.
@@ -77,8 +80,9 @@ class Maintenance:
     def snapshot(self) -> dict[str, Any]:
         return {
             "role": "maintenance",
-            "sweeps": {s.name: s.runs for s in self.sweeps},
-            "errors": sum(s.failures for s in self.sweeps),
+            "sweeps": {s.name: s.runs for s in self.sweeps} | {"cron": self.cron.runs},
+            "errors": sum(s.failures for s in self.sweeps) + self.cron.failures,
+            "cron_fired": self.cron.fired,
         }
 
     async def run(self) -> int:
@@ -88,7 +92,7 @@ class Maintenance:
         reporter = Reporter(
             self.spec.report_fd, self.snapshot, lambda: "pgdurable: maintenance", stopping.set
         )
-        components: list[Component] = [reporter, *self.sweeps]
+        components: list[Component] = [reporter, *self.sweeps, self.cron]
         for c in components:
             c.start()
         stop = asyncio.ensure_future(stopping.wait())
@@ -98,7 +102,7 @@ class Maintenance:
         finally:
             stop.cancel()
             failed = any(c.failed() is not None for c in components)
-            await asyncio.gather(*(s.stop(SWEEP_STOP_TIMEOUT) for s in self.sweeps))
+            await asyncio.gather(*(s.stop(SWEEP_STOP_TIMEOUT) for s in [*self.sweeps, self.cron]))
             await reporter.stop()
         return 1 if failed else 0
 

@@ -32,6 +32,7 @@ from pgdurable.contract.errors import PgdurableError
 from pgdurable.contract.fsm import Registry
 from pgdurable.db import migrations
 from pgdurable.db.queries import for_schema
+from pgdurable.engine import schedules
 from pgdurable.engine.pipeline import registration
 from pgdurable.runtime import config as config_mod
 from pgdurable.runtime import logs
@@ -129,6 +130,8 @@ class Supervisor:
                 with conn.transaction():
                     conn.execute(queries["machine_register_many"], machines)
                     conn.execute(queries["instance_release_held"], held)
+            # The @schedule declarations, by name; an operator's run-time changes are kept.
+            schedules.register(conn, queries, self.registry.machines())
         unknown = sorted(set(self.cfg.queues) - set(self.registry.queues()))
         if unknown:
             log.warning(

@@ -12,6 +12,7 @@ A module per group of verbs, each verb a click command registered in ``VERBS``:
 
 - ``operate.py``: ``cancel``, ``retry``, ``rewind``, ``pause``, ``resume`` (through the client)
 - ``inputs.py``: ``inputs``, ``respond`` (pending human input, through the client)
+- ``schedules.py``: ``schedule list|create|update|enable|disable|trigger|delete`` (the client)
 
 The step history is a section of ``show``.
 ``common.py`` holds what they share: the database options, the connection, the exit
@@ -22,7 +23,7 @@ the schema is behind or ahead; ``check``: the deploy would hold rows or leave a 
 unserved); 2 a usage or operator error (arguments, config file, modules, database address,
 privileges), printed as one line on stderr; 3 what was named is not there or not in a
 state that allows the request (``show``, ``signal``, ``insert``, ``graph``, ``cancel``,
-``retry``, ``rewind``, ``respond``); 130
+``retry``, ``rewind``, ``respond``, ``schedule``); 130
 interrupted. A traceback means a bug in pgdurable; the traceback of the operator's own
 module that failed to import is shown only with ``supervise --log-level debug``.
 """
@@ -44,6 +45,7 @@ from pgdurable.ops.cli.listing import list_
 from pgdurable.ops.cli.operate import cancel, pause, resume, retry, rewind
 from pgdurable.ops.cli.produce import insert, signal
 from pgdurable.ops.cli.runner import supervise
+from pgdurable.ops.cli.schedules import schedule
 from pgdurable.ops.cli.schema import migrate
 from pgdurable.ops.cli.show import show
 from pgdurable.ops.cli.status import status
@@ -64,6 +66,7 @@ VERBS: tuple[click.Command, ...] = (
     rewind,
     pause,
     resume,
+    schedule,
     cleanup,
     check,
     graph,

@@ -76,7 +76,11 @@ def status(
         listeners = {r["queue"]: int(r["feeders"]) for r in rows(conn.execute(q["ops_status_listeners"]))}
         waiting = {r["queue"]: r for r in rows(conn.execute(q["ops_status_awaiting"]))} if awaiting else None
         database = conn.info.dbname
+        schedule_errors = rows(conn.execute(q["schedule_errors"]))
     doc = build(target.schema, database, window, queues, owners, listeners, waiting)
+    # Schedules whose last occurrence did not fire (docs/schedules.md): a problem each.
+    doc["schedule_errors"] = schedule_errors
+    doc["problems"] += [f"schedule {r['name']}: {r['last_error']}" for r in schedule_errors]
     if as_json:
         print_json(doc)
     else:
@@ -197,6 +201,8 @@ def render(doc: dict[str, Any], window: dt.timedelta) -> None:
     )
     if not doc["queues"]:
         click.echo("no queues: no rows and no registered machines")
+        for p in doc["problems"]:
+            click.echo(p)
         return
     awaiting = "awaiting_signal" in doc["queues"][0]
     cancelled = any(e["finished"]["cancelled"] for e in doc["queues"])
