@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,8 +49,22 @@ def schema(dsn: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        drop_schema(dsn, name)
+
+
+def drop_schema(dsn: str, name: str) -> None:
+    """Drop a test's schema. A process the test started may still be finishing its last
+    statement on it (a supervisor's child exits after its parent): a deadlock with it is
+    retried, after the others' transactions ended."""
+    for attempt in range(5):
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            return
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 -- Time limits (docs/deadlines.md): the deadline sweep of the maintenance process
 -- (pgdurable/runtime/sweeps/deadlines.py) and testing.drain run these; the functions are
--- those of migration 0007.
+-- those of migration 10.
 
 -- name: deadline_expire
 -- End up to %(limit)s runnable rows that were not started by their expires_at: failed, or

@@ -1,5 +1,5 @@
 -- Human input (docs/inputs.md): awaits that ask for input are listed from the view
--- pending_inputs (migration 0007), and answered by a signal delivered only while the very
+-- pending_inputs (migration 10), and answered by a signal delivered only while the very
 -- request the answer was checked against is pending. None of these runs on a worker's path.
 
 -- name: input_pending_list

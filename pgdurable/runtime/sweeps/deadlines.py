@@ -1,6 +1,6 @@
 """Time limits: rows not started by their ``expires_at`` end instead of running late, and
 instances not finished by their ``deadline`` fail, their live children cancelled
-(docs/deadlines.md). The work is in the functions of migration 0007; this sweep runs them
+(docs/deadlines.md). The work is in the functions of migration 10; this sweep runs them
 and then sleeps until the next one falls due, not for a fixed tick."""
 
 from __future__ import annotations
