@@ -1,16 +1,18 @@
 """The README's demo: order machines on an embedded PostgreSQL, doing visible work.
 
-Orders reserve stock (the warehouse is flaky, so some steps retry), wait for a payment
-signal (some never pay and time out), fan out a packing child per item, and finish. A fake
-payment service signals most orders. Everything goes through the real claim / run / flush
-path of a real supervisor and its worker processes (examples/demo.toml); stop with
-Ctrl-C and start again: unfinished orders resume where they were.
+A stream of orders reserves stock (the warehouse is flaky, so some steps retry), waits for
+a payment signal (most arrive in time, a few late or never: those orders fail), fans out a
+packing child per item, and finishes. A progress line a second counts them. Everything goes
+through the real claim / run / flush path of a real supervisor and its worker processes
+(examples/demo.toml); stop with Ctrl-C (the supervisor drains) and start again: unfinished
+orders resume where they were, and the demo says how many.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
@@ -20,7 +22,7 @@ from pathlib import Path
 import msgspec
 import psycopg
 
-from pgdurable.client import AsyncClient
+from pgdurable.client import AsyncClient, NoTarget
 from pgdurable.contract.fsm import FSM, Context, step
 from pgdurable.contract.outcomes import Await, Done, Next, Retry, Spawn, Stop
 from pgdurable.contract.spec import Child
@@ -44,12 +46,12 @@ class Order(FSM, name="order", queue="orders"):
         if random.random() < 0.3:
             say(ctx, f"warehouse busy, retry (attempt {ctx.attempt})")
             return Retry(delay=0.5)
-        say(ctx, f"reserved {ctx.state.items} items")
+        ctx.log.info("reserved %d items", ctx.state.items)
         return Next(self.await_payment)
 
     @step
     def await_payment(self, ctx: Context) -> Await:
-        say(ctx, "waiting for payment (3 s)")
+        ctx.log.info("waiting for payment (3 s)")
         return Await("paid", then=self.paid, timeout=3)
 
     @step
@@ -57,7 +59,7 @@ class Order(FSM, name="order", queue="orders"):
         if not ctx.awaited:
             say(ctx, "no payment: cancelled")
             return Stop("payment timed out")
-        say(ctx, f"paid {ctx.awaited[0].payload['amount']}; packing")
+        ctx.log.info("paid %s; packing", ctx.awaited[0].payload["amount"])
         return Spawn(
             [Child(Pack, {"order": ctx.state.order, "item": i}) for i in range(ctx.state.items)],
             then=self.ship,
@@ -77,45 +79,87 @@ class Pack(FSM, name="pack", queue="packing"):
     @step(initial=True)
     async def pack(self, ctx: Context) -> Done:
         await asyncio.sleep(0.1)
-        say(ctx, f"packed item {ctx.state.item} of order {ctx.state.order}")
+        ctx.log.info("packed item %d of order %d", ctx.state.item, ctx.state.order)
         return Done()
 
 
 async def payments(client: AsyncClient, ids: asyncio.Queue[int]) -> None:
-    while True:
-        iid = await ids.get()
-        await asyncio.sleep(random.uniform(0.5, 2.0))
-        if random.random() < 0.8:
+    """A payment service: most orders are paid within the 3 s their machine waits, a few
+    late or never (those fail: the point of the demo is to see failures too)."""
+
+    async def pay(iid: int) -> None:
+        await asyncio.sleep(random.uniform(0.2, 2.5) if random.random() < 0.9 else 4.0)
+        with contextlib.suppress(NoTarget):  # too late: the order gave up waiting
             await client.signal(iid, "paid", {"amount": random.randint(10, 99)}, dedup_key=f"pay-{iid}")
 
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        task = asyncio.create_task(pay(await ids.get()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-async def produce(dsn: str, orders: int, supervisor: subprocess.Popen[bytes]) -> None:
-    """Insert orders one by one, pay most of them, and report until all are settled."""
+
+TERMINAL = ("done", "failed", "cancelled")
+
+
+async def progress(client: AsyncClient, dsn: str) -> tuple[dict[str, int], int]:
+    """Orders by status, and step attempts finished in the last second."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(client.q["demo_progress"], {"fsms": ["order"], "window": 1.0})
+        row = await cur.fetchone()
+    assert row is not None
+    return msgspec.json.decode(row[0]), int(row[1])
+
+
+def line(counts: dict[str, int], steps: int) -> str:
+    waiting = sum(n for status, n in counts.items() if status not in TERMINAL)
+    return (
+        f"orders: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
+        f"{waiting} in flight | {steps} steps/s"
+    )
+
+
+async def produce(dsn: str, orders: int | None, rate: float, supervisor: subprocess.Popen[bytes]) -> None:
+    """Insert orders at ``rate`` per second (``orders`` of them, or until Ctrl-C), pay most
+    of them, and print a progress line every second; with ``orders``, stop once all settled."""
     paid: asyncio.Queue[int] = asyncio.Queue()
     async with AsyncClient(dsn) as client:
-        service = asyncio.create_task(payments(client, paid))
-        q = client.q
-        try:
-            for n in range(1, orders + 1):
-                iid = await client.insert(Order, {"order": n, "items": random.randint(1, 3)})
-                print(f"inserted order {n} as #{iid}", flush=True)
+        counts, _ = await progress(client, dsn)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute(client.q["demo_unfinished"])
+            unfinished = [row[0] for row in await cur.fetchall()]
+        if unfinished:
+            print(f"resuming {len(unfinished)} unfinished orders of an earlier run", flush=True)
+            for iid in unfinished:  # their payments were lost with the earlier run's payer
                 await paid.put(iid)
-                await asyncio.sleep(0.4)
+        start = sum(counts.values())
+        service = asyncio.create_task(payments(client, paid))
+        try:
+            n, last = 0, 0.0
+            loop = asyncio.get_running_loop()
             while supervisor.poll() is None:
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                    cur = await conn.execute(q["instance_count_by_status"], {"fsm": "order"})
-                    counts: dict[str, int] = dict(await cur.fetchall())
-                if not set(counts) - {"done", "failed"}:
-                    print(f"all {orders} orders settled: {counts}", flush=True)
-                    return
-                await asyncio.sleep(1.0)
+                if orders is None or n < orders:
+                    n += 1
+                    iid = await client.insert(Order, {"order": start + n, "items": random.randint(1, 3)})
+                    await paid.put(iid)
+                if loop.time() - last >= 1.0:
+                    last = loop.time()
+                    counts, steps = await progress(client, dsn)
+                    print(line(counts, steps), flush=True)
+                    if orders is not None and n >= orders and not set(counts) - set(TERMINAL):
+                        print(f"all {start + n} orders settled: {counts}", flush=True)
+                        return
+                await asyncio.sleep(1.0 / rate)
         finally:
             service.cancel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pgdurable.demo")
-    parser.add_argument("--orders", type=int, default=12)
+    parser.add_argument(
+        "--orders", type=int, default=None, help="stop after N orders (default: until Ctrl-C)"
+    )
+    parser.add_argument("--rate", type=float, default=2.0, help="orders inserted per second")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the supervisor's config")
     parser.add_argument("--keep-running", action="store_true", help="do not stop when all orders settled")
     args = parser.parse_args()
@@ -133,7 +177,7 @@ def main() -> None:
     print(f"starting: pgdurable supervise {args.config}", flush=True)
     supervisor = subprocess.Popen([sys.executable, "-m", "pgdurable", "supervise", args.config])
     try:
-        asyncio.run(produce(dsn, args.orders, supervisor))
+        asyncio.run(produce(dsn, args.orders, args.rate, supervisor))
         if args.keep_running:
             supervisor.wait()
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -273,7 +274,8 @@ def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all 3 orders settled" in out.stdout
     assert "started for queue orders" in out.stdout and "supervisor stopped" in out.stdout
-    assert "reserve" in out.stdout and "await_payment" in out.stdout
+    assert "shipped" in out.stdout or "no payment" in out.stdout
+    assert re.search(r"orders: \d+ done, \d+ failed, \d+ in flight \| \d+ steps/s", out.stdout)
 
 
 def test_await_timeout_fires_promptly_on_an_idle_queue(dsn, schema, client, sups, tmp_path):

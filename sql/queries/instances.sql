@@ -419,3 +419,19 @@ WHERE i.id = u.id AND i.id = ANY(%(ids)s::bigint[]) AND i.locked_by = %(worker)s
 RETURNING i.id, i.status, i.queue,
           CASE WHEN i.status = 'runnable'
                THEN pg_notify({schema}.notify_channel(i.queue), '')::text END AS notified;
+
+-- name: demo_progress
+-- The demo's progress line: instances of the given machines by status, and the step
+-- attempts that finished in the last %(window)s seconds (a scan of history: the demo's
+-- table is small, and it runs once a second).
+SELECT (SELECT COALESCE(jsonb_object_agg(status, n), '{}')::text
+        FROM (SELECT status, count(*) AS n FROM {schema}.instances
+              WHERE fsm = ANY(%(fsms)s::text[]) GROUP BY status) AS s) AS statuses,
+       (SELECT count(*) FROM {schema}.history
+        WHERE finished_at > now() - make_interval(secs => %(window)s)) AS steps;
+
+-- name: demo_unfinished
+-- The demo's orders an earlier run left unfinished (the payment service pays them again).
+SELECT id FROM {schema}.instances
+WHERE fsm = 'order' AND status NOT IN ('done', 'failed', 'cancelled')
+ORDER BY id;
