@@ -33,6 +33,7 @@ interval = 1
 gc_interval = {gc_interval}
 retention = {retention}
 queue_check_interval = {queue_check_interval}
+snapshot_warning = {snapshot_warning}
 
 [queues.rt]
 processes = {processes}
@@ -67,6 +68,7 @@ class Supervised:
             "gc_interval": 3600,
             "retention": 604800,
             "queue_check_interval": 60,
+            "snapshot_warning": 600,
         }
         opts.update(settings)
         self.config = tmp / f"{name}.toml"

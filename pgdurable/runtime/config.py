@@ -87,6 +87,7 @@ class Maintenance(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     retention: float = 7 * 86400.0
     gc_batch: int = 1000
     queue_check_interval: float = 60.0  # 0: never look for unserved queues
+    snapshot_warning: float = 600.0  # warn of a snapshot held longer (seconds; 0: never)
 
 
 class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -187,6 +188,11 @@ def _positive(cfg: Config) -> None:
             "maintenance.queue_check_interval",
             cfg.maintenance.queue_check_interval,
             cfg.maintenance.queue_check_interval >= 0,
+        ),
+        (
+            "maintenance.snapshot_warning",
+            cfg.maintenance.snapshot_warning,
+            cfg.maintenance.snapshot_warning >= 0,
         ),
     ]
     for name, q in cfg.queues.items():

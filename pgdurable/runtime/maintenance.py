@@ -30,6 +30,7 @@ from pgdurable.runtime.sweeps.base import Sweep
 from pgdurable.runtime.sweeps.cron import Cron
 from pgdurable.runtime.sweeps.deadlines import Deadlines
 from pgdurable.runtime.sweeps.gc import Collector
+from pgdurable.runtime.sweeps.horizon import SnapshotWatch
 from pgdurable.runtime.sweeps.reaper import Reaper
 from pgdurable.runtime.sweeps.unserved import UnservedQueues
 
@@ -65,6 +66,9 @@ class Maintenance:
         ]
         if m.queue_check_interval > 0:
             self.sweeps.append(UnservedQueues(self.connect, queries, m.queue_check_interval, log))
+        if m.snapshot_warning > 0:
+            every = min(60.0, m.snapshot_warning)
+            self.sweeps.append(SnapshotWatch(self.connect, queries, every, m.snapshot_warning, log))
         self.cron = Cron(self.connect, spec.dsn, queries, m.interval)
 
     def connect(self) -> psycopg.Connection[Any]:

@@ -191,3 +191,35 @@ FROM newest AS n
 WHERE n.queue NOT IN (SELECT queue FROM served)
 GROUP BY n.queue
 ORDER BY n.queue;
+
+-- name: snapshot_oldest
+-- The oldest snapshot that holds back vacuum on this server, when it is older than
+-- %(older)s seconds: a transaction of a session of this database (vacuum of this
+-- database's tables waits only for those), a prepared transaction of it, or an inactive
+-- replication slot (a physical one holds back every database). While it is held, the dead
+-- versions of every row a worker updates stay in the tables and their indexes, and claims
+-- and commits slow down as they pile up. One row or none.
+SELECT kind, who, age_s, detail FROM (
+    SELECT 'transaction' AS kind,
+           format('pid %%s, database %%s, user %%s, application %%L', a.pid, a.datname, a.usename,
+                  a.application_name) AS who,
+           EXTRACT(EPOCH FROM now() - a.xact_start)::float8 AS age_s,
+           left(a.query, 200) AS detail
+    FROM pg_stat_activity AS a
+    WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL
+      AND a.xact_start IS NOT NULL AND a.pid <> pg_backend_pid()
+    UNION ALL
+    SELECT 'prepared transaction', format('gid %%L, database %%s, owner %%s', p.gid, p.database, p.owner),
+           EXTRACT(EPOCH FROM now() - p.prepared)::float8, NULL
+    FROM pg_prepared_xacts AS p
+    WHERE p.database = current_database()
+    UNION ALL
+    SELECT 'replication slot', format('slot %%L (%%s)', s.slot_name, s.slot_type), NULL::float8,
+           format('xmin age %%s transactions', greatest(age(s.xmin), age(s.catalog_xmin)))
+    FROM pg_replication_slots AS s
+    WHERE NOT s.active AND (s.xmin IS NOT NULL OR s.catalog_xmin IS NOT NULL)
+      AND (s.database IS NULL OR s.database = current_database())
+) AS h
+WHERE h.age_s IS NULL OR h.age_s > %(older)s
+ORDER BY h.age_s DESC NULLS LAST
+LIMIT 1;
