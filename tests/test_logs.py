@@ -314,6 +314,9 @@ def _log_calls(tree: ast.AST):
         is_logger = name in {"log", "_log", "logger"} or (
             isinstance(target, ast.Call) and getattr(target.func, "attr", "") == "getLogger"
         )
+        # A step's own ctx.log (the demo's machines) carries event=step_log by itself.
+        if isinstance(target, ast.Attribute) and getattr(target.value, "id", "") == "ctx":
+            continue
         if is_logger and (node.func.attr in _LEVELS or node.func.attr == "log"):
             yield node
 
