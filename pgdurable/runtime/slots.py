@@ -107,8 +107,15 @@ class Slots(Component):
         rt = self.rt
         try:
             started = rt.clock()
+            report = None
             try:
-                result = await rt.engine.run(row)
+                if rt.engine.transactional(row):
+                    # Its own transaction on a pooled connection: its writes and its outcome
+                    # commit together there (engine.transactional), not in the group commit.
+                    async with rt.pool.connection() as conn:
+                        result, report = await rt.engine.run_transactional(conn, row, rt.queue)
+                else:
+                    result = await rt.engine.run(row)
             finally:
                 self.step_time += 0.2 * (rt.clock() - started - self.step_time)
                 # The step's code is done: its slot is free while the outcome waits for the
@@ -120,7 +127,10 @@ class Slots(Component):
                     self._solo = None
                 self.committing[row.id] = row
                 self.wake.set()
-            committed = await self.flusher.submit(result)
+            if report is None:
+                committed = await self.flusher.submit(result)
+            else:
+                committed = self.flusher.committed_alone(result, report.stale)
             rt.stats.steps += 1
             if committed and result.inline:
                 # The continue kept the claim: its next step goes first in line.

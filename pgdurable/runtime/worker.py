@@ -32,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
 from pgdurable.engine.executor import Executor
+from pgdurable.engine.transactional import any_transactional
 from pgdurable.runtime.board import RunningBoard
 from pgdurable.runtime.config import Config
 from pgdurable.runtime.context import Pool, Runtime
@@ -108,7 +109,9 @@ class Worker:
         pool: Pool = AsyncConnectionPool(
             spec.dsn,
             min_size=2,
-            max_size=4,
+            # A transactional step holds a connection while it runs: one each, besides the
+            # flusher's, the heartbeat's and the claims'.
+            max_size=4 + (cfg.queues[spec.queue].concurrency if any_transactional(spec.registry) else 0),
             kwargs={"autocommit": True, "application_name": f"pgdurable worker {spec.queue}"},
             open=False,
         )
