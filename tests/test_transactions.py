@@ -27,6 +27,10 @@ def effects(db, schema):
     return f'"{schema}".effects'
 
 
+def count(db, query: str, *args: object) -> int:
+    return db.execute(query, list(args)).fetchone()[0]
+
+
 def rows(db, table: str, iid: int) -> list[tuple[str, int]]:
     return db.execute(f"SELECT step, attempt FROM {table} WHERE iid = %s ORDER BY step", [iid]).fetchall()
 
@@ -38,7 +42,7 @@ def test_every_step_commits_its_row_with_its_outcome(dsn, schema, client, db, ef
     assert_done(client, iid)
     assert rows(db, effects, iid) == [("s1", 0), ("s2", 0), ("s3", 0), ("s4", 0), ("s5", 0)]
     # history rows of the five steps came with them
-    assert db.execute(f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', [iid]).fetchone()[0] == 5
+    assert count(db, f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', iid) == 5
 
 
 def test_a_step_that_raised_leaves_none_of_its_writes(dsn, schema, client, db, effects):
@@ -97,7 +101,7 @@ async def _steal(dsn: str, schema: str, iid: int) -> None:
     """What the reaper does to an expired lease, then another worker claims the row."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(
-            f'UPDATE "{schema}".instances SET status = \'runnable\', locked_by = NULL, lease_token = NULL'
+            f"UPDATE \"{schema}\".instances SET status = 'runnable', locked_by = NULL, lease_token = NULL"
             " WHERE id = %s",
             [iid],
         )
@@ -135,10 +139,10 @@ def test_a_stale_worker_cannot_commit_its_writes(dsn, schema, client, db, effect
     assert report is not None and report.stale == {iid} and not report.committed
     assert rows(db, effects, iid) == []
     t = f'"{schema}".instances'
-    assert db.execute(f"SELECT count(*) FROM {t} WHERE parent_id = %s", [iid]).fetchone()[0] == 0
-    assert db.execute(f'SELECT count(*) FROM "{schema}".signals WHERE target_id = %s', [iid]).fetchone()[0] == 1
-    assert db.execute(f"SELECT status, locked_by FROM {t} WHERE id = %s", [iid]).fetchone()[0] == "executing"
-    assert db.execute(f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', [iid]).fetchone()[0] == 1
+    assert count(db, f"SELECT count(*) FROM {t} WHERE parent_id = %s", iid) == 0
+    assert count(db, f'SELECT count(*) FROM "{schema}".signals WHERE target_id = %s', iid) == 1
+    assert count(db, f"SELECT status, locked_by FROM {t} WHERE id = %s", iid) == "executing"
+    assert count(db, f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', iid) == 1
 
 
 def test_without_interference_the_same_step_commits_everything(dsn, schema, client, db, effects):
@@ -150,7 +154,7 @@ def test_without_interference_the_same_step_commits_everything(dsn, schema, clie
     drain(dsn, ALL, schema=schema)
     assert_done(client, iid, 2)
     assert rows(db, effects, iid) == [("work", 0)]
-    assert db.execute(f'SELECT count(*) FROM "{schema}".signals WHERE target_id = %s', [iid]).fetchone()[0] == 0
+    assert count(db, f'SELECT count(*) FROM "{schema}".signals WHERE target_id = %s', iid) == 0
 
 
 def test_a_cancel_marked_while_the_step_ran_discards_its_writes(dsn, schema, client, db, effects):
@@ -178,7 +182,7 @@ def test_a_cancel_marked_while_the_step_ran_discards_its_writes(dsn, schema, cli
     assert report is not None and iid in report.stale
     assert_status(client, iid, "cancelled")
     assert rows(db, effects, iid) == []
-    assert db.execute(f'SELECT count(*) FROM "{schema}".instances WHERE parent_id = %s', [iid]).fetchone()[0] == 0
+    assert count(db, f'SELECT count(*) FROM "{schema}".instances WHERE parent_id = %s', iid) == 0
 
 
 def test_a_serialization_failure_retries_without_counting(dsn, schema, client, db, effects):
@@ -234,3 +238,16 @@ def test_drain_runs_the_step_once_under_a_worker_that_dies_before_commit(
     assert res.result["pid"] != victim
     assert db.execute(f"SELECT pid FROM {effects} WHERE iid = %s", [iid]).fetchall() == [(res.result["pid"],)]
     assert sup.stop() == 0
+
+
+def test_a_serializable_step_outlives_the_heartbeat(dsn, schema, client, db, effects, sups, tmp_path):
+    """The heartbeat leaves a serializable step's row alone: extending its lease would make
+    the step's own outcome fail to serialize, at every retry. Guard: Slots.held() skips it
+    (without it the step retries forever and the wait times out)."""
+    start(sups, tmp_path, dsn, schema, processes=1, heartbeat=1, lease=30, modules='["tests.txn_machines"]')
+    iid = client.insert(m.SlowSerial, {"schema": schema})
+    assert client.wait(iid, timeout=25).result == 0
+    assert count(db, f"SELECT count(*) FROM {effects} WHERE iid = %s", iid) == 1
+    assert (
+        count(db, f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', iid) == 1
+    )  # one attempt: no conflict, no retry

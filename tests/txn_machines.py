@@ -189,3 +189,18 @@ class AsyncMisuse(FSM, name="txn_misuse_async", queue="rt"):
 async def txn_job(args: In, ctx):
     await write(ctx, args.schema)
     return "written"
+
+
+class SlowSerial(FSM, name="txn_slow_serial", queue="rt"):
+    """A serializable step that runs through several heartbeats of its worker."""
+
+    State = In
+
+    @step(initial=True, transactional=True, isolation="serializable")
+    async def work(self, ctx):
+        await write(ctx, ctx.state.schema)
+        await asyncio.sleep(3)  # the worker's heartbeat is 1 s
+        return Done(ctx.attempt)
+
+    def backoff(self, attempt):
+        return 0.0

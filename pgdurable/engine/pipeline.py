@@ -125,6 +125,11 @@ class Engine:
         """Whether the row's next step is transactional: run it with ``run_transactional``."""
         return transactional.step_of(self.registry, row) is not None
 
+    def keeps_snapshot(self, row: Claimed) -> bool:
+        """Whether the row's step holds a snapshot (repeatable read, serializable): the
+        heartbeat must not extend its lease while it runs (engine.transactional)."""
+        return transactional.keeps_snapshot(self.registry, row)
+
     async def run_transactional(
         self, conn: psycopg.AsyncConnection[Any], row: Claimed, quiet_queue: str | None = None
     ) -> tuple[Result, FlushReport | None]:

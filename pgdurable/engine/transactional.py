@@ -63,6 +63,14 @@ def step_of(registry: Registry, row: Claimed) -> StepDef | None:
     return sdef if sdef is not None and sdef.transactional else None
 
 
+def keeps_snapshot(registry: Registry, row: Claimed) -> bool:
+    """Whether the row's next step runs in a repeatable-read or serializable transaction.
+    Its lease is not extended while it runs: the extension would update its row after its
+    snapshot, and the outcome's write would then fail to serialize, again at every retry."""
+    sdef = step_of(registry, row)
+    return sdef is not None and sdef.isolation != "read committed"
+
+
 def any_transactional(registry: Registry) -> bool:
     """Whether a machine of the registry has a transactional step (a worker sizes its pool)."""
     return any(s.transactional for m in registry.machines() for s in m.__pgdurable_steps__.values())

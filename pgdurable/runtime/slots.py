@@ -77,7 +77,11 @@ class Slots(Component):
 
     def held(self) -> list[int]:
         """Every row id this process holds a claim on (the heartbeat extends their leases)."""
-        return [r.id for r in self.buffer] + list(self.running) + list(self.committing)
+        engine = self.rt.engine
+        # A step in a serializable (or repeatable-read) transaction is left alone: extending
+        # its lease would make its own outcome fail to serialize. Its lease bounds it.
+        running = [i for i, r in self.running.items() if not engine.keeps_snapshot(r)]
+        return [r.id for r in self.buffer] + running + list(self.committing)
 
     # -- running steps ----------------------------------------------------------------------
     def fill(self, rows: list[Claimed]) -> None:
