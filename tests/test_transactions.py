@@ -18,7 +18,7 @@ from pgdurable.testing import assert_done, assert_failed, assert_status, drain
 from . import txn_machines as m
 from .supervised import start, wait_until
 
-ALL = [m.Five, m.Blocking, m.Held, m.child, m.Serial, m.Misuse, m.AsyncMisuse, m.txn_job]
+ALL = [m.Five, m.Blocking, m.Held, m.child, m.Serial, m.Misuse, m.AsyncMisuse, m.txn_job, m.SlowSync]
 
 
 @pytest.fixture
@@ -251,3 +251,35 @@ def test_a_serializable_step_outlives_the_heartbeat(dsn, schema, client, db, eff
     assert (
         count(db, f'SELECT count(*) FROM "{schema}".history WHERE instance_id = %s', iid) == 1
     )  # one attempt: no conflict, no retry
+
+
+def test_a_transactional_step_is_five_statements_in_four_round_trips(dsn, schema, client, effects):
+    """BEGIN, the step's INSERT, the guarded outcome UPDATE and its history rider (one
+    pipeline), COMMIT: the flush's own statements, with no savepoint around them."""
+    from .trace import traced
+
+    client.insert(m.Five, {"schema": schema})
+    engine = Engine(Registry(ALL), schema=schema)
+
+    async def go():
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            (row,) = await engine.claim(conn, "rt", 10)
+            with traced(conn) as trace:
+                result, report = await engine.run_transactional(conn, row)
+            return trace, result, report
+
+    trace, result, report = asyncio.run(go())
+    assert report is not None and report.committed == {result.row.id} and result.kind == "next"
+    assert (trace.statements, trace.round_trips) == (5, 4), trace.sql()
+
+
+def test_a_sync_step_past_its_timeout_has_its_statement_cancelled(dsn, schema, client, db, effects):
+    """The deadline cancels the statement the step's thread runs; the worker waits for the
+    thread, then rolls back: the step fails with StepTimeout, its row is gone, and the
+    connection serves the next step."""
+    late = client.insert(m.SlowSync, {"schema": schema})
+    after = client.insert(m.txn_job, {"schema": schema})
+    drain(dsn, ALL, schema=schema)
+    assert_failed(client, late, "StepTimeout")
+    assert rows(db, effects, late) == []
+    assert_done(client, after, "written")

@@ -204,3 +204,15 @@ class SlowSerial(FSM, name="txn_slow_serial", queue="rt"):
 
     def backoff(self, attempt):
         return 0.0
+
+
+class SlowSync(FSM, name="txn_slow_sync", queue="rt"):
+    """A sync transactional step whose statement runs past the step's timeout."""
+
+    State = In
+
+    @step(initial=True, transactional=True, timeout=0.5)
+    def work(self, ctx):
+        write_sync(ctx, ctx.state.schema)
+        ctx.conn.execute("SELECT pg_sleep(60)")
+        return Done("late")
