@@ -283,3 +283,44 @@ def test_a_sync_step_past_its_timeout_has_its_statement_cancelled(dsn, schema, c
     assert_failed(client, late, "StepTimeout")
     assert rows(db, effects, late) == []
     assert_done(client, after, "written")
+
+
+def test_a_step_whose_connection_is_killed_before_commit_retries_without_counting(
+    dsn, schema, client, db, effects
+):
+    """The step's backend is terminated after its write, before its commit: nothing of it
+    stays, and its outcome is a retry that does not count, committed on another connection.
+    Guard: run_step's broken-before-COMMIT branch (without it the error escapes and the row
+    waits for its lease to expire)."""
+    iid = client.insert(m.Held, {"schema": schema})
+    drain(dsn, ALL, schema=schema)
+    client.signal(iid, "go", {})
+    engine = Engine(Registry(ALL), schema=schema)
+
+    async def go():
+        reached, release = asyncio.Event(), asyncio.Event()
+        m.HOLD[iid] = (reached, release)
+        try:
+            async with (
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other,
+            ):
+                (row,) = await engine.claim(conn, "rt", 10)
+                task = asyncio.create_task(engine.run_transactional(conn, row))
+                await asyncio.wait_for(reached.wait(), 10)
+                await other.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
+                release.set()
+                result, report = await task
+                assert report is None
+                assert (await engine.flush(other, [result])).committed == {iid}
+                return result
+        finally:
+            del m.HOLD[iid]
+
+    result = asyncio.run(go())
+    assert (result.kind, result.attempt) == ("retry", 0)
+    assert rows(db, effects, iid) == []
+    assert count(db, f'SELECT count(*) FROM "{schema}".instances WHERE parent_id = %s', iid) == 0
+    drain(dsn, ALL, schema=schema)
+    assert_done(client, iid, 2)
+    assert rows(db, effects, iid) == [("work", 0)]

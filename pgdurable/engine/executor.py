@@ -121,6 +121,11 @@ class StepTransaction(Protocol):
         ``handle()`` — a clearer one when the step ended the transaction itself — or None."""
         ...
 
+    def lost(self, exc: BaseException) -> bool:
+        """Whether the step failed for no fault of its own: its transaction lost a race
+        (serialization failure, deadlock) or its connection."""
+        ...
+
     def interrupt(self) -> None:
         """Cancel the statement the step's thread runs (its deadline passed)."""
         ...
@@ -262,7 +267,7 @@ class Executor:
             error: BaseException = exc
             if tx is not None:
                 error = tx.verify(exc) or exc  # a clearer error when it ended the transaction
-                if conflict(error) and not sdef.count_conflicts:
+                if tx.lost(error) and not sdef.count_conflicts:
                     return self.conflicted(machine, row, info, step_name, error)
             result = self._handle(machine, row, info, step_name, ctx, error, taken)
         return sagas.after(row, info, sdef, saga, result, self._log)
@@ -270,11 +275,13 @@ class Executor:
     def conflicted(
         self, machine: FSM, row: Claimed, info: MachineInfo, step_name: str, exc: BaseException
     ) -> Result:
-        """A transactional step that lost a race (serialization failure, deadlock): retried
-        with the machine's backoff, its attempt not counted (docs/transactions.md)."""
+        """A transactional step that lost a race (serialization failure, deadlock) or its
+        connection: retried with the machine's backoff, its attempt not counted
+        (docs/transactions.md)."""
         delay = machine.backoff(row.attempt)
         self._log.warning(
-            "step %r of instance %d lost a race (%s); its transaction rolled back, retrying in %.3g s",
+            "step %r of instance %d lost a race or its connection (%s); its transaction rolled back, "
+            "retrying in %.3g s",
             step_name,
             row.id,
             type(exc).__name__,
@@ -295,10 +302,11 @@ class Executor:
         )
         return _raised(retry, exc)
 
-    def failed_at_commit(self, row: Claimed, exc: BaseException) -> Result:
+    def failed_at_commit(self, row: Claimed, exc: BaseException, *, lost: bool = False) -> Result:
         """A transactional step whose commit failed after the step returned (a deferred
         constraint, a value PostgreSQL refused, a conflict at commit): nothing of it
-        committed; the error goes to ``handle()`` as the step's (a conflict is retried)."""
+        committed; the error goes to ``handle()`` as the step's. A conflict, or a lost
+        connection (``lost``), is retried without counting."""
         found = self.registry.get(row.fsm, row.version)
         if found is None:  # it ran, so it is known; kept for the type check
             return self._hold(row, row.step, f"held: unknown machine {row.fsm!r}")
@@ -306,7 +314,7 @@ class Executor:
         info = cls.__pgdurable__
         step_name = row.step or info.initial
         sdef = cls.__pgdurable_steps__[step_name]
-        if conflict(exc) and not sdef.count_conflicts:
+        if (lost or conflict(exc)) and not sdef.count_conflicts:
             return self.conflicted(machine, row, info, step_name, exc)
         try:
             state = decode_state(info, row.state)

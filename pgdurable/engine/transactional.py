@@ -127,6 +127,8 @@ class _Transaction(StepTransaction):
             return misuse
         if exc is not None:
             return None
+        if self.conn.broken:
+            return None  # the outcome's write will say so
         status = self.conn.info.transaction_status
         if status == TransactionStatus.IDLE:
             return TransactionMisuse("the step " + _ENDED.format(how="a COMMIT or ROLLBACK sent as SQL"))
@@ -137,6 +139,9 @@ class _Transaction(StepTransaction):
                 "ctx.conn.transaction())"
             )
         return None
+
+    def lost(self, exc: BaseException) -> bool:
+        return conflict(exc) or self.conn.broken
 
     def interrupt(self) -> None:
         # Thread-safe: a cancel request on its own connection to the server.
@@ -178,7 +183,7 @@ async def run_step(
     tx = _Transaction(conn)
     result: Result | None = None
     report: FlushReport | None = None
-    stale = False
+    stale = discarding = sent = False
     await conn.set_isolation_level(_LEVELS[sdef.isolation])
     try:
         async with conn.transaction():  # BEGIN ISOLATION LEVEL …
@@ -187,19 +192,36 @@ async def run_step(
             finally:
                 tx.close()
             if result.raised is not None:  # it raised, or lost a race: its writes go
+                discarding = True
                 raise _Discard
             result.inline = False  # its next step is claimed again (no run-ahead)
             report = await flush_group(conn, q, worker, [result], **flush_args)
             if row.id not in report.committed:
-                stale = True  # the fencing guard refused the outcome: nothing of the step commits
+                stale = discarding = True  # the guard refused the outcome: nothing of it commits
                 raise _Discard
+            sent = True  # the block's end sends the COMMIT
         # COMMIT: the step's writes and its outcome are durable together.
         return result, report
     except _Discard:
         pass
     except psycopg.OperationalError as exc:
+        if conn.broken and not sent:
+            # The connection broke before the COMMIT was sent: the server aborted the
+            # transaction with it, nothing of the step committed. What was to be rolled
+            # back is known; an outcome that was to commit becomes a retry (not counted).
+            log.warning(
+                "the connection of transactional step %r of instance %d broke before its commit: %r",
+                sdef.name,
+                row.id,
+                exc,
+                extra={"event": "step_connection_lost", "instance": row.id, "step": sdef.name},
+            )
+            if discarding:
+                assert result is not None
+                return result, FlushReport(stale={row.id}) if stale else None
+            return executor.failed_at_commit(row, exc, lost=True), None
         if not conflict(exc):
-            raise  # the connection broke: whether it committed is unknown; the guards decide
+            raise  # the connection broke at COMMIT: whether it committed is unknown; the guards decide
         result = executor.failed_at_commit(row, exc)  # lost a race at the flush or the COMMIT
     except _COMMIT_ERRORS as exc:
         # At COMMIT (a deferred constraint) or a value the outcome's statement refused:
@@ -213,7 +235,8 @@ async def run_step(
         )
         result = executor.failed_at_commit(row, exc)
     finally:
-        await conn.set_isolation_level(None)
+        if not conn.broken:  # a broken one leaves the pool
+            await conn.set_isolation_level(None)
     assert result is not None
     if stale:
         # Rolled back: a cancel that marked the row is settled alone (the claim's guard
