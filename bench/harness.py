@@ -334,7 +334,7 @@ async def burst(
 
 async def rows_burst(system: System, kind: str, s: Settings) -> Outcome:
     """(b) with a row inserted by every step: ``fsm_insert`` in the step's transaction
-    (pgdurable's ``transactional=True``, DBOS's ``@DBOS.transaction``), ``fsm_insert_own``
+    (pgdurable's ``transactional=True``, a DBOS datasource transaction), ``fsm_insert_own``
     on a connection of the step's own. Checks that 5 rows per instance were inserted."""
     insert = getattr(system, "insert_fsm_rows", None)
     if insert is None:

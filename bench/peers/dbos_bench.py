@@ -7,9 +7,10 @@ process at 20 workflows a second; the option exists to lower latency). Producers
 concurrent producers. The 5-step machine is one workflow calling five ``@DBOS.step``
 functions, each checkpointed: DBOS's own durable-steps model. The 5-step machine inserting a
 row in every step (``fsm_insert``) is one sync workflow calling a transaction of an
-``SQLAlchemyDatasource`` (DBOS 3's ``@DBOS.transaction``: the step's writes and its
-checkpoint commit together) five times, on the same database as DBOS's system tables, at
-``READ COMMITTED`` (DBOS's default is ``SERIALIZABLE``; pgdurable's is read committed).
+``SQLAlchemyDatasource`` five times (DBOS 3 has no application database for
+``@DBOS.transaction``; a datasource transaction commits the step's writes with its
+checkpoint), on the same database as DBOS's system tables, at ``READ COMMITTED`` (DBOS's
+default is ``SERIALIZABLE``; pgdurable's is read committed).
 """
 
 from __future__ import annotations
