@@ -332,6 +332,19 @@ async def burst(
     return out
 
 
+async def rows_burst(system: System, kind: str, s: Settings) -> Outcome:
+    """(b) with a row inserted by every step: ``fsm_insert`` in the step's transaction
+    (pgdurable's ``transactional=True``, a DBOS datasource transaction), ``fsm_insert_own``
+    on a connection of the step's own. Checks that 5 rows per instance were inserted."""
+    insert = getattr(system, "insert_fsm_rows", None)
+    if insert is None:
+        return Outcome(note="n/a: not measured for this system")
+    before = await system.rows()  # type: ignore[attr-defined]
+    out = await burst(system, kind, s.fsm, lambda: insert(s.fsm, kind), s)
+    out.detail["rows"] = await system.rows() - before  # type: ignore[attr-defined]
+    return out
+
+
 async def median_of(s: Settings, work: Callable[[], Awaitable[Outcome]]) -> Outcome:
     """Run a short throughput workload up to ``s.rounds`` times; keep the median round.
 
@@ -476,6 +489,8 @@ async def run_all(
                             system, kind, s.fsm, lambda: system.insert_fsm(s.fsm, inline), s
                         ),
                     )
+                for kind in ("fsm_insert", "fsm_insert_own"):
+                    await run.step(kind, lambda kind=kind: rows_burst(system, kind, s))
                 await run.step("latency", lambda: latency(system, s, receiver))
             finally:
                 await fleet.stop()

@@ -49,6 +49,8 @@ ROWS: list[tuple[str, str, bool]] = [
     ("noop", "(a) no-op jobs, burst → all done (jobs/s)", True),
     ("fsm", "(b) 5-step machine, state through every step (instances/s)", True),
     ("fsm_inline", "(b) same with inline run-ahead, `Next(..., inline=True)` (instances/s)", True),
+    ("fsm_insert", "(b) 5-step machine, each step inserts a row in its transaction (instances/s)", True),
+    ("fsm_insert_own", "(b) same, the row inserted on the step's own connection (instances/s)", True),
     ("insert_many", "(c) bulk insert, batches of 1,000 (rows/s)", True),
     ("insert_concurrent", "(c) single inserts, 16 concurrent producers (rows/s)", True),
     ("latency:p50", "(d) wake latency insert → step start, p50 (ms)", False),

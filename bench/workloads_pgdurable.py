@@ -9,6 +9,7 @@ created here with ``pgdurable.db.migrations``).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg
 from fleet import SupervisorFleet
 from harness import Settings, main
-from pgdurable_machines import QUEUE, Five, FiveInline, FiveState, noop, stamped
+from pgdurable_machines import (
+    QUEUE,
+    ROWS_DSN,
+    Five,
+    FiveInline,
+    FiveRows,
+    FiveRowsOwn,
+    FiveState,
+    noop,
+    stamped,
+)
 
 from pgdurable import Insert
 from pgdurable.client import AsyncClient
 from pgdurable.db import migrations
 
 SCHEMA = "pgdurable"
+ROWS_TABLE = "CREATE TABLE IF NOT EXISTS bench_rows (iid bigint NOT NULL, step int NOT NULL)"
 PREFETCH = 10
 
 
@@ -52,6 +64,8 @@ class Pgdurable:
     async def setup(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             migrations.migrate(conn, SCHEMA)
+            conn.execute(ROWS_TABLE)
+        os.environ[ROWS_DSN] = self.dsn  # the workers' own connections (fsm_insert_own)
 
     async def close(self) -> None:
         await self.client.close()
@@ -74,7 +88,13 @@ class Pgdurable:
         await (await self._conn()).execute("SELECT 1")
 
     async def done(self, kind: str, mark: int) -> int:
-        fsm = {"noop": "bench_noop", "fsm": "bench_five", "fsm_inline": "bench_five_inline"}[kind]
+        fsm = {
+            "noop": "bench_noop",
+            "fsm": "bench_five",
+            "fsm_inline": "bench_five_inline",
+            "fsm_insert": "bench_five_rows",
+            "fsm_insert_own": "bench_five_rows_own",
+        }[kind]
         conn = await self._conn()
         cur = await conn.execute(
             f"SELECT count(*) FROM {SCHEMA}.instances WHERE id > %s AND fsm = %s AND status = 'done'",
@@ -97,6 +117,19 @@ class Pgdurable:
             await self.client.insert_many(
                 [Insert(machine, FiveState(n=k)) for k in range(i, min(n, i + 1000))]
             )
+
+    async def insert_fsm_rows(self, n: int, kind: str) -> None:
+        machine = FiveRows if kind == "fsm_insert" else FiveRowsOwn
+        for i in range(0, n, 1000):
+            await self.client.insert_many(
+                [Insert(machine, FiveState(n=k)) for k in range(i, min(n, i + 1000))]
+            )
+
+    async def rows(self) -> int:
+        """Rows the steps inserted so far (the check that each step's insert happened)."""
+        cur = await (await self._conn()).execute("SELECT count(*) FROM bench_rows")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def insert_stamp(self, seq: int) -> None:
         await self.client.insert(stamped, {"seq": seq})

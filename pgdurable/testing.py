@@ -24,7 +24,9 @@ from pgdurable.client import Client, Instance
 from pgdurable.contract.errors import DrainLimitExceeded
 from pgdurable.contract.fsm import FSM, Registry
 from pgdurable.engine.capture import CaptureSettings
-from pgdurable.engine.commit import continued
+from pgdurable.engine.claim import Claimed
+from pgdurable.engine.commit import FlushReport, continued
+from pgdurable.engine.executor import Result
 from pgdurable.engine.limits import Limits
 from pgdurable.engine.pipeline import Engine
 from pgdurable.engine.schedules import FireReport
@@ -111,8 +113,7 @@ async def adrain(
                     continue
                 progressed = True
                 while rows:  # inline continues run again at once on the claim they hold
-                    results = [await engine.run(row) for row in rows]
-                    report = await engine.flush(conn, results)
+                    results, report = await _run_round(engine, conn, rows)
                     for r in results:
                         counts["stale" if r.row.id in report.stale else r.kind] += 1
                     steps += len(rows)
@@ -136,6 +137,30 @@ async def adrain(
                     continue
             break
     return Tally(**{("await_" if k == "await" else k): v for k, v in counts.items()})
+
+
+async def _run_round(
+    engine: Engine, conn: psycopg.AsyncConnection[Any], rows: list[Claimed]
+) -> tuple[list[Result], FlushReport]:
+    """Run the rows' steps and commit their outcomes: a transactional step in its own
+    transaction, with its outcome, as a worker runs it; the others in one group commit."""
+    results: list[Result] = []
+    grouped: list[Result] = []
+    alone = FlushReport()
+    for row in rows:
+        if engine.transactional(row):
+            result, committed = await engine.run_transactional(conn, row)
+            if committed is not None:
+                alone.merge(committed)
+            else:
+                grouped.append(result)
+        else:
+            result = await engine.run(row)
+            grouped.append(result)
+        results.append(result)
+    report = await engine.flush(conn, grouped)
+    report.merge(alone)
+    return results, report
 
 
 def drain(dsn: str, machines: Registry | Iterable[type[FSM]], **kwargs: Any) -> Tally:

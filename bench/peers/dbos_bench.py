@@ -5,7 +5,12 @@ Workers: one launched ``DBOS`` per process (own executor id) running queue ``ben
 process at 20 workflows a second; the option exists to lower latency). Producers use
 ``DBOSClient.enqueue_async``; DBOS has no batch enqueue, so bursts are enqueued by 16
 concurrent producers. The 5-step machine is one workflow calling five ``@DBOS.step``
-functions, each checkpointed: DBOS's own durable-steps model.
+functions, each checkpointed: DBOS's own durable-steps model. The 5-step machine inserting a
+row in every step (``fsm_insert``) is one sync workflow calling a transaction of an
+``SQLAlchemyDatasource`` five times (DBOS 3 has no application database for
+``@DBOS.transaction``; a datasource transaction commits the step's writes with its
+checkpoint), on the same database as DBOS's system tables, at ``READ COMMITTED`` (DBOS's
+default is ``SERIALIZABLE``; pgdurable's is read committed).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from dbos import DBOS, DBOSClient
+import sqlalchemy as sa
+from dbos import DBOS, DBOSClient, SQLAlchemyDatasource
 from harness import ProcessFleet, Settings, advance, main, stamp, worker_ready
 
 QUEUE = "bench"
@@ -43,6 +49,23 @@ async def fsm_step(state: dict, k: int) -> dict:
     return advance(state, k)
 
 
+ROWS_TABLE = "CREATE TABLE IF NOT EXISTS bench_rows (iid bigint NOT NULL, step int NOT NULL)"
+#: The worker's datasource and its transaction (built in ``worker``: one per process).
+_TX: dict[str, Any] = {}
+
+
+def _insert_row(iid: int, k: int) -> None:
+    _TX["ds"].sql_session().execute(
+        sa.text("INSERT INTO bench_rows (iid, step) VALUES (:iid, :k)"), {"iid": iid, "k": k}
+    )
+
+
+@DBOS.workflow(name="rows_wf")
+def rows_wf(iid: int) -> None:
+    for k in range(1, 6):
+        _TX["row"](iid, k)
+
+
 @DBOS.workflow(name="fsm_wf")
 async def fsm_wf(state: dict) -> dict:
     for k in range(1, 6):
@@ -60,6 +83,7 @@ class Dbos:
     unsupported = {
         "insert_many": "no batch enqueue API",
         "fsm_inline": "steps of a workflow already run in-process, one after the other (row above)",
+        "fsm_insert_own": "measured for pgdurable only (its at-least-once reference)",
     }
 
     def __init__(self, dsn: str):
@@ -87,6 +111,8 @@ class Dbos:
         await asyncio.to_thread(
             subprocess.run, [str(dbos_cli), "migrate", "-s", self.dsn], check=True, capture_output=True
         )
+        await asyncio.to_thread(SQLAlchemyDatasource.migrate, self.dsn)
+        await (await self._conn()).execute(ROWS_TABLE)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -104,7 +130,7 @@ class Dbos:
         await self._one("SELECT 1")
 
     async def done(self, kind: str, mark: int) -> int:
-        name = {"noop": "noop_wf", "fsm": "fsm_wf"}[kind]
+        name = {"noop": "noop_wf", "fsm": "fsm_wf", "fsm_insert": "rows_wf"}[kind]
         return await self._one(
             "SELECT count(*) FROM dbos.workflow_status WHERE created_at >= %s AND name = %s"
             " AND status = 'SUCCESS'",
@@ -132,6 +158,12 @@ class Dbos:
 
     async def insert_fsm(self, n: int, inline: bool) -> None:
         await self._concurrently("fsm_wf", [({"n": k},) for k in range(n)])
+
+    async def insert_fsm_rows(self, n: int, kind: str) -> None:
+        await self._concurrently("rows_wf", [(k,) for k in range(n)])
+
+    async def rows(self) -> int:
+        return await self._one("SELECT count(*) FROM bench_rows")
 
     async def insert_stamp(self, seq: int) -> None:
         await self._enqueue("stamp_wf", seq)
@@ -169,6 +201,9 @@ def worker(args: argparse.Namespace) -> None:
             "run_migrations": False,
         }
     )
+    ds = SQLAlchemyDatasource.create(args.dsn, run_migrations=False)
+    _TX["ds"] = ds
+    _TX["row"] = ds.transaction(name="insert_row", isolation_level="READ COMMITTED")(_insert_row)
     DBOS.launch()
     DBOS.register_queue(QUEUE, worker_concurrency=2 * args.concurrency, polling_interval_sec=0.1)
     stop = asyncio.Event()

@@ -204,3 +204,10 @@ class ChildrenFailed(PgdurableError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class TransactionMisuse(PgdurableError):
+    """A transactional step ended its own transaction (``ctx.conn.commit()``, ``rollback()``,
+    ``close()``, or a ``COMMIT`` sent as SQL), or went on after one of its statements failed;
+    routed to ``handle()``. pgdurable commits the step's writes together with its outcome
+    (docs/transactions.md)."""

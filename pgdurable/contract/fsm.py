@@ -107,6 +107,9 @@ class Context:
     #: the await's first name), decoded into the step's ``input`` type when it declares one;
     #: None when none arrived (a timeout, or another name woke it). docs/inputs.md
     input: Any = None
+    #: A transactional step's connection, inside the open transaction its outcome commits
+    #: in (``@step(transactional=True)``, docs/transactions.md); None for other steps.
+    conn: Any = None
     _log: StepLog | None = field(default=None, init=False, repr=False, compare=False)
 
     def results(self, type_: Any = None) -> Results[Any]:
@@ -146,6 +149,33 @@ class StepDef:
     compensate: str | None = None
     #: The type of the input this step receives in ``ctx.input`` (``@step(input=T)``).
     input: Any = None
+    #: Its writes on ``ctx.conn`` commit with its outcome (docs/transactions.md).
+    transactional: bool = False
+    #: That transaction's isolation level (``ISOLATION_LEVELS``).
+    isolation: str = "read committed"
+    #: A serialization failure or deadlock goes to ``handle()`` (counted as an attempt)
+    #: instead of a retry that counts nothing.
+    count_conflicts: bool = False
+
+
+#: The isolation levels a transactional step may ask for.
+ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
+
+
+def _transaction_marker(
+    what: str, transactional: bool, isolation: str | None, count_conflicts: bool
+) -> tuple[str, bool] | None:
+    """What ``@step``/``@job`` store for a transactional step, checked."""
+    if not isinstance(transactional, bool):
+        raise DefinitionError(f"{what}: transactional must be True or False, got {transactional!r}")
+    if not transactional:
+        if isolation is not None or count_conflicts:
+            raise DefinitionError(f"{what}: isolation and count_conflicts need transactional=True")
+        return None
+    level = "read committed" if isolation is None else isolation
+    if level not in ISOLATION_LEVELS:
+        raise DefinitionError(f"{what}: isolation must be one of {list(ISOLATION_LEVELS)}, got {isolation!r}")
+    return level, bool(count_conflicts)
 
 
 Timeout = float | dt.timedelta | None
@@ -171,7 +201,15 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 @overload
 def step(
-    fn: _Fn, *, initial: bool = ..., timeout: Timeout = ..., compensate: Any = ..., input: Any = ...
+    fn: _Fn,
+    *,
+    initial: bool = ...,
+    timeout: Timeout = ...,
+    compensate: Any = ...,
+    input: Any = ...,
+    transactional: bool = ...,
+    isolation: str | None = ...,
+    count_conflicts: bool = ...,
 ) -> _Fn: ...
 
 
@@ -183,6 +221,9 @@ def step(
     timeout: Timeout = ...,
     compensate: Any = ...,
     input: Any = ...,
+    transactional: bool = ...,
+    isolation: str | None = ...,
+    count_conflicts: bool = ...,
 ) -> Callable[[_Fn], _Fn]: ...
 
 
@@ -193,6 +234,9 @@ def step(
     timeout: Timeout = None,
     compensate: Any = None,
     input: Any = None,
+    transactional: bool = False,
+    isolation: str | None = None,
+    count_conflicts: bool = False,
 ) -> Any:
     """Mark a method as a step. ``initial=True`` marks where new instances start.
 
@@ -208,12 +252,22 @@ def step(
     the delivered value decoded into it (one that does not fit is an ``InvalidInput`` routed
     to ``handle()``), and an ``Await`` whose ``then`` is this step takes it as its default
     ``schema`` (docs/inputs.md).
+
+    ``transactional=True``: the step receives ``ctx.conn``, a connection inside an open
+    transaction on pgdurable's database; what it writes there commits together with its
+    outcome, guarded by its claim, or not at all (docs/transactions.md). ``isolation``:
+    ``"read committed"`` (the default), ``"repeatable read"`` or ``"serializable"``; a
+    serialization failure or deadlock retries the step with the machine's backoff without
+    counting an attempt, unless ``count_conflicts=True`` sends it to ``handle()``.
     """
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
         undo = compensate if compensate is None or isinstance(compensate, str) else compensate.__name__
         seconds = timeout_seconds(timeout, f"step {f.__name__}")
+        txn = _transaction_marker(f"step {f.__name__}", transactional, isolation, count_conflicts)
         f.__pgdurable_step__ = (initial, seconds, undo)  # type: ignore[attr-defined]
+        if txn is not None:
+            f.__pgdurable_txn__ = txn  # type: ignore[attr-defined]
         if input is not None:
             try:
                 msgspec.json.schema(input)
@@ -302,6 +356,7 @@ class FSM:
                     initial, timeout, undo = marker
                     if timeout is None:
                         timeout = default_timeout
+                    txn = getattr(value, "__pgdurable_txn__", None)
                     steps[attr] = StepDef(
                         attr,
                         value,
@@ -310,6 +365,7 @@ class FSM:
                         timeout,
                         undo,
                         getattr(value, "__pgdurable_input__", None),
+                        *((True, *txn) if txn is not None else ()),
                     )
         if not steps:
             raise DefinitionError(f"{cls.__name__}: a machine needs at least one @step")
@@ -413,6 +469,9 @@ def job(
     max_crashes: int | None = None,
     history: bool = True,
     deadline: float | dt.timedelta | None = None,
+    transactional: bool = False,
+    isolation: str | None = None,
+    count_conflicts: bool = False,
 ) -> Any:
     """Declare a one-step machine from a function ``fn(args[, ctx])``.
 
@@ -424,6 +483,8 @@ def job(
     ``deadline``: the default deadline of its instances (docs/deadlines.md).
     ``timeout`` (seconds or a timedelta) bounds each run: past it the run fails with
     ``StepTimeout`` and is retried like any error (docs/timeouts.md).
+    ``transactional``, ``isolation``, ``count_conflicts``: as ``@step``'s; ``ctx.conn`` is
+    the run's connection, its writes commit with the job's outcome (docs/transactions.md).
     """
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
@@ -457,7 +518,14 @@ def job(
             return backoff(attempt) if backoff is not None else default_backoff(attempt)
 
         body: dict[str, Any] = {
-            "perform": step(perform, initial=True, timeout=run_timeout),
+            "perform": step(
+                perform,
+                initial=True,
+                timeout=run_timeout,
+                transactional=transactional,
+                isolation=isolation,
+                count_conflicts=count_conflicts,
+            ),
             "handle": handle,
             "backoff": job_backoff,
             "fn": staticmethod(f),

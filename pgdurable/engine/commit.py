@@ -10,6 +10,7 @@ nothing of its outcome is applied (no signal consumed, no parent touched, no chi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections import Counter
@@ -176,6 +177,27 @@ def _cause(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:300].replace("\x00", "\\x00")
 
 
+async def flush_group(
+    conn: psycopg.AsyncConnection[Any],
+    q: Queries,
+    worker: str,
+    results: Sequence[Result],
+    quiet_queue: str | None = None,
+    lease: dt.timedelta = dt.timedelta(seconds=60),
+) -> FlushReport:
+    """``flush`` without the isolation of refused values: the group commits whole, or
+    raises. In a transaction already open on ``conn`` (a transactional step's), its
+    statements join it, and nothing commits until that transaction does."""
+    return await _flush_group(conn, q, worker, results, quiet_queue, lease)
+
+
+def _atomic(conn: psycopg.AsyncConnection[Any]) -> Any:
+    """A transaction block, or nothing when one is open already (no savepoint round trips)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return contextlib.nullcontext()
+    return conn.transaction()
+
+
 async def _flush_group(
     conn: psycopg.AsyncConnection[Any],
     q: Queries,
@@ -198,7 +220,7 @@ async def _flush_group(
             cur = await conn.execute(q["instance_commit_if_owned_many"], params, prepare=True)
             report.committed.update(row[0] for row in await cur.fetchall())
         else:
-            async with conn.pipeline() if _PIPELINES else conn.transaction():
+            async with conn.pipeline() if _PIPELINES else _atomic(conn):
                 cur = await conn.execute(q["instance_commit_if_owned_many"], params, prepare=True)
                 await conn.execute(q["history_insert_many"], history, prepare=True)
             # Read after the block: its end sends the Sync with the statements, so the
@@ -211,7 +233,7 @@ async def _flush_group(
         return report
     terminal_children: Counter[int] = Counter()
     failed_children: Counter[int] = Counter()  # of those, the failed (a fail_fast join wakes)
-    async with conn.transaction():
+    async with _atomic(conn):
         plain = [r for r in results if r.kind in _STATUS]
         if plain:
             cur = await conn.execute(

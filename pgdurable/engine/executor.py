@@ -18,6 +18,7 @@ taken until it returns (what it returns is discarded). With ``processes`` (a que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -108,6 +109,43 @@ class StepRunner(Protocol):
         ...
 
 
+class StepTransaction(Protocol):
+    """The open transaction a transactional step runs in (``engine.transactional``)."""
+
+    def connection(self, is_async: bool) -> Any:
+        """``ctx.conn`` for the step: async for an async step, sync for a sync one."""
+        ...
+
+    def verify(self, exc: BaseException | None) -> BaseException | None:
+        """After the step (``exc``: what it raised, if anything): the error to route to
+        ``handle()`` — a clearer one when the step ended the transaction itself — or None."""
+        ...
+
+    def lost(self, exc: BaseException) -> bool:
+        """Whether the step failed for no fault of its own: its transaction lost a race
+        (serialization failure, deadlock) or its connection."""
+        ...
+
+    def interrupt(self) -> None:
+        """Cancel the statement the step's thread runs (its deadline passed)."""
+        ...
+
+
+#: SQLSTATEs of a transaction that lost a race: serialization failure, deadlock.
+CONFLICTS = ("40001", "40P01")
+
+
+def conflict(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a serialization failure or a
+    deadlock (by SQLSTATE: the executor imports no driver)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if getattr(exc, "sqlstate", None) in CONFLICTS:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 class StepProcesses(Protocol):
     """Where the sync steps of an isolated queue run."""
 
@@ -147,12 +185,16 @@ class Executor:
         #: the future completes when it is gone. The worker's slots keep a slot taken till then.
         self.on_overdue: Callable[[asyncio.Future[Any]], None] | None = None
 
-    async def run(self, row: Claimed) -> Result:
-        """Run the row's step; the result says when the attempt started and how long it took."""
+    async def run(self, row: Claimed, tx: StepTransaction | None = None) -> Result:
+        """Run the row's step; the result says when the attempt started and how long it took.
+
+        ``tx``: the transaction of a transactional step (``engine.transactional``), whose
+        connection the step receives; the step then runs in this process, never a step
+        process, and a serialization failure or deadlock is retried without counting."""
         started, clock = time.time(), time.monotonic()
         cap, mark = begin_capture(self.capture)
         try:
-            result = await self._run(row)
+            result = await self._run(row, tx)
         finally:
             end_capture(mark)
         result.started, result.duration = started, time.monotonic() - clock
@@ -160,7 +202,7 @@ class Executor:
             result.logs = cap.document()
         return result
 
-    async def _run(self, row: Claimed) -> Result:
+    async def _run(self, row: Claimed, tx: StepTransaction | None = None) -> Result:
         found = self.registry.get(row.fsm, row.version)
         if found is None:
             known = self.registry.versions(row.fsm)
@@ -198,15 +240,19 @@ class Executor:
             err = StateDecodeError(info.name, None, f"nested deeper than this worker can decode ({limit})")
             return self._unreadable(row, info, step_name, str(err))
         ctx = _context(row, info, step_name, state)
+        if tx is not None:
+            ctx.conn = tx.connection(sdef.is_async)
         saga = sagas.read(row.saga)
         if saga is not None and sagas.due(saga, step_name):
-            return await self._compensate(machine, cls.compensation_attempts, row, info, sdef, ctx, saga)
+            return await self._compensate(machine, cls.compensation_attempts, row, info, sdef, ctx, saga, tx)
         taken = [s.id for s in ctx.awaited]
         try:
             if row.awaits:
                 ctx.input = received_input(row, sdef)
             if sdef.is_async:
                 outcome = await self._call_async(machine, sdef, ctx)
+            elif tx is not None:  # it holds the transaction: in a thread here, never a step process
+                outcome = await self._bounded_tx(sdef, self._run_sync(sdef.fn, machine, ctx), tx)
             elif self._processes is not None:
                 runner = await self._processes.acquire()
                 result = await self._bounded(row, sdef, runner.run(row, step_name), kill=True)
@@ -214,10 +260,91 @@ class Executor:
                 return sagas.after(row, info, sdef, saga, result, self._log)
             else:
                 outcome = await self._bounded(row, sdef, self._run_sync(sdef.fn, machine, ctx), kill=False)
+            if tx is not None and (misuse := tx.verify(None)) is not None:
+                raise misuse
             result = self._finish(row, info, step_name, outcome, taken)
         except Exception as exc:  # noqa: BLE001 - every step error is routed to handle()
-            result = self._handle(machine, row, info, step_name, ctx, exc, taken)
+            error: BaseException = exc
+            if tx is not None:
+                error = tx.verify(exc) or exc  # a clearer error when it ended the transaction
+                if tx.lost(error) and not sdef.count_conflicts:
+                    return self.conflicted(machine, row, info, step_name, error)
+            result = self._handle(machine, row, info, step_name, ctx, error, taken)
         return sagas.after(row, info, sdef, saga, result, self._log)
+
+    def conflicted(
+        self, machine: FSM, row: Claimed, info: MachineInfo, step_name: str, exc: BaseException
+    ) -> Result:
+        """A transactional step that lost a race (serialization failure, deadlock) or its
+        connection: retried with the machine's backoff, its attempt not counted
+        (docs/transactions.md)."""
+        delay = machine.backoff(row.attempt)
+        self._log.warning(
+            "step %r of instance %d lost a race or its connection (%s); its transaction rolled back, "
+            "retrying in %.3g s",
+            step_name,
+            row.id,
+            type(exc).__name__,
+            delay,
+            extra={"event": "step_conflict", **_fields(row, info.name, step_name)},
+        )
+        retry = Result(
+            row,
+            "retry",
+            version=info.version,
+            step=step_name,
+            delay=delay,
+            attempt=row.attempt,
+            keep_awaits=True,
+            keep_rate=True,
+            error=repr(exc),
+            ran=step_name,
+        )
+        return _raised(retry, exc)
+
+    def failed_at_commit(self, row: Claimed, exc: BaseException, *, lost: bool = False) -> Result:
+        """A transactional step whose commit failed after the step returned (a deferred
+        constraint, a value PostgreSQL refused, a conflict at commit): nothing of it
+        committed; the error goes to ``handle()`` as the step's. A conflict, or a lost
+        connection (``lost``), is retried without counting."""
+        found = self.registry.get(row.fsm, row.version)
+        if found is None:  # it ran, so it is known; kept for the type check
+            return self._hold(row, row.step, f"held: unknown machine {row.fsm!r}")
+        cls, machine = found
+        info = cls.__pgdurable__
+        step_name = row.step or info.initial
+        sdef = cls.__pgdurable_steps__[step_name]
+        if (lost or conflict(exc)) and not sdef.count_conflicts:
+            return self.conflicted(machine, row, info, step_name, exc)
+        try:
+            state = decode_state(info, row.state)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as decode_exc:
+            return self._unreadable(row, info, step_name, str(decode_exc))
+        ctx = _context(row, info, step_name, state)
+        return self._handle(machine, row, info, step_name, ctx, exc, [s.id for s in ctx.awaited])
+
+    async def _bounded_tx(self, sdef: StepDef, work: Awaitable[_T], tx: StepTransaction) -> _T:
+        """Await a transactional sync step's thread. Its deadline cancels the statement it
+        runs, and the thread is waited for: it holds the connection, which no one else may
+        touch (roll back, reuse) until it returns."""
+        fut = asyncio.ensure_future(work)
+        if sdef.timeout is None:
+            return await fut
+        try:
+            async with asyncio.timeout(sdef.timeout):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            if fut.done():
+                return fut.result()
+            tx.interrupt()
+            with contextlib.suppress(Exception):
+                await fut  # what it returns is late, and discarded
+            raise StepTimeout(sdef.name, sdef.timeout) from None
+        except asyncio.CancelledError:
+            tx.interrupt()  # the drain: its statement ends; its rollback waits for the thread
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fut)
+            raise
 
     async def _compensate(
         self,
@@ -228,6 +355,7 @@ class Executor:
         sdef: StepDef,
         ctx: Context,
         saga: dict[str, Any],
+        tx: StepTransaction | None = None,
     ) -> Result:
         """Run the compensation due (the last of the saga's stack): returned, it is popped and
         the next one is due, or the instance ends; raised, it is retried with the machine's
@@ -237,8 +365,12 @@ class Executor:
             # In the worker, also on an isolated queue: its thread (or its loop) runs it.
             if sdef.is_async:
                 await self._call_async(machine, sdef, ctx)
+            elif tx is not None:
+                await self._bounded_tx(sdef, self._run_sync(sdef.fn, machine, ctx), tx)
             else:
                 await self._bounded(row, sdef, self._run_sync(sdef.fn, machine, ctx), kill=False)
+            if tx is not None and (misuse := tx.verify(None)) is not None:
+                raise misuse
             return sagas.popped(row, info, sdef.name, saga, gave_up=False)
         except Exception as exc:  # noqa: BLE001 - a compensation's error is retried, then counted
             where = {

@@ -20,11 +20,12 @@ import psycopg
 from pgdurable.contract.fsm import Registry
 from pgdurable.contract.spec import encode_json
 from pgdurable.db.queries import Queries, for_schema
+from pgdurable.engine import transactional
 from pgdurable.engine.admission import admit, needs_admission
 from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
-from pgdurable.engine.executor import Executor, Result
+from pgdurable.engine.executor import Executor, Result, StepTransaction
 from pgdurable.engine.limits import Limits
 
 
@@ -120,8 +121,36 @@ class Engine:
         await enrich(conn, self.q, rows)
         return rows
 
-    async def run(self, row: Claimed) -> Result:
-        result = await self.executor.run(row)
+    def transactional(self, row: Claimed) -> bool:
+        """Whether the row's next step is transactional: run it with ``run_transactional``."""
+        return transactional.step_of(self.registry, row) is not None
+
+    def keeps_snapshot(self, row: Claimed) -> bool:
+        """Whether the row's step holds a snapshot (repeatable read, serializable): the
+        heartbeat must not extend its lease while it runs (engine.transactional)."""
+        return transactional.keeps_snapshot(self.registry, row)
+
+    async def run_transactional(
+        self, conn: psycopg.AsyncConnection[Any], row: Claimed, quiet_queue: str | None = None
+    ) -> tuple[Result, FlushReport | None]:
+        """Run a transactional step on ``conn`` and commit it with its outcome; a None
+        report: it rolled back, commit the result with ``flush`` (engine.transactional)."""
+        sdef = transactional.step_of(self.registry, row)
+        assert sdef is not None
+        return await transactional.run_step(
+            conn,
+            self.q,
+            self.worker_id,
+            row,
+            sdef,
+            self.run,
+            self.executor,
+            self.release,
+            {"quiet_queue": quiet_queue, "lease": self.lease},
+        )
+
+    async def run(self, row: Claimed, tx: StepTransaction | None = None) -> Result:
+        result = await self.executor.run(row, tx)
         if row.queue in self.history_off:
             result.history = False
         else:

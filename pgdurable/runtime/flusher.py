@@ -45,6 +45,13 @@ class Flusher(Component):
         self._wake.set()
         return await item.done
 
+    def committed_alone(self, result: Result, stale: set[int]) -> bool:
+        """Account for an outcome committed outside the group (a transactional step's, in
+        its own transaction) as a flush would; False when it was stale."""
+        item = _Pending(result)
+        self._settle([item], stale)
+        return item.done.result()
+
     def close(self) -> None:
         super().close()
         self._wake.set()

@@ -77,7 +77,11 @@ class Slots(Component):
 
     def held(self) -> list[int]:
         """Every row id this process holds a claim on (the heartbeat extends their leases)."""
-        return [r.id for r in self.buffer] + list(self.running) + list(self.committing)
+        engine = self.rt.engine
+        # A step in a serializable (or repeatable-read) transaction is left alone: extending
+        # its lease would make its own outcome fail to serialize. Its lease bounds it.
+        running = [i for i, r in self.running.items() if not engine.keeps_snapshot(r)]
+        return [r.id for r in self.buffer] + running + list(self.committing)
 
     # -- running steps ----------------------------------------------------------------------
     def fill(self, rows: list[Claimed]) -> None:
@@ -107,8 +111,15 @@ class Slots(Component):
         rt = self.rt
         try:
             started = rt.clock()
+            report = None
             try:
-                result = await rt.engine.run(row)
+                if rt.engine.transactional(row):
+                    # Its own transaction on a pooled connection: its writes and its outcome
+                    # commit together there (engine.transactional), not in the group commit.
+                    async with rt.pool.connection() as conn:
+                        result, report = await rt.engine.run_transactional(conn, row, rt.queue)
+                else:
+                    result = await rt.engine.run(row)
             finally:
                 self.step_time += 0.2 * (rt.clock() - started - self.step_time)
                 # The step's code is done: its slot is free while the outcome waits for the
@@ -120,7 +131,10 @@ class Slots(Component):
                     self._solo = None
                 self.committing[row.id] = row
                 self.wake.set()
-            committed = await self.flusher.submit(result)
+            if report is None:
+                committed = await self.flusher.submit(result)
+            else:
+                committed = self.flusher.committed_alone(result, report.stale)
             rt.stats.steps += 1
             if committed and result.inline:
                 # The continue kept the claim: its next step goes first in line.

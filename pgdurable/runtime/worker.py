@@ -32,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
 from pgdurable.engine.executor import Executor
+from pgdurable.engine.transactional import any_transactional
 from pgdurable.runtime.board import RunningBoard
 from pgdurable.runtime.config import Config
 from pgdurable.runtime.context import Pool, Runtime
@@ -105,10 +106,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        txn_slots = cfg.queues[spec.queue].concurrency if any_transactional(spec.registry) else 0
         pool: Pool = AsyncConnectionPool(
             spec.dsn,
-            min_size=2,
-            max_size=4,
+            # A transactional step holds a connection while it runs: one each, besides the
+            # flusher's, the heartbeat's and the claims', opened up front (a pool growing one
+            # connection at a time would stall the first burst of them).
+            min_size=2 + txn_slots,
+            max_size=4 + txn_slots,
             kwargs={"autocommit": True, "application_name": f"pgdurable worker {spec.queue}"},
             open=False,
         )
