@@ -37,6 +37,8 @@ class Reporter(Component):
         while True:
             self.report()
             if await sleep_unless(self.closing, REPORT_EVERY):
+                # A last line on the way out: the totals of a drained worker are complete.
+                self.report()
                 return
 
     def report(self) -> None:

@@ -42,6 +42,7 @@ from pgdurable.runtime.forked import reset_after_fork, run_loop
 from pgdurable.runtime.heartbeat import Heartbeat
 from pgdurable.runtime.isolation import StepPool
 from pgdurable.runtime.lifecycle import Component
+from pgdurable.runtime.metrics import WorkerMetrics
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.slots import Slots
 
@@ -114,6 +115,8 @@ class Worker:
         )
         await pool.open(wait=True, timeout=30)
         rt = Runtime(cfg, spec.dsn, spec.queue, spec.index, self.engine, pool, log, stopping=stopping)
+        if cfg.metrics.listen is not None:
+            rt.metrics = WorkerMetrics()
         feed: FeedConnection | None = None
         components: list[Component] = []
         failed = False
@@ -197,7 +200,7 @@ def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]
         "limit_errors": rt.engine.limit_errors,
         "last_error": rt.stats.last_error,
         "listening": listening,
-    }
+    } | ({} if rt.metrics is None else {"metrics": rt.metrics.snapshot()})
 
 
 def _title(rt: Runtime, slots: Slots) -> str:
