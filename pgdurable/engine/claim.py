@@ -53,6 +53,7 @@ class Claimed:
     cancel_reason: str | None  # set while it runs its on_cancel step (ctx.cancel_reason)
     saga: str | None  # its compensations, as JSON text (docs/sagas.md); None: none yet
     join_policy: str | None  # how it waits for its last Spawn's children ('fail_fast', None)
+    traceparent: str | None  # the producer's W3C trace context (docs/observability.md)
     _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted

@@ -26,6 +26,7 @@ from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
 from pgdurable.engine.executor import Executor, Result
 from pgdurable.engine.limits import Limits
+from pgdurable.engine.tracing import StepTracer
 
 
 def new_worker_id() -> str:
@@ -67,8 +68,11 @@ class Engine:
         limits: Limits | None = None,
         history_off: Iterable[str] = (),
         capture: CaptureSettings | None = CaptureSettings(),
+        tracer: StepTracer | None = None,
     ):
         self.registry = registry
+        #: A span per step attempt ([tracing] enabled); None: no tracing, no cost.
+        self.tracer = tracer
         self.history_off = frozenset(history_off)
         self.q: Queries = for_schema(schema)
         self.worker_id = worker_id or new_worker_id()
@@ -121,7 +125,10 @@ class Engine:
         return rows
 
     async def run(self, row: Claimed) -> Result:
-        result = await self.executor.run(row)
+        if self.tracer is not None:
+            result = await self.tracer.run(row, self.executor.run)
+        else:
+            result = await self.executor.run(row)
         if row.queue in self.history_off:
             result.history = False
         else:

@@ -40,6 +40,7 @@ database_interval = 15         # seconds the instance counts read from the datab
 
 [tracing]
 enabled = true                 # a span per step (pgdurable[otel]; docs/observability.md)
+setup = "myapp.tracing:setup"  # called in each worker to install its tracer provider
 ```
 """
 
@@ -157,6 +158,8 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``[tracing]`` (docs/observability.md): OpenTelemetry spans of the steps."""
 
     enabled: bool = False
+    #: "module:function" each worker calls after the fork to install its tracer provider.
+    setup: str | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -113,6 +113,10 @@ class Supervisor:
         sys.path.insert(0, str(self.cfg.base_dir))
         config_mod.import_modules(self.cfg)  # a module that fails to import: one line naming it
         self.registry = Registry.from_modules(self.cfg.runtime.modules)
+        if self.cfg.tracing.enabled:
+            from pgdurable.runtime.observe.tracing import setup_hook
+
+            setup_hook(self.cfg)  # found before any worker is forked, or a clear error now
         dsn = self.cfg.dsn()
         if dsn is None:
             from pgdurable.runtime.embedded import start

@@ -43,6 +43,7 @@ from pgdurable.runtime.heartbeat import Heartbeat
 from pgdurable.runtime.isolation import StepPool
 from pgdurable.runtime.lifecycle import Component
 from pgdurable.runtime.metrics import WorkerMetrics
+from pgdurable.runtime.observe.tracing import worker_tracer
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.slots import Slots
 
@@ -98,6 +99,7 @@ class Worker:
             executor=self.executor,
             limits=cfg.limits,
             history_off=() if settings.history else (spec.queue,),
+            tracer=worker_tracer(cfg),
         )
 
     async def run(self) -> int:

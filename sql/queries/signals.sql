@@ -29,7 +29,8 @@ WITH target AS (
     RETURNING id, target_id
 ), wake AS (
     UPDATE {schema}.instances AS i
-    SET status = 'runnable', eligible_at = now(), updated_at = now()
+    SET status = 'runnable', eligible_at = now(), updated_at = now(),
+        traceparent = COALESCE(%(traceparent)s::text, i.traceparent)  -- the waker's trace
     FROM target AS t, ins
     WHERE i.id = t.id AND ins.target_id = t.id
       AND t.status = 'awaiting_signal' AND %(name)s = ANY(t.awaits)
