@@ -67,6 +67,7 @@ def test_every_step_is_a_child_of_the_request_that_inserted_it(dsn, schema, clie
         assert s.attributes["pgdurable.attempt"] == 0
         assert s.attributes["pgdurable.queue"] == "rt"
     assert [s.attributes["pgdurable.outcome"] for s in spans] == ["next", "spawn", "done"]
+    assert client.get(iid).state["seen"].split("-")[2] == f"{spans[0].context.span_id:016x}"
     # The children carry the spawning step's span: their steps are its children.
     fan_out = spans[1]
     children = [
@@ -151,6 +152,8 @@ def test_spans_of_a_real_supervisor_reach_the_workers_exporter(
     assert [s["name"] for s in mine] == ["step traced.start", "step traced.fan_out", "step traced.finish"]
     assert {s["trace_id"] for s in lines} == {f"{req.trace_id:032x}"}
     assert {s["parent_id"] for s in mine} == {f"{req.span_id:016x}"}
+    seen = client.get(iid).state["seen"]
+    assert seen.split("-")[2] == mine[0]["span_id"]  # the sync step's thread saw its span
     fan_out = mine[1]["span_id"]
     assert [s["parent_id"] for s in lines if s["name"] == "step traced_child.perform"] == [fan_out, fan_out]
     assert {s["pid"] for s in lines} <= set(sup.workers())

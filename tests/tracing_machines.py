@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from pgdurable import FSM, Await, Context, Done, Insert, Next, Spawn, job, step
+from pgdurable.client.tracecontext import current_traceparent
 
 
 class Traced(FSM, name="traced", queue="rt"):
@@ -19,7 +20,8 @@ class Traced(FSM, name="traced", queue="rt"):
 
     @step(initial=True)
     def start(self, ctx: Context) -> Any:
-        return Next(self.fan_out, ctx.state)
+        # A sync step's thread sees its span: what it inserts or signals carries it.
+        return Next(self.fan_out, {**ctx.state, "seen": current_traceparent()})
 
     @step
     def fan_out(self, ctx: Context) -> Any:

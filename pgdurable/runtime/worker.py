@@ -18,6 +18,7 @@ left; the flusher commits what waits; exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import signal
@@ -78,7 +79,10 @@ class Worker:
         )
 
         def run_sync(fn: Any, *args: Any) -> asyncio.Future[Any]:
-            return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+            # As asyncio.to_thread does: the step's context variables (its log capture, its
+            # trace span) follow it into the thread.
+            ctx = contextvars.copy_context()
+            return asyncio.get_running_loop().run_in_executor(self._threads, ctx.run, fn, *args)
 
         cfg = spec.cfg
         # isolation = "process": sync steps run in step processes (spawned on first use).
