@@ -184,3 +184,25 @@ def test_unknown_tracing_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         config_mod.load(path)
     assert err.value.key == "tracing.enable"
+
+
+def test_a_sync_step_in_a_worker_keeps_its_log_lines(dsn, schema, client, sups, tmp_path):
+    """The step's context follows it into its thread (``Worker.run_sync`` copies it): the
+    log capture of a sync step works in a worker as under drain. Without the copy, the
+    thread sees no capture mark and the attempt keeps no lines."""
+    start(
+        sups,
+        tmp_path,
+        dsn,
+        schema,
+        modules='["tests.capture_machines"]',
+        processes=1,
+        extra="[queues.cap]\nconcurrency = 2\n",
+    )
+    iid = client.insert("chatty", {"amount": 5})
+    wait_until(lambda: client.get(iid).status == "done", what="chatty done")
+    first = client.history(iid)[0]
+    assert [(line.logger, line.message) for line in first.logs][:2] == [
+        ("pgdurable.step", "charging 5"),
+        ("shop.payments", "slow gateway"),
+    ]
