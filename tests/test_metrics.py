@@ -190,3 +190,27 @@ def test_a_taken_port_is_a_clear_error(dsn, schema, tmp_path):
             sup.close()
     log = sup.log.read_text()
     assert "metrics.listen" in log and "Traceback" not in log
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_only_those():
+    import json
+    import re
+
+    from pgdurable.runtime.metrics import Totals
+    from pgdurable.runtime.observe.exporter import DatabaseCounts, NodeCollector, NodeCounters
+
+    from .supervised import ROOT
+
+    collector = NodeCollector(
+        Totals(), NodeCounters(), lambda: [], lambda: DatabaseCounts([("q", "runnable", 1, 2.0)], 0.0)
+    )
+    served = {family.name for family in collector.collect()}
+    assert len(served) >= 25
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    assert sorted(n for n in served if f"| `{n}` |" not in doc) == []
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(total|bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"pgdurable_\w+", e)
+    }
+    assert used and used <= served, used - served
