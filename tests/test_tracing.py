@@ -206,3 +206,23 @@ def test_a_sync_step_in_a_worker_keeps_its_log_lines(dsn, schema, client, sups, 
         ("pgdurable.step", "charging 5"),
         ("shop.payments", "slow gateway"),
     ]
+
+
+def test_a_malformed_traceparent_starts_a_trace_of_its_own(dsn, schema, client, db, otel):
+    """The column may be written by other means: what does not parse is no parent, and the
+    step runs as usual."""
+    provider, exporter = otel
+    ids = client.insert_many([Insert(traced_child, {"i": i}) for i in range(4)])
+    bad = [
+        "garbage",
+        "00-" + "0" * 32 + "-" + "1" * 16 + "-01",
+        "00-" + "x" * 32 + "-" + "1" * 16 + "-01",
+        "",
+    ]
+    for iid, value in zip(ids, bad, strict=True):
+        db.execute(f'UPDATE "{schema}".instances SET traceparent = %s WHERE id = %s', [value, iid])
+    drain(dsn, MACHINES, schema=schema, tracer=StepTracer(provider))
+    for iid in ids:
+        assert client.get(iid).status == "done"
+        (s,) = steps_of(exporter, iid)
+        assert s.parent is None

@@ -39,16 +39,36 @@ class StepTracer:
 
     def __init__(self, tracer_provider: Any = None) -> None:
         from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._trace = trace
         self._tracer = trace.get_tracer("pgdurable", tracer_provider=tracer_provider)
-        self._propagator = TraceContextTextMapPropagator()
+
+    def parent(self, traceparent: str | None) -> Any:
+        """The context of a stored ``traceparent`` (None: none, or not one we can read).
+
+        Parsed here rather than by the W3C propagator: the column holds only what the
+        client wrote (``00-<32 hex>-<16 hex>-<2 hex>``), and this is a third of the cost.
+        """
+        if traceparent is None or len(traceparent) != 55 or traceparent[:3] != "00-":
+            return None
+        try:
+            trace_id, span_id, flags = (
+                int(traceparent[3:35], 16),
+                int(traceparent[36:52], 16),
+                int(traceparent[53:], 16),
+            )
+        except ValueError:
+            return None
+        if not trace_id or not span_id:
+            return None
+        trace = self._trace
+        remote = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags))
+        return trace.set_span_in_context(trace.NonRecordingSpan(remote))
 
     async def run(self, row: Claimed, run: Callable[[Claimed], Awaitable[Result]]) -> Result:
         """Run ``run(row)`` inside the step's span; stamp the spawned children with it."""
         trace = self._trace
-        parent = self._propagator.extract({"traceparent": row.traceparent}) if row.traceparent else None
+        parent = self.parent(row.traceparent)
         attributes: dict[str, Any] = {
             MACHINE: row.fsm,
             STEP: row.step or "",
