@@ -133,8 +133,10 @@ async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[C
     inbox_ids = [c.id for c in claimed if c.has_inbox]
     if inbox_ids:
         cur = await conn.execute(q["signal_inbox_many"], {"ids": inbox_ids}, prepare=True)
-        for target_id, sid, name, payload, dedup_key, inserted_at in await cur.fetchall():
+        for target_id, sid, name, payload, dedup_key, inserted_at, traceparent in await cur.fetchall():
             row = by_id[target_id]
+            if traceparent is not None and row.awaits and name in row.awaits:
+                row.traceparent = traceparent  # the (last) signal that woke it: its step's parent
             try:
                 value = values.decode(payload, f"signal {sid} ({name!r}) payload")
             except InvalidValue as exc:
