@@ -30,6 +30,7 @@ from pgdurable.engine.executor import Result
 from pgdurable.engine.limits import Limits
 from pgdurable.engine.pipeline import Engine
 from pgdurable.engine.schedules import FireReport
+from pgdurable.engine.tracing import StepTracer
 
 #: How far a collapsed drain looks ahead: far enough to cover any delay a test would use.
 COLLAPSED = dt.timedelta(days=365 * 100)
@@ -75,6 +76,7 @@ async def adrain(
     limits: Limits | None = None,
     history_off: Iterable[str] = (),
     capture: CaptureSettings | None = CaptureSettings(),
+    tracer: StepTracer | None = None,
 ) -> Tally:
     """Async ``drain``.
 
@@ -83,9 +85,15 @@ async def adrain(
     builds them from the same tables. Step history is written as a worker writes it, but
     for the queues in ``history_off`` (as ``[queues.NAME] history = false``), with the log
     lines each attempt ``capture``s (None: capture off, as ``[logging] capture = false``).
+    ``tracer``: a span per step (``pgdurable.engine.tracing.StepTracer``, as ``[tracing]``).
     """
     engine = Engine(
-        _registry(machines), schema=schema, limits=limits, history_off=history_off, capture=capture
+        _registry(machines),
+        schema=schema,
+        limits=limits,
+        history_off=history_off,
+        capture=capture,
+        tracer=tracer,
     )
     horizon = COLLAPSED if collapse_time else dt.timedelta(0)
     counts: Counter[str] = Counter()

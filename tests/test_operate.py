@@ -704,6 +704,7 @@ def test_race_signal_wake_open_while_the_cancel_arrives(dsn, schema, client, db)
                 "payload": "{}",
                 "dedup_key": None,
                 "notify": True,
+                "traceparent": None,
             },
         ).fetchall()
         assert row[2] == "runnable"  # woken

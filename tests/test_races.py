@@ -126,6 +126,7 @@ def test_park_while_delivery_transaction_is_open(dsn, schema, client, db):
                         "payload": '{"n": 3}',
                         "dedup_key": None,
                         "notify": True,
+                        "traceparent": None,
                     },
                 )
 
@@ -243,6 +244,7 @@ def test_signal_holds_row_while_timeout_sweeps(dsn, schema, client):
                 "payload": '{"n": 5}',
                 "dedup_key": None,
                 "notify": True,
+                "traceparent": None,
             },
         )
         assert (

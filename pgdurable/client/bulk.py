@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from pgdurable.client.tracecontext import current_traceparent
 from pgdurable.contract.errors import InvalidValue, UnknownMachine
 from pgdurable.contract.spec import (
     LIVE_STATUSES,
@@ -38,7 +39,7 @@ from pgdurable.contract.spec import (
 COLUMNS = (
     "id", "fsm", "version", "step", "state", "queue", "priority", "eligible_at",
     "correlation_key", "correlation_scope", "concurrency_key", "rate_limit", "weight",
-    "inserted_at", "expires_at", "on_expiry", "deadline",
+    "inserted_at", "expires_at", "on_expiry", "deadline", "traceparent",
 )  # fmt: skip
 #: The columns of a plain batch (``instance_copy_plain``): the rest take their defaults.
 PLAIN_COLUMNS = COLUMNS[:6]
@@ -93,6 +94,8 @@ class Batch:
     rows: list[tuple[int, bytes, str | None]]  # (shape, state JSON, correlation key)
     order: list[int]  # rows[k] is the caller's specs[order[k]]
     infos: list[MachineInfo | None]  # the machine class of each shape, if the spec gave one
+    #: The producer's trace context, the same for every row of the call (None: none).
+    traceparent: str | None = None
 
     @classmethod
     def of(cls, specs: Sequence[Insert]) -> Batch:
@@ -122,7 +125,7 @@ class Batch:
             # by key, then position; a str compares by code point, which is the "C" order
             order.sort(key=lambda i: (rows[i][2] is None, rows[i][2] or "", i))
             rows = [rows[i] for i in order]
-        return cls(shapes, rows, order, infos)
+        return cls(shapes, rows, order, infos, current_traceparent())
 
     def unresolved(self) -> list[str]:
         """Machine names whose version, step or queue must come from the machines table, or
@@ -173,18 +176,22 @@ class Batch:
         """Every option of every row at its default: the short stream will do, the other
         columns taking their table defaults (which are the same; ``eligible_at`` is the
         COPY's own ``now()``)."""
-        return all(r[2] is None for r in self.rows) and all(
-            r.priority == 0
-            and r.at is None
-            and not r.delay
-            and r.concurrency_key is None
-            and r.rate_limit is None
-            and r.weight == 1.0
-            and r.expires_at is None
-            and r.expires_in is None
-            and r.deadline_at is None
-            and r.deadline_in is None
-            for r in self.shapes
+        return (
+            self.traceparent is None
+            and all(r[2] is None for r in self.rows)
+            and all(
+                r.priority == 0
+                and r.at is None
+                and not r.delay
+                and r.concurrency_key is None
+                and r.rate_limit is None
+                and r.weight == 1.0
+                and r.expires_at is None
+                and r.expires_in is None
+                and r.deadline_at is None
+                and r.deadline_in is None
+                for r in self.shapes
+            )
         )
 
     def queues(self) -> list[str]:
@@ -194,6 +201,7 @@ class Batch:
         """The COPY text stream: one line per row, ``COLUMNS`` (or ``PLAIN_COLUMNS``) in order."""
         heads, tails = [], []
         now_text = now.isoformat()  # inserted_at: the delays count from the same instant
+        trace = _text(self.traceparent)
         for r in self.shapes:
             if r.at is not None:
                 eligible = r.at.isoformat()
@@ -211,7 +219,7 @@ class Batch:
                 (
                     f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t",
                     f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}"
-                    f"\t{now_text}\t{expires}\t{_text(r.on_expiry)}\t{deadline}\n",
+                    f"\t{now_text}\t{expires}\t{_text(r.on_expiry)}\t{deadline}\t{trace}\n",
                 )
             )
         lines = []

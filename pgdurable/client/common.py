@@ -13,6 +13,7 @@ from typing import Any
 from psycopg import errors as pgerrors
 
 from pgdurable.client.bulk import Batch
+from pgdurable.client.tracecontext import current_traceparent
 from pgdurable.contract import values
 from pgdurable.contract.errors import DuplicateInstance, NoTarget, UnknownMachine
 from pgdurable.contract.outcomes import Done
@@ -254,6 +255,7 @@ def insert_params(spec: Insert) -> dict[str, Any]:
         "on_expiry": r.on_expiry,
         "deadline_at": r.deadline_at,
         "deadline_in": r.deadline_in,
+        "traceparent": current_traceparent(),
     }
 
 
@@ -303,6 +305,7 @@ def signal_params(
         "payload": values.encode({} if payload is None else payload, "signal payload").decode(),
         "dedup_key": dedup_key,
         "notify": notify,
+        "traceparent": current_traceparent(),
     }
 
 

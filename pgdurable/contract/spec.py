@@ -110,6 +110,8 @@ class InsertRow(msgspec.Struct, frozen=True, omit_defaults=True):
     on_expiry: str | None = None  # None: fail
     deadline_at: dt.datetime | None = None
     deadline_in: float | None = None
+    #: The W3C traceparent of the producer (the spawning step's span; docs/observability.md).
+    traceparent: str | None = None
 
 
 def encode_json(value: Any) -> str:

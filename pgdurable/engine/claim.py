@@ -53,6 +53,7 @@ class Claimed:
     cancel_reason: str | None  # set while it runs its on_cancel step (ctx.cancel_reason)
     saga: str | None  # its compensations, as JSON text (docs/sagas.md); None: none yet
     join_policy: str | None  # how it waits for its last Spawn's children ('fail_fast', None)
+    traceparent: str | None  # the producer's W3C trace context (docs/observability.md)
     _: KW_ONLY  # the columns above are positional, in the order instance_claim returns
     token: int = 0
     shard: int | None = None  # the gate slot's shard once admitted
@@ -132,8 +133,10 @@ async def enrich(conn: psycopg.AsyncConnection[Any], q: Queries, claimed: list[C
     inbox_ids = [c.id for c in claimed if c.has_inbox]
     if inbox_ids:
         cur = await conn.execute(q["signal_inbox_many"], {"ids": inbox_ids}, prepare=True)
-        for target_id, sid, name, payload, dedup_key, inserted_at in await cur.fetchall():
+        for target_id, sid, name, payload, dedup_key, inserted_at, traceparent in await cur.fetchall():
             row = by_id[target_id]
+            if traceparent is not None and row.awaits and name in row.awaits:
+                row.traceparent = traceparent  # the (last) signal that woke it: its step's parent
             try:
                 value = values.decode(payload, f"signal {sid} ({name!r}) payload")
             except InvalidValue as exc:

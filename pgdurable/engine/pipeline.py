@@ -27,6 +27,7 @@ from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
 from pgdurable.engine.executor import Executor, Result, StepTransaction
 from pgdurable.engine.limits import Limits
+from pgdurable.engine.tracing import StepTracer
 
 
 def new_worker_id() -> str:
@@ -68,8 +69,11 @@ class Engine:
         limits: Limits | None = None,
         history_off: Iterable[str] = (),
         capture: CaptureSettings | None = CaptureSettings(),
+        tracer: StepTracer | None = None,
     ):
         self.registry = registry
+        #: A span per step attempt ([tracing] enabled); None: no tracing, no cost.
+        self.tracer = tracer
         self.history_off = frozenset(history_off)
         self.q: Queries = for_schema(schema)
         self.worker_id = worker_id or new_worker_id()
@@ -150,7 +154,10 @@ class Engine:
         )
 
     async def run(self, row: Claimed, tx: StepTransaction | None = None) -> Result:
-        result = await self.executor.run(row, tx)
+        if self.tracer is not None:
+            result = await self.tracer.run(row, lambda r: self.executor.run(r, tx))
+        else:
+            result = await self.executor.run(row, tx)
         if row.queue in self.history_off:
             result.history = False
         else:

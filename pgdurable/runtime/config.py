@@ -33,12 +33,21 @@ level = "info"                 # pgdurable supervise --log-level overrides it
 
 [logging.levels]
 "pgdurable.reaper" = "debug"   # per logger (quote names with dots)
+
+[metrics]
+listen = "127.0.0.1:9464"      # the Prometheus endpoint (off when absent; pgdurable[metrics])
+database_interval = 15         # seconds the instance counts read from the database are kept
+
+[tracing]
+enabled = true                 # a span per step (pgdurable[otel]; docs/observability.md)
+setup = "myapp.tracing:setup"  # called in each worker to install its tracer provider
 ```
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -132,11 +141,35 @@ class LogSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         )
 
 
+class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[metrics]`` (docs/observability.md): the supervisor's Prometheus endpoint."""
+
+    listen: str | None = None  # "HOST:PORT"; None: no endpoint, workers record nothing
+    #: Seconds the per-queue instance counts (one query) are kept before a scrape reads again.
+    database_interval: float = 15.0
+
+    def address(self) -> tuple[str, int]:
+        """``listen`` as (host, port); validated at load."""
+        assert self.listen is not None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[tracing]`` (docs/observability.md): OpenTelemetry spans of the steps."""
+
+    enabled: bool = False
+    #: "module:function" each worker calls after the fork to install its tracer provider.
+    setup: str | None = None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database: Database = Database()
     runtime: RuntimeSettings = RuntimeSettings()
     maintenance: Maintenance = Maintenance()
     logging: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     queues: dict[str, QueueSettings] = {}
     path: str = ""
     limits: Limits = Limits()
@@ -358,6 +391,8 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         "runtime": RuntimeSettings,
         "maintenance": Maintenance,
         "logging": LogSettings,
+        "metrics": MetricsSettings,
+        "tracing": TracingSettings,
     }
     known = [*sections, "queues", "concurrency_limits", "rate_limits"]
     for key in data:
@@ -377,7 +412,45 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     queues = {name: _convert(q, QueueSettings, f"queues.{name}", path) for name, q in raw_queues.items()}
     cfg = Config(queues=queues, path=path, limits=limits, **parts)
     _positive(cfg)
+    _check_observability(cfg)
     return cfg
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _check_observability(cfg: Config) -> None:
+    """``[metrics]`` and ``[tracing]``: a listen address that parses, and the optional
+    library each needs installed (found without importing it)."""
+    m = cfg.metrics
+    if m.listen is not None:
+        host, sep, port = m.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f'expected "HOST:PORT" (e.g. "127.0.0.1:9464"), got {m.listen!r}',
+                file=cfg.path,
+                key="metrics.listen",
+            )
+        if not _installed("prometheus_client"):
+            raise ConfigError(
+                "the metrics endpoint needs prometheus_client: pip install 'pgdurable[metrics]'",
+                file=cfg.path,
+                key="metrics.listen",
+            )
+    if not (math.isfinite(m.database_interval) and m.database_interval > 0):
+        raise ConfigError(
+            f"expected a positive number of seconds, got {m.database_interval!r}",
+            file=cfg.path,
+            key="metrics.database_interval",
+        )
+    if cfg.tracing.enabled and not _installed("opentelemetry.sdk.trace"):
+        raise ConfigError(
+            "tracing needs OpenTelemetry: pip install 'pgdurable[otel]'", file=cfg.path, key="tracing.enabled"
+        )
 
 
 def load(path: str | Path) -> Config:

@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgdurable.db.queries import Queries
 from pgdurable.engine import Engine
 from pgdurable.runtime.config import Config, QueueSettings
+from pgdurable.runtime.metrics import WorkerMetrics
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 
@@ -54,6 +55,8 @@ class Runtime:
     clock: Callable[[], float] = time.monotonic
     #: Set when the process should stop (SIGTERM, or the supervisor went away).
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The metrics recorder (``[metrics] listen`` set), reported with each report line.
+    metrics: WorkerMetrics | None = None
 
     @property
     def settings(self) -> QueueSettings:

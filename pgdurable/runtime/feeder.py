@@ -92,7 +92,12 @@ class Feeder(Component):
         rt = self.rt
         try:
             conn = await self.feed.get()
+            started = rt.clock()
             rows = await rt.engine.claim(conn, rt.queue, limit)
+            if rt.metrics is not None:
+                rt.metrics.observe("claim", rt.clock() - started)
+                if rt.engine.last_claimed:
+                    rt.metrics.observe("claim_rows", rt.engine.last_claimed)
             self.feed.answered()
             self.feed.failures = 0
             return rows

@@ -72,8 +72,12 @@ class Flusher(Component):
         failures = 0
         while True:
             try:
+                started = rt.clock()
                 async with rt.pool.connection() as conn:
                     report = await rt.engine.flush(conn, [p.result for p in batch], rt.queue)
+                if rt.metrics is not None:
+                    rt.metrics.observe("flush", rt.clock() - started)
+                    rt.metrics.observe("flush_rows", len(batch))
                 break
             except psycopg.OperationalError as exc:
                 if not transient(exc):

@@ -32,11 +32,17 @@ class Reporter(Component):
     ):
         super().__init__()
         self.fd, self.snapshot, self.title, self.on_gone = fd, snapshot, title, on_gone
+        self._pending = b""  # the part of a report line not written yet
 
     async def run(self) -> None:
         while True:
             self.report()
             if await sleep_unless(self.closing, REPORT_EVERY):
+                # A last line on the way out: the totals of a drained worker are complete.
+                unfinished = bool(self._pending)
+                self.report()
+                if unfinished:
+                    self.report()  # the first call only finished the line before
                 return
 
     def report(self) -> None:
@@ -44,9 +50,13 @@ class Reporter(Component):
         setproctitle.setproctitle(self.title())
         if self.fd is None:
             return
-        msg = {"pid": os.getpid(), **self.snapshot()}
         try:
-            os.write(self.fd, (json.dumps(msg) + "\n").encode())
+            if not self._pending:
+                # A line longer than the pipe's atomic size (a worker's metrics) may be
+                # written in parts: the rest goes first next time, so lines stay whole.
+                msg = {"pid": os.getpid(), **self.snapshot()}
+                self._pending = (json.dumps(msg) + "\n").encode()
+            self._pending = self._pending[os.write(self.fd, self._pending) :]
         except BlockingIOError:
             pass  # the supervisor is behind: a report may be dropped, never block the loop
         except OSError:

@@ -136,6 +136,8 @@ class Slots(Component):
             else:
                 committed = self.flusher.committed_alone(result, report.stale)
             rt.stats.steps += 1
+            if committed and rt.metrics is not None:
+                rt.metrics.step(row, result)
             if committed and result.inline:
                 # The continue kept the claim: its next step goes first in line.
                 nxt = continued(row, result)

@@ -23,12 +23,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import setproctitle
 
-from pgdurable.contract.errors import PgdurableError
+from pgdurable.contract.errors import ConfigError, PgdurableError
 from pgdurable.contract.fsm import Registry
 from pgdurable.db import migrations
 from pgdurable.db.queries import for_schema
@@ -41,6 +41,9 @@ from pgdurable.runtime.config import Config
 from pgdurable.runtime.identity import node_key
 from pgdurable.runtime.sweeps.reaper import reclaim
 from pgdurable.runtime.systemd import Notifier
+
+if TYPE_CHECKING:
+    from pgdurable.runtime.observe.exporter import LiveWorker, NodeMetrics
 
 log = logging.getLogger("pgdurable.supervisor")
 
@@ -102,6 +105,7 @@ class Supervisor:
         self._next_status = 0.0
         self._ready = False
         self._ready_sent = False  # READY=1 reached systemd (re-sent with each status until then)
+        self.metrics: NodeMetrics | None = None  # [metrics] listen: the Prometheus endpoint
 
     # -- start -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -109,6 +113,10 @@ class Supervisor:
         sys.path.insert(0, str(self.cfg.base_dir))
         config_mod.import_modules(self.cfg)  # a module that fails to import: one line naming it
         self.registry = Registry.from_modules(self.cfg.runtime.modules)
+        if self.cfg.tracing.enabled:
+            from pgdurable.runtime.observe.tracing import setup_hook
+
+            setup_hook(self.cfg)  # found before any worker is forked, or a clear error now
         dsn = self.cfg.dsn()
         if dsn is None:
             from pgdurable.runtime.embedded import start
@@ -143,6 +151,7 @@ class Supervisor:
     def run(self) -> int:
         self.prepare()
         self._install_signals()
+        self._start_metrics()
         self._reclaim_dead_incarnations()
         self._spawn_all()
         setproctitle.setproctitle(f"pgdurable: supervisor {self.cfg.path}")
@@ -152,6 +161,8 @@ class Supervisor:
                 if self.stopping and not self.children:
                     break
         finally:
+            if self.metrics is not None:
+                self.metrics.endpoint.close()
             self.notifier.send("STOPPING=1")
             self.notifier.close()
         log.info("supervisor stopped", extra={"event": "stopped"})
@@ -206,6 +217,8 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the child: nothing of ours is open but the pipe
             os.close(r)
+            if self.metrics is not None:
+                self.metrics.endpoint.forget()
             code = 1
             try:
                 code = self._child_main(slot, f"{worker_id}/{os.getpid()}", w, parent_pid, old_mask, board)
@@ -221,6 +234,8 @@ class Supervisor:
         child = ChildProcess(slot.queue, slot.index, pid, f"{worker_id}/{pid}", r, self.generation, board)
         self.children[pid] = child
         self.sel.register(r, selectors.EVENT_READ, pid)
+        if self.metrics is not None:
+            self.metrics.node.started("maintenance" if slot.maintenance else "worker", slot.queue)
         if slot.maintenance:
             log.info(
                 "maintenance process %s started", pid, extra={"event": "maintenance_started", "child": pid}
@@ -303,6 +318,8 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.metrics is not None and pid in self.children:
+                self._drain_reports(pid)  # its last report line carries its final totals
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -312,6 +329,12 @@ class Supervisor:
                 os.close(child.fd)
             code = os.waitstatus_to_exitcode(status)
             graceful = code == 0 and (self.stopping or child.generation != self.generation)
+            if self.metrics is not None:
+                process = "worker" if child.board is not None else "maintenance"
+                if child.board is not None:
+                    self.metrics.ended(child.queue, child.last_report)
+                if not graceful:
+                    self.metrics.node.died(process, child.queue)
             if not graceful and child.board is None:
                 log.warning(
                     "maintenance process %s died (exit %s)",
@@ -345,6 +368,15 @@ class Supervisor:
                 slot.restart_at = (
                     time.monotonic() + RESTART_BACKOFF[min(slot.failures, len(RESTART_BACKOFF) - 1)]
                 )
+
+    def _drain_reports(self, pid: int) -> None:
+        """Read what an ended child still left in its pipe."""
+        child = self.children[pid]
+        while child.fd >= 0:
+            before = len(child.buf), child.last_report
+            self._read_reports(pid)
+            if (len(child.buf), child.last_report) == before:
+                return  # nothing more (a step process may still hold the pipe open)
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -392,8 +424,12 @@ class Supervisor:
         for key, _ in self.sel.select(timeout):
             if key.data == "signal":
                 self._handle_signals()
+            elif self.metrics is not None and self.metrics.endpoint.owns(key):
+                self.metrics.endpoint.ready(key)
             else:
                 self._read_reports(key.data)
+        if self.metrics is not None:
+            self.metrics.endpoint.expire()
         self._handle_signals()
         self._reap()
         self._restart_due()
@@ -429,7 +465,7 @@ class Supervisor:
 
         try:
             with self._connect() as conn:
-                return reclaim(
+                n = reclaim(
                     conn,
                     for_schema(self.cfg.database.schema),
                     self.registry,
@@ -441,6 +477,9 @@ class Supervisor:
                     crashed=crashed,
                     cause=cause,
                 )
+            if self.metrics is not None:
+                self.metrics.node.reclaim(cause, n)
+            return n
         except psycopg.Error as exc:
             log.warning("reclaim failed: %r", exc, extra={"event": "reclaim_failed", "cause": cause})
             return 0
@@ -455,6 +494,41 @@ class Supervisor:
         dead = [n for n in nodes if n != self.node and not _supervisor_alive(int(n.split(":")[-2]))]
         if dead:
             self._reclaim(nodes=dead)
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _start_metrics(self) -> None:
+        """Open the Prometheus endpoint (``[metrics] listen``); imports prometheus_client."""
+        settings = self.cfg.metrics
+        if settings.listen is None:
+            return
+        from pgdurable.runtime.observe.exporter import NodeMetrics
+
+        self.metrics = NodeMetrics(
+            settings.address(), self._live_workers, self._instance_counts, settings.database_interval
+        )
+        try:
+            self.metrics.endpoint.open(self.sel)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {settings.listen}: {exc.strerror}",
+                file=self.cfg.path,
+                key="metrics.listen",
+            ) from exc
+        log.info(
+            "metrics at http://%s/metrics",
+            settings.listen,
+            extra={"event": "metrics_listening", "listen": settings.listen},
+        )
+
+    def _live_workers(self) -> list[LiveWorker]:
+        from pgdurable.runtime.observe.exporter import LiveWorker
+
+        return [LiveWorker(c.queue, c.last_report) for c in self.children.values() if c.board is not None]
+
+    def _instance_counts(self) -> list[tuple[str, str, int, float | None]]:
+        queries = for_schema(self.cfg.database.schema)
+        with self._connect() as conn:
+            return [tuple(r) for r in conn.execute(queries["metrics_instances"])]
 
     # -- health ----------------------------------------------------------------------------
     def _status(self) -> str:

@@ -18,6 +18,7 @@ left; the flusher commits what waits; exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import signal
@@ -43,6 +44,8 @@ from pgdurable.runtime.forked import reset_after_fork, run_loop
 from pgdurable.runtime.heartbeat import Heartbeat
 from pgdurable.runtime.isolation import StepPool
 from pgdurable.runtime.lifecycle import Component
+from pgdurable.runtime.metrics import WorkerMetrics
+from pgdurable.runtime.observe.tracing import worker_tracer
 from pgdurable.runtime.reporter import Reporter
 from pgdurable.runtime.slots import Slots
 
@@ -77,7 +80,10 @@ class Worker:
         )
 
         def run_sync(fn: Any, *args: Any) -> asyncio.Future[Any]:
-            return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+            # As asyncio.to_thread does: the step's context variables (its log capture, its
+            # trace span) follow it into the thread.
+            ctx = contextvars.copy_context()
+            return asyncio.get_running_loop().run_in_executor(self._threads, ctx.run, fn, *args)
 
         cfg = spec.cfg
         # isolation = "process": sync steps run in step processes (spawned on first use).
@@ -98,6 +104,7 @@ class Worker:
             executor=self.executor,
             limits=cfg.limits,
             history_off=() if settings.history else (spec.queue,),
+            tracer=worker_tracer(cfg),
         )
 
     async def run(self) -> int:
@@ -119,6 +126,8 @@ class Worker:
         )
         await pool.open(wait=True, timeout=30)
         rt = Runtime(cfg, spec.dsn, spec.queue, spec.index, self.engine, pool, log, stopping=stopping)
+        if cfg.metrics.listen is not None:
+            rt.metrics = WorkerMetrics()
         feed: FeedConnection | None = None
         components: list[Component] = []
         failed = False
@@ -202,7 +211,7 @@ def _snapshot(rt: Runtime, slots: Slots, feed: FeedConnection) -> dict[str, Any]
         "limit_errors": rt.engine.limit_errors,
         "last_error": rt.stats.last_error,
         "listening": listening,
-    }
+    } | ({} if rt.metrics is None else {"metrics": rt.metrics.snapshot()})
 
 
 def _title(rt: Runtime, slots: Slots) -> str:

@@ -18,7 +18,8 @@ WITH c AS (
 ), ins AS (
     INSERT INTO {schema}.instances
         (fsm, version, step, state, queue, priority, eligible_at, correlation_key,
-         correlation_scope, concurrency_key, rate_limit, weight, expires_at, on_expiry, deadline)
+         correlation_scope, concurrency_key, rate_limit, weight, expires_at, on_expiry, deadline,
+         traceparent)
     SELECT c.fsm, c.version, c.step, %(state)s::jsonb, c.queue, %(priority)s,
            COALESCE(%(at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
            %(correlation_key)s,
@@ -28,7 +29,8 @@ WITH c AS (
            COALESCE(%(expires_at)s::timestamptz, now() + make_interval(secs => %(expires_in)s::float8)),
            %(on_expiry)s::text,
            COALESCE(%(deadline_at)s::timestamptz, now() + make_interval(secs => %(deadline_in)s::float8),
-                    now() + c.deadline)
+                    now() + c.deadline),
+           %(traceparent)s::text
     FROM c WHERE c.queue IS NOT NULL
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
     RETURNING id, queue
@@ -52,7 +54,7 @@ SELECT now(), ARRAY(SELECT nextval(seq.s) FROM seq, generate_series(1, %(n)s::in
 -- COPY writes the given identity values (as INSERT ... OVERRIDING SYSTEM VALUE would).
 COPY {schema}.instances (id, fsm, version, step, state, queue, priority, eligible_at,
                          correlation_key, correlation_scope, concurrency_key, rate_limit,
-                         weight, inserted_at, expires_at, on_expiry, deadline)
+                         weight, inserted_at, expires_at, on_expiry, deadline, traceparent)
 FROM STDIN;
 
 -- name: instance_copy_plain
@@ -119,7 +121,7 @@ RETURNING i.id, i.fsm, i.version, i.step, i.state::text AS state, i.attempt, i.c
           i.rate_limit, i.weight, i.parent_id,
           EXISTS (SELECT 1 FROM {schema}.signals AS s WHERE s.target_id = i.id) AS has_inbox,
           EXISTS (SELECT 1 FROM {schema}.instances AS c WHERE c.parent_id = i.id) AS has_children,
-          w.gated, i.cancel_reason, i.saga::text AS saga, i.join_policy;
+          w.gated, i.cancel_reason, i.saga::text AS saga, i.join_policy, i.traceparent;
 
 -- name: instance_children_many
 -- Every child of the given parents (any status), for ctx.children: oldest Spawn first
@@ -251,7 +253,7 @@ WITH ins AS (
     INSERT INTO {schema}.instances
         (parent_id, fsm, version, step, state, queue, priority, eligible_at, correlation_key,
          correlation_scope, concurrency_key, rate_limit, weight, expires_at, on_expiry, deadline,
-         spawn_index)
+         spawn_index, traceparent)
     SELECT c.parent_id, c.fsm, c.version, c.step, c.state::jsonb, c.queue, COALESCE(c.priority, 0),
            COALESCE(c.at, now() + make_interval(secs => COALESCE(c.delay, 0))), c.correlation_key,
            COALESCE(c.scope, '{runnable,executing,awaiting_signal,awaiting_children,held}'),
@@ -259,13 +261,14 @@ WITH ins AS (
            COALESCE(c.expires_at, now() + make_interval(secs => c.expires_in)), c.on_expiry,
            COALESCE(c.deadline_at, now() + make_interval(secs => c.deadline_in)),
            -- its position among its parent's children of this Spawn (ord: in the document)
-           (rank() OVER (PARTITION BY c.parent_id ORDER BY COALESCE(c.ord, 0)) - 1)::int
+           (rank() OVER (PARTITION BY c.parent_id ORDER BY COALESCE(c.ord, 0)) - 1)::int,
+           c.traceparent
     FROM json_to_recordset(%(children)s::json)
          AS c(parent_id bigint, fsm text, version int, step text, state json, queue text,
               priority smallint, at timestamptz, delay float8, correlation_key text,
               scope text[], concurrency_key text, rate_limit text, weight float8, ord int,
               expires_at timestamptz, expires_in float8, on_expiry text,
-              deadline_at timestamptz, deadline_in float8)
+              deadline_at timestamptz, deadline_in float8, traceparent text)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, COALESCE(c.ord, 0)
     ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING

@@ -22,8 +22,8 @@ WITH target AS (
     ON CONFLICT DO NOTHING
     RETURNING target_id
 ), ins AS (
-    INSERT INTO {schema}.signals (target_id, name, payload, dedup_key)
-    SELECT id, %(name)s, %(payload)s::jsonb, %(dedup_key)s::text FROM target
+    INSERT INTO {schema}.signals (target_id, name, payload, dedup_key, traceparent)
+    SELECT id, %(name)s, %(payload)s::jsonb, %(dedup_key)s::text, %(traceparent)s::text FROM target
     WHERE %(dedup_key)s::text IS NULL OR EXISTS (SELECT 1 FROM remembered)
     ON CONFLICT (target_id, dedup_key) DO NOTHING
     RETURNING id, target_id
@@ -42,8 +42,9 @@ SELECT t.id AS target_id, (SELECT id FROM ins) AS signal_id,
 FROM target AS t LEFT JOIN wake AS w ON w.id = t.id;
 
 -- name: signal_inbox_many
--- The whole inbox of the given instances, oldest first (ctx.inbox / ctx.awaited).
-SELECT target_id, id, name, payload::text AS payload, dedup_key, inserted_at
+-- The whole inbox of the given instances, oldest first (ctx.inbox / ctx.awaited), and each
+-- signal's trace context (the step an awaited one wakes is a span of its trace).
+SELECT target_id, id, name, payload::text AS payload, dedup_key, inserted_at, traceparent
 FROM {schema}.signals
 WHERE target_id = ANY(%(ids)s::bigint[])
 ORDER BY target_id, id;

@@ -1,0 +1,1 @@
+"""Observability of a running node: the supervisor's Prometheus endpoint (``exporter``)."""
