@@ -412,6 +412,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
             raise ConfigError("expected a table", file=path, key=key)
     limits = parse_limits(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
     _check_logging(data.get("logging", {}), path)
+    users = data.get("dashboard", {}).get("users") if isinstance(data.get("dashboard"), dict) else None
+    for name, user in users.items() if isinstance(users, dict) else ():
+        _convert(user, DashboardUser, f"dashboard.users.{name}", path)  # the error names the login
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
     if not isinstance(raw_queues, dict):

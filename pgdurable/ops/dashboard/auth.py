@@ -140,9 +140,9 @@ class Auth:
         return {"sid": secrets.token_urlsafe(24), "user": user, "exp": time.time() + self.session_seconds}
 
     def dump(self, session: Mapping[str, Any]) -> str:
-        body = base64.urlsafe_b64encode(json.dumps(dict(session), separators=(",", ":")).encode())
-        mac = hmac.new(self.secret, body, hashlib.sha256).digest()
-        return f"{body.decode()}.{base64.urlsafe_b64encode(mac).decode()}"
+        body = _b64(json.dumps(dict(session), separators=(",", ":")).encode())
+        mac = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
+        return f"{body}.{_b64(mac)}"
 
     def load(self, cookie: str | None) -> dict[str, Any] | None:
         """The session a cookie holds: None when it is missing, forged or expired."""
@@ -150,11 +150,11 @@ class Auth:
             return None
         body, _, mac = cookie.partition(".")
         try:
-            given = base64.urlsafe_b64decode(mac.encode())
+            given = _unb64(mac)
             expected = hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
             if not hmac.compare_digest(given, expected):
                 return None
-            session = json.loads(base64.urlsafe_b64decode(body.encode()))
+            session = json.loads(_unb64(body))
         except (binascii.Error, ValueError):
             return None
         if not isinstance(session, dict) or not isinstance(session.get("sid"), str):
@@ -172,3 +172,12 @@ class Auth:
         if session is None or not isinstance(token, str) or not token:
             return False
         return hmac.compare_digest(self.csrf_token(session), token)
+
+
+def _b64(raw: bytes) -> str:
+    """URL-safe base64 without padding: a cookie value that needs no quoting."""
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode())

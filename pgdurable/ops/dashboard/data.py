@@ -12,9 +12,9 @@ import psycopg
 
 from pgdurable.contract.spec import STATUSES
 from pgdurable.db.queries import Queries
-from pgdurable.ops.cli import show as show_verb
-from pgdurable.ops.cli import status as status_verb
 from pgdurable.ops.cli.common import parse_duration, parse_time, rows
+from pgdurable.ops.cli.show import collect, history, last_traceback
+from pgdurable.ops.cli.status import build, workers_text
 
 if TYPE_CHECKING:
     from pgdurable.contract.fsm import Registry
@@ -27,11 +27,11 @@ def overview(conn: psycopg.Connection[Any], q: Queries, schema: str, window: dt.
     queues = rows(conn.execute(q["ops_status_queues"], {"window": window}))
     owners = rows(conn.execute(q["ops_status_owners"]))
     listeners = {r["queue"]: int(r["feeders"]) for r in rows(conn.execute(q["ops_status_listeners"]))}
-    doc = status_verb.build(schema, conn.info.dbname, window, queues, owners, listeners, None)
+    doc = build(schema, conn.info.dbname, window, queues, owners, listeners, None)
     minutes = window.total_seconds() / 60.0
     for e in doc["queues"]:
         e["throughput"] = sum(e["finished"].values()) / minutes
-        e["workers_text"] = status_verb.workers_text(e["workers"])
+        e["workers_text"] = workers_text(e["workers"])
     errors = rows(conn.execute(q["schedule_errors"]))
     doc["problems"] += [f"schedule {r['name']}: {r['last_error']}" for r in errors]
     return doc
@@ -95,12 +95,12 @@ def instances(conn: psycopg.Connection[Any], q: Queries, f: Filters) -> Page:
     return page, page[-1]["id"] if len(found) > f.limit else None
 
 
-def instance(conn: psycopg.Connection[Any], q: Queries, iid: int, history: int = 200) -> dict[str, Any]:
+def instance(conn: psycopg.Connection[Any], q: Queries, iid: int, last: int = 200) -> dict[str, Any]:
     """``pgdurable show``'s document: header, state, inbox, children, parent, error, the
     step timeline with its logs. A CliError (NOT_FOUND) when there is no such instance."""
-    doc = show_verb.collect(conn, q, iid, inbox_limit=50, children_limit=50)
-    doc["history"] = show_verb.history(conn, q, iid, history)
-    doc["last_traceback"] = show_verb.last_traceback(conn, q, iid)
+    doc = collect(conn, q, iid, inbox_limit=50, children_limit=50)
+    doc["history"] = history(conn, q, iid, last)
+    doc["last_traceback"] = last_traceback(conn, q, iid)
     return doc
 
 
