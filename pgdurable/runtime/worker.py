@@ -18,6 +18,7 @@ left; the flusher commits what waits; exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import signal
@@ -76,7 +77,10 @@ class Worker:
         )
 
         def run_sync(fn: Any, *args: Any) -> asyncio.Future[Any]:
-            return asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+            # In the context of the caller (as asyncio.to_thread does): the step's log
+            # capture is a context variable, and run_in_executor alone does not carry it.
+            context = contextvars.copy_context()
+            return asyncio.get_running_loop().run_in_executor(self._threads, context.run, fn, *args)
 
         cfg = spec.cfg
         # isolation = "process": sync steps run in step processes (spawned on first use).
