@@ -230,10 +230,12 @@ def guarded(role: str) -> Callable[[Handler], Callable[[Request], Awaitable[Resp
                     if fresh:
                         set_session(request, response, auth, session)
                     return response
+                # A script is told it may send basic credentials; a browser is not (it would
+                # open its own login dialog instead of showing the answer).
+                browser = "text/html" in request.headers.get("accept", "")
+                challenge = {} if browser else {"www-authenticate": 'Basic realm="pgdurable dashboard"'}
                 return PlainTextResponse(
-                    "authentication required\n",
-                    status_code=401,
-                    headers={"www-authenticate": 'Basic realm="pgdurable dashboard"'},
+                    "authentication required: log in at /login\n", status_code=401, headers=challenge
                 )
             if request.method == "POST":
                 form = await request.form()
