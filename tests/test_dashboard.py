@@ -243,6 +243,12 @@ def test_the_pages_show_the_instances_and_the_timeline(app, dsn, schema, client,
     assert 'id="path"' in page and "prepare" in page
 
 
+def test_an_unknown_instance_is_not_found(app):
+    login(app)
+    r = app.get("/instances/987654")
+    assert r.status_code == 404 and "There is no instance 987654" in r.text
+
+
 def test_paging_of_the_instances(app, client):
     ids = [client.insert("dash_unknown", {"n": n}, queue="nowhere") for n in range(5)]
     login(app)
@@ -371,6 +377,21 @@ def test_the_verb_refuses_to_start_without_a_login(tmp_path, dsn, schema):
     )
     assert r.returncode == 2
     assert "no login" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_verb_refuses_a_schema_it_cannot_serve(tmp_path, dsn):
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text(f'[database]\ndsn = "{dsn}"\nschema = "never_migrated"\n[queues.rt]\n')
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PGDURABLE_DASHBOARD_PASSWORD": "pw"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "dashboard", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "never_migrated" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_verb_binds_to_loopback_by_default():

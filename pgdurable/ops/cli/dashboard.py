@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pgdurable.ops.cli.common import CliError, Duration, connect, database_options, one_line, resolve
+from pgdurable.ops.cli.common import CliError, Duration, connected, database_options, one_line, resolve
 
 if TYPE_CHECKING:
     from pgdurable.contract.fsm import Registry
@@ -66,7 +66,8 @@ def dashboard(
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise CliError(f"--listen {where!r} is not HOST:PORT")
     host = host.strip("[]")
-    connect(target.dsn).close()  # an unreachable database is one line now, not a failed start-up
+    with connected(target):  # an unreachable database or a schema behind: one line now
+        pass
     registry = None
     if cfg is not None and cfg.runtime.modules:
         registry = _registry(cfg)

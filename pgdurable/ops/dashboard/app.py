@@ -364,7 +364,7 @@ async def instance(request: Request, page: Page) -> Response:
             raise
         return page.render(request, "missing.html", status_code=404, what=f"instance {iid}")
     registry = page.backend.settings.registry
-    g, from_code = await page.backend.read(lambda conn, q: data.graph(registry, doc, conn, q))
+    g, from_code = await run_in_threadpool(data.graph, registry, doc)
     from pgdurable.ops.transitions import LABELS, mermaid
 
     cancel = await run_in_threadpool(page.backend.client.get, iid)

@@ -104,9 +104,7 @@ def instance(conn: psycopg.Connection[Any], q: Queries, iid: int, last: int = 20
     return doc
 
 
-def graph(
-    registry: Registry | None, doc: dict[str, Any], conn: psycopg.Connection[Any], q: Queries
-) -> tuple[Graph, bool]:
+def graph(registry: Registry | None, doc: dict[str, Any]) -> tuple[Graph, bool]:
     """The instance's machine, as its code declares it when the modules are loaded, with the
     transitions this instance took counted on its edges; the bool: the code was read."""
     from pgdurable.ops.transitions import Graph, observe, transitions
