@@ -400,3 +400,12 @@ def test_the_verb_binds_to_loopback_by_default():
     listen = next(p for p in dashboard.params if p.name == "listen")
     assert "127.0.0.1" in (listen.help or "")
     assert parse({"queues": {"q": {}}}).dashboard.listen.startswith("127.0.0.1:")
+
+
+def test_the_other_verbs_do_not_load_the_web_stack():
+    code = (
+        "import sys, pgdurable.ops.cli, pgdurable.client\n"
+        "loaded = [m for m in ('starlette', 'jinja2', 'uvicorn', 'multipart') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
