@@ -118,3 +118,20 @@ def test_capture_settings_in_the_config():
         parse({**base, "logging": {"capture_level": "loud"}}, "c.toml")
     with pytest.raises(ConfigError, match=r"at least 100 characters.*logging.capture_chars"):
         parse({**base, "logging": {"capture_chars": 10}}, "c.toml")
+
+
+def test_a_sync_step_run_by_a_supervisor_keeps_its_lines(tmp_path, dsn, schema, client):
+    """A worker runs sync steps on its own thread pool: the attempt's capture (a context
+    variable) must follow the step there (the guard: run_sync in runtime/worker.py runs the
+    step in a copy of the caller's context; without it this attempt keeps no line)."""
+    sups: list = []
+    try:
+        start(sups, tmp_path, dsn, schema, modules='["tests.capture_machines"]', processes=1)
+        iid = client.insert(Chatty, {"amount": 5}, queue="rt")
+        wait_until(lambda: client.get(iid).status == "done", what="the sync steps ran")
+    finally:
+        for s in sups:
+            s.close()
+    first = client.history(iid)[0]
+    assert ("INFO", "pgdurable.step", "charging 5") in lines(first)
+    assert ("WARNING", "shop.payments", "slow gateway") in lines(first)

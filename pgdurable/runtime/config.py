@@ -163,6 +163,30 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     setup: str | None = None
 
 
+class DashboardUser(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[dashboard.users.NAME]``: a login of the web dashboard (docs/dashboard.md)."""
+
+    password: str  # ${VAR} from the environment
+    role: str = "read"  # "read" or "admin" (DASHBOARD_ROLES)
+
+
+#: The dashboard's roles: ``read`` sees every page, ``admin`` may also act.
+DASHBOARD_ROLES = ("read", "admin")
+
+
+class DashboardSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[dashboard]``: ``pgdurable dashboard`` (docs/dashboard.md)."""
+
+    listen: str = "127.0.0.1:8321"  # HOST:PORT; a port of 0 takes a free one
+    secret: str | None = None  # signs session cookies (${VAR}); default: random at each start
+    session_hours: float = 12.0
+    users: dict[str, DashboardUser] = {}
+    # Off by default: the identity a reverse proxy that authenticates users puts in a header.
+    proxy_header: str | None = None
+    proxy_roles: dict[str, str] = {}  # identity -> role; others get proxy_default_role
+    proxy_default_role: str = "read"
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database: Database = Database()
     runtime: RuntimeSettings = RuntimeSettings()
@@ -173,6 +197,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queues: dict[str, QueueSettings] = {}
     path: str = ""
     limits: Limits = Limits()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @property
     def base_dir(self) -> Path:
@@ -183,16 +208,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         raw = self.database.dsn
         if raw is None:
             return None
-
-        def sub(m: re.Match[str]) -> str:
-            value = os.environ.get(m.group(1))
-            if value is None:
-                raise ConfigError(
-                    f"environment variable {m.group(1)} is not set", file=self.path, key="database.dsn"
-                )
-            return value
-
-        dsn = _VAR.sub(sub, raw)
+        dsn = self.expand(raw, "database.dsn")
         try:
             conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
@@ -202,6 +218,39 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 key="database.dsn",
             ) from exc
         return dsn
+
+    def expand(self, raw: str, key: str) -> str:
+        """``raw`` with ${VAR} references filled from the environment (a variable that is
+        not set is a ConfigError naming ``key``)."""
+
+        def sub(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set", file=self.path, key=key)
+            return value
+
+        return _VAR.sub(sub, raw)
+
+
+def _check_dashboard(cfg: Config) -> None:
+    d, path = cfg.dashboard, cfg.path
+    host, sep, port = d.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f'expected "HOST:PORT", got {d.listen!r}', file=path, key="dashboard.listen")
+    if d.session_hours <= 0:
+        raise ConfigError(
+            f"expected a positive value, got {d.session_hours!r}", file=path, key="dashboard.session_hours"
+        )
+    roles: list[tuple[str, str]] = [(f"dashboard.users.{n}.role", u.role) for n, u in d.users.items()]
+    roles += [(f"dashboard.proxy_roles.{n}", r) for n, r in d.proxy_roles.items()]
+    roles.append(("dashboard.proxy_default_role", d.proxy_default_role))
+    for key, role in roles:
+        if role not in DASHBOARD_ROLES:
+            raise ConfigError(f'expected "read" or "admin", got {role!r}', file=path, key=key)
+    if d.proxy_header is not None and not re.fullmatch(r"[A-Za-z0-9-]+", d.proxy_header):
+        raise ConfigError(
+            f"expected an HTTP header name, got {d.proxy_header!r}", file=path, key="dashboard.proxy_header"
+        )
 
 
 def _positive(cfg: Config) -> None:
@@ -393,6 +442,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
         "logging": LogSettings,
         "metrics": MetricsSettings,
         "tracing": TracingSettings,
+        "dashboard": DashboardSettings,
     }
     known = [*sections, "queues", "concurrency_limits", "rate_limits"]
     for key in data:
@@ -403,6 +453,9 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
             raise ConfigError("expected a table", file=path, key=key)
     limits = parse_limits(data.get("concurrency_limits"), data.get("rate_limits"), file=path)
     _check_logging(data.get("logging", {}), path)
+    users = data.get("dashboard", {}).get("users") if isinstance(data.get("dashboard"), dict) else None
+    for name, user in users.items() if isinstance(users, dict) else ():
+        _convert(user, DashboardUser, f"dashboard.users.{name}", path)  # the error names the login
     parts = {k: _convert(data.get(k, {}), t, k, path) for k, t in sections.items()}
     raw_queues = data.get("queues", {})
     if not isinstance(raw_queues, dict):
@@ -413,6 +466,7 @@ def parse(data: dict[str, Any], path: str = "") -> Config:
     cfg = Config(queues=queues, path=path, limits=limits, **parts)
     _positive(cfg)
     _check_observability(cfg)
+    _check_dashboard(cfg)
     return cfg
 
 

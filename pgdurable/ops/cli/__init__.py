@@ -13,6 +13,7 @@ A module per group of verbs, each verb a click command registered in ``VERBS``:
 - ``operate.py``: ``cancel``, ``retry``, ``rewind``, ``pause``, ``resume`` (through the client)
 - ``inputs.py``: ``inputs``, ``respond`` (pending human input, through the client)
 - ``schedules.py``: ``schedule list|create|update|enable|disable|trigger|delete`` (the client)
+- ``dashboard.py``: ``dashboard`` (the web dashboard, ``pgdurable/ops/dashboard/``)
 
 The step history is a section of ``show``.
 ``common.py`` holds what they share: the database options, the connection, the exit
@@ -38,6 +39,7 @@ import psycopg
 from pgdurable.contract.errors import PgdurableError
 from pgdurable.ops.cli.cleanup import cleanup
 from pgdurable.ops.cli.common import INTERRUPTED, USAGE, CliError, one_line
+from pgdurable.ops.cli.dashboard import dashboard
 from pgdurable.ops.cli.deploy import check
 from pgdurable.ops.cli.graph import graph
 from pgdurable.ops.cli.inputs import inputs, respond
@@ -70,6 +72,7 @@ VERBS: tuple[click.Command, ...] = (
     cleanup,
     check,
     graph,
+    dashboard,
 )
 
 
