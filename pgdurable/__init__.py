@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         StateDecodeError,
         StepProcessDied,
         StepTimeout,
+        TransactionMisuse,
         UnknownMachine,
         UnknownStep,
     )
@@ -56,6 +57,7 @@ _WHERE = {
         "StateDecodeError",
         "StepProcessDied",
         "StepTimeout",
+        "TransactionMisuse",
         "UnknownMachine",
         "UnknownStep",
     ),
@@ -113,6 +115,7 @@ __all__ = [
     "StepProcessDied",
     "StepTimeout",
     "Stop",
+    "TransactionMisuse",
     "UnknownMachine",
     "UnknownStep",
     "job",

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
+import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -154,6 +157,35 @@ async def produce(dsn: str, orders: int | None, rate: float, supervisor: subproc
             service.cancel()
 
 
+def dashboard(config_path: str, dsn: str, listen: str) -> subprocess.Popen[bytes] | None:
+    """``pgdurable dashboard`` beside the supervisor, with a login made for this run (printed
+    once); None when it is off or its extra is not installed."""
+    if listen == "off":
+        return None
+    if importlib.util.find_spec("starlette") is None:
+        print(
+            "dashboard: not started (install the dashboard extra: pip install -e '.[dashboard]')", flush=True
+        )
+        return None
+    password = secrets.token_urlsafe(9)
+    env = {**os.environ, "PGDURABLE_DASHBOARD_PASSWORD": password}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pgdurable",
+        "dashboard",
+        "--config",
+        config_path,
+        "--dsn",
+        dsn,
+        "--listen",
+        listen,
+    ]
+    board = subprocess.Popen([*cmd, "--listen", listen], env=env)
+    print(f"dashboard: http://{listen}/  (login: admin / {password}, for this run)", flush=True)
+    return board
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pgdurable.demo")
     parser.add_argument(
@@ -161,6 +193,11 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=2.0, help="orders inserted per second")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the supervisor's config")
+    parser.add_argument(
+        "--dashboard",
+        default="127.0.0.1:8321",
+        help="where to serve the dashboard (HOST:PORT; 'off': not at all)",
+    )
     parser.add_argument("--keep-running", action="store_true", help="do not stop when all orders settled")
     args = parser.parse_args()
     cfg = config.load(args.config)
@@ -176,6 +213,9 @@ def main() -> None:
         migrations.migrate(conn, cfg.database.schema)
     print(f"starting: pgdurable supervise {args.config}", flush=True)
     supervisor = subprocess.Popen([sys.executable, "-m", "pgdurable", "supervise", args.config])
+    if cfg.metrics.listen is not None:
+        print(f"metrics: http://{cfg.metrics.listen}/metrics", flush=True)
+    board = dashboard(args.config, dsn, args.dashboard)
     try:
         asyncio.run(produce(dsn, args.orders, args.rate, supervisor))
         if args.keep_running:
@@ -183,9 +223,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nCtrl-C: the supervisor drains its workers; unfinished orders resume next run", flush=True)
     finally:
+        if board is not None and board.poll() is None:
+            board.send_signal(signal.SIGTERM)
         if supervisor.poll() is None:
             supervisor.send_signal(signal.SIGTERM)
         supervisor.wait()
+        if board is not None:
+            board.wait()
 
 
 if __name__ == "__main__":

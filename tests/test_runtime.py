@@ -259,13 +259,21 @@ def test_watchdog_only_while_workers_report(dsn, schema, sups, tmp_path):
     assert sup.stop() == 0
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     """The README's demo command, on a data directory of its own."""
     pytest.importorskip("pgserver")
     cfg = tmp_path / "demo.toml"
-    cfg.write_text((ROOT / "examples" / "demo.toml").read_text().replace("../.pgdurable/demo", "data"))
+    text = (ROOT / "examples" / "demo.toml").read_text().replace("../.pgdurable/demo", "data")
+    cfg.write_text(text.replace("127.0.0.1:9464", f"127.0.0.1:{free_port()}"))
     out = subprocess.run(
-        [sys.executable, "-m", "pgdurable.demo", "--orders", "3", "--config", str(cfg)],
+        [sys.executable, "-m", "pgdurable.demo", "--orders", "3", "--config", str(cfg)]
+        + ["--dashboard", f"127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -275,6 +283,9 @@ def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     assert "all 3 orders settled" in out.stdout
     assert "started for queue orders" in out.stdout and "supervisor stopped" in out.stdout
     assert "shipped" in out.stdout or "no payment" in out.stdout
+    assert re.search(r"dashboard: http://127.0.0.1:\d+/  \(login: admin / \S+, for this run\)", out.stdout)
+    assert "pgdurable dashboard on http://127.0.0.1:" in out.stdout
+    assert re.search(r"metrics: http://127.0.0.1:\d+/metrics", out.stdout)
     assert re.search(r"orders: \d+ done, \d+ failed, \d+ in flight \| \d+ steps/s", out.stdout)
 
 
