@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import psycopg
@@ -140,6 +141,7 @@ async def produce(dsn: str, orders: int | None, rate: float, supervisor: subproc
         try:
             n, last = 0, 0.0
             loop = asyncio.get_running_loop()
+            live = sys.stdout.isatty()
             while supervisor.poll() is None:
                 if orders is None or n < orders:
                     n += 1
@@ -148,55 +150,44 @@ async def produce(dsn: str, orders: int | None, rate: float, supervisor: subproc
                 if loop.time() - last >= 1.0:
                     last = loop.time()
                     counts, steps = await progress(client, dsn)
-                    print(line(counts, steps), flush=True)
+                    if live:  # one line, rewritten in place
+                        print(f"\r{line(counts, steps)}\033[K", end="", flush=True)
+                    else:
+                        print(line(counts, steps), flush=True)
                     if orders is not None and n >= orders and not set(counts) - set(TERMINAL):
-                        print(f"all {start + n} orders settled: {counts}", flush=True)
+                        print(
+                            f"{chr(10) if live else ''}all {start + n} orders settled: {counts}", flush=True
+                        )
                         return
                 await asyncio.sleep(1.0 / rate)
         finally:
             service.cancel()
 
 
-def dashboard(config_path: str, dsn: str, listen: str) -> subprocess.Popen[bytes] | None:
+def dashboard(config_path: str, dsn: str, listen: str, log: IO[bytes]) -> subprocess.Popen[bytes] | None:
     """``pgdurable dashboard`` beside the supervisor, with a login made for this run (printed
     once); None when it is off or its extra is not installed."""
     if listen == "off":
         return None
     if importlib.util.find_spec("starlette") is None:
-        print(
-            "dashboard: not started (install the dashboard extra: pip install -e '.[dashboard]')", flush=True
-        )
+        print("dashboard: not started (it needs the dashboard extra: pip install -e '.[dashboard]')")
         return None
     password = secrets.token_urlsafe(9)
     env = {**os.environ, "PGDURABLE_DASHBOARD_PASSWORD": password}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pgdurable",
-        "dashboard",
-        "--config",
-        config_path,
-        "--dsn",
-        dsn,
-        "--listen",
-        listen,
-    ]
-    board = subprocess.Popen([*cmd, "--listen", listen], env=env)
+    cmd = [sys.executable, "-m", "pgdurable", "dashboard", "--config", config_path, "--dsn", dsn]
+    board = subprocess.Popen([*cmd, "--listen", listen], env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"dashboard: http://{listen}/  (login: admin / {password}, for this run)", flush=True)
     return board
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m pgdurable.demo")
-    parser.add_argument(
-        "--orders", type=int, default=None, help="stop after N orders (default: until Ctrl-C)"
-    )
+    parser.add_argument("--orders", type=int, help="stop after N orders (default: go on until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=2.0, help="orders inserted per second")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the supervisor's config")
+    parser.add_argument("--dashboard", default="127.0.0.1:8321", help="where it listens (HOST:PORT, or off)")
     parser.add_argument(
-        "--dashboard",
-        default="127.0.0.1:8321",
-        help="where to serve the dashboard (HOST:PORT; 'off': not at all)",
+        "--log", default=".pgdurable/demo.log", help="the supervisor's and dashboard's output"
     )
     parser.add_argument("--keep-running", action="store_true", help="do not stop when all orders settled")
     args = parser.parse_args()
@@ -211,25 +202,35 @@ def main() -> None:
         dsn = start(data).get_uri()
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrations.migrate(conn, cfg.database.schema)
-    print(f"starting: pgdurable supervise {args.config}", flush=True)
-    supervisor = subprocess.Popen([sys.executable, "-m", "pgdurable", "supervise", args.config])
-    if cfg.metrics.listen is not None:
-        print(f"metrics: http://{cfg.metrics.listen}/metrics", flush=True)
-    board = dashboard(args.config, dsn, args.dashboard)
-    try:
-        asyncio.run(produce(dsn, args.orders, args.rate, supervisor))
-        if args.keep_running:
-            supervisor.wait()
-    except KeyboardInterrupt:
-        print("\nCtrl-C: the supervisor drains its workers; unfinished orders resume next run", flush=True)
-    finally:
-        if board is not None and board.poll() is None:
-            board.send_signal(signal.SIGTERM)
-        if supervisor.poll() is None:
-            supervisor.send_signal(signal.SIGTERM)
-        supervisor.wait()
-        if board is not None:
-            board.wait()
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        print(f"starting: pgdurable supervise {args.config} (its log: tail -f {log_path})", flush=True)
+        cmd = [sys.executable, "-m", "pgdurable", "supervise", args.config]
+        supervisor = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if cfg.metrics.listen is not None:
+            print(f"metrics: http://{cfg.metrics.listen}/metrics", flush=True)
+        board = dashboard(args.config, dsn, args.dashboard, log)
+        try:
+            asyncio.run(produce(dsn, args.orders, args.rate, supervisor))
+            if args.keep_running:
+                supervisor.wait()
+        except KeyboardInterrupt:
+            print(
+                "\nCtrl-C: the workers drain (runtime.drain_timeout at most); unfinished orders resume",
+                flush=True,
+            )
+        finally:
+            # A terminal's Ctrl-C reached the supervisor too; another one must not cut the drain.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if board is not None and board.poll() is None:
+                board.send_signal(signal.SIGTERM)
+            if supervisor.poll() is None:
+                supervisor.send_signal(signal.SIGTERM)
+            code = supervisor.wait()
+            if board is not None:
+                board.wait()
+            print(f"supervisor stopped (exit {code})", flush=True)
 
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     cfg.write_text(text.replace("127.0.0.1:9464", f"127.0.0.1:{free_port()}"))
     out = subprocess.run(
         [sys.executable, "-m", "pgdurable.demo", "--orders", "3", "--config", str(cfg)]
-        + ["--dashboard", f"127.0.0.1:{free_port()}"],
+        + ["--dashboard", f"127.0.0.1:{free_port()}", "--log", str(tmp_path / "demo.log")],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -281,10 +281,12 @@ def test_demo_runs_a_real_supervisor_on_the_embedded_postgres(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all 3 orders settled" in out.stdout
-    assert "started for queue orders" in out.stdout and "supervisor stopped" in out.stdout
-    assert "shipped" in out.stdout or "no payment" in out.stdout
+    assert "supervisor stopped (exit 0)" in out.stdout
+    log = (tmp_path / "demo.log").read_text()
+    assert "started for queue orders" in log and "supervisor stopped" in log
+    assert "shipped" in log or "no payment" in log
     assert re.search(r"dashboard: http://127.0.0.1:\d+/  \(login: admin / \S+, for this run\)", out.stdout)
-    assert "pgdurable dashboard on http://127.0.0.1:" in out.stdout
+    assert "pgdurable dashboard on http://127.0.0.1:" in log
     assert re.search(r"metrics: http://127.0.0.1:\d+/metrics", out.stdout)
     assert re.search(r"orders: \d+ done, \d+ failed, \d+ in flight \| \d+ steps/s", out.stdout)
 
