@@ -26,8 +26,8 @@ from pgdurable.contract.fsm import FSM, Registry
 from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.commit import FlushReport, continued
-from pgdurable.engine.executor import Result
 from pgdurable.engine.limits import Limits
+from pgdurable.engine.outcome import Result
 from pgdurable.engine.pipeline import Engine
 from pgdurable.engine.schedules import FireReport
 from pgdurable.engine.tracing import StepTracer

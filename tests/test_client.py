@@ -646,6 +646,7 @@ def test_client_import_is_light():
         "pgdurable.runtime",
         "pgdurable.engine.pipeline",
         "pgdurable.engine.executor",
+        "pgdurable.engine.outcome",
         "pgdurable.engine.commit",
         "pgdurable.engine.claim",
         "pgdurable.testing",

@@ -1,4 +1,4 @@
-"""What a step returns. Frozen value types; validated in one place (pgdurable.engine.executor)."""
+"""What a step returns. Frozen value types; validated in one place (pgdurable.engine.outcome)."""
 
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ from psycopg import errors as pgerrors
 from pgdurable.contract.spec import encode_json, rows_json
 from pgdurable.db.queries import Queries, int_array
 from pgdurable.engine.claim import Claimed
-from pgdurable.engine.executor import Result
 from pgdurable.engine.history import params as history_params
 from pgdurable.engine.limits import credits
+from pgdurable.engine.outcome import Result
 
 log = logging.getLogger("pgdurable.commit")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
-    from pgdurable.engine.executor import Result
+    from pgdurable.engine.outcome import Result
 
 #: The most characters of a traceback kept (its end: the innermost frames and the message).
 TRACEBACK_LIMIT = 16_384

@@ -25,8 +25,9 @@ from pgdurable.engine.admission import admit, needs_admission
 from pgdurable.engine.capture import CaptureSettings
 from pgdurable.engine.claim import Claimed, claim, enrich
 from pgdurable.engine.commit import FlushReport, flush
-from pgdurable.engine.executor import Executor, Result, StepTransaction
+from pgdurable.engine.executor import Executor, StepTransaction
 from pgdurable.engine.limits import Limits
+from pgdurable.engine.outcome import Result
 from pgdurable.engine.tracing import StepTracer
 
 

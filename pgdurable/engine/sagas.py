@@ -25,7 +25,7 @@ from pgdurable.contract.spec import MachineInfo
 from pgdurable.engine.claim import Claimed
 
 if TYPE_CHECKING:
-    from pgdurable.engine.executor import Result
+    from pgdurable.engine.outcome import Result
 
 _encoder = msgspec.json.Encoder()
 
@@ -112,7 +112,7 @@ def popped(row: Claimed, info: MachineInfo, step: str, saga: dict[str, Any], *, 
     """The result of the due compensation once it returned (or gave up): the next one is
     due, or the instance ends — ``failed``, or ``cancelled`` when a cancel started it (the
     commit statement decides from its cancel reason) — with the error that started it."""
-    from pgdurable.engine.executor import Result
+    from pgdurable.engine.outcome import Result
 
     stack = list(saga.get("stack") or [])[:-1]
     failures = int(saga.get("failures") or 0) + int(gave_up)

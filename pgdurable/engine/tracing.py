@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from pgdurable.engine.claim import Claimed
-from pgdurable.engine.executor import Result
+from pgdurable.engine.outcome import Result
 
 #: The span attributes, one place (docs/observability.md lists them).
 MACHINE, STEP, ATTEMPT, INSTANCE, QUEUE, OUTCOME, VERSION = (

@@ -37,7 +37,8 @@ from pgdurable.contract.fsm import Registry, StepDef
 from pgdurable.db.queries import Queries
 from pgdurable.engine.claim import Claimed
 from pgdurable.engine.commit import VALUE_ERRORS, FlushReport, flush_group
-from pgdurable.engine.executor import Executor, Result, StepTransaction, conflict
+from pgdurable.engine.executor import Executor, StepTransaction, conflict
+from pgdurable.engine.outcome import Result
 
 log = logging.getLogger("pgdurable.transactional")
 

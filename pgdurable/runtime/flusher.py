@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from pgdurable.engine.executor import Result
+from pgdurable.engine.outcome import Result
 from pgdurable.runtime.backoff import retry_delay
 from pgdurable.runtime.context import Runtime
 from pgdurable.runtime.lifecycle import Component

@@ -44,7 +44,8 @@ import msgspec
 
 from pgdurable.contract.errors import PgdurableError, StepProcessDied
 from pgdurable.engine.claim import Claimed
-from pgdurable.engine.executor import Executor, Result
+from pgdurable.engine.executor import Executor
+from pgdurable.engine.outcome import Result
 from pgdurable.runtime.config import Config
 
 log = logging.getLogger("pgdurable.isolation")

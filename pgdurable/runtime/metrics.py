@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgdurable.engine.claim import Claimed
-from pgdurable.engine.executor import Result
+from pgdurable.engine.outcome import Result
 
 #: Bucket bounds (seconds, or rows), the same in every process, so histograms add up.
 STEP_BUCKETS = (
