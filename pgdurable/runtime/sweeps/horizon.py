@@ -30,8 +30,8 @@ class SnapshotWatch(Sweep):
     def sweep(self, conn: psycopg.Connection[Any]) -> None:
         row = conn.execute(self.q["snapshot_oldest"], {"older": self.older}).fetchone()
         holder = None if row is None else (str(row[0]), str(row[1]))
-        if holder is not None and holder != self.reported:
-            kind, who, age, detail = row  # type: ignore[misc]
+        if row is not None and holder != self.reported:
+            kind, who, age, detail = row
             held = f"for {age / 60:.0f} min" if age is not None else "while inactive"
             self.log.warning(
                 "a %s open %s holds back vacuum on this server (%s): dead rows pile up and claims "
