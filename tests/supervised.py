@@ -181,9 +181,11 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
+    # "pid (comm) state …": comm may hold spaces (a process title such as "pgdurable: work…").
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
