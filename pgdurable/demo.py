@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 import psycopg
@@ -31,6 +31,7 @@ from pgdurable.contract.fsm import FSM, Context, step
 from pgdurable.contract.outcomes import Await, Done, Next, Retry, Spawn, Stop
 from pgdurable.contract.spec import Child
 from pgdurable.db import migrations
+from pgdurable.db.queries import Queries
 from pgdurable.runtime import config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
@@ -106,11 +107,10 @@ async def payments(client: AsyncClient, ids: asyncio.Queue[int]) -> None:
 TERMINAL = ("done", "failed", "cancelled")
 
 
-async def progress(client: AsyncClient, dsn: str) -> tuple[dict[str, int], int]:
+async def progress(conn: psycopg.AsyncConnection[Any], q: Queries) -> tuple[dict[str, int], int]:
     """Orders by status, and step attempts finished in the last second."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cur = await conn.execute(client.q["demo_progress"], {"fsms": ["order"], "window": 1.0})
-        row = await cur.fetchone()
+    cur = await conn.execute(q["demo_progress"], {"fsms": ["order"], "window": 1.0})
+    row = await cur.fetchone()
     assert row is not None
     return msgspec.json.decode(row[0]), int(row[1])
 
@@ -127,11 +127,13 @@ async def produce(dsn: str, orders: int | None, rate: float, supervisor: subproc
     """Insert orders at ``rate`` per second (``orders`` of them, or until Ctrl-C), pay most
     of them, and print a progress line every second; with ``orders``, stop once all settled."""
     paid: asyncio.Queue[int] = asyncio.Queue()
-    async with AsyncClient(dsn) as client:
-        counts, _ = await progress(client, dsn)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            cur = await conn.execute(client.q["demo_unfinished"])
-            unfinished = [row[0] for row in await cur.fetchall()]
+    async with (
+        AsyncClient(dsn) as client,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+    ):
+        counts, _ = await progress(conn, client.q)
+        cur = await conn.execute(client.q["demo_unfinished"])
+        unfinished = [row[0] for row in await cur.fetchall()]
         if unfinished:
             print(f"resuming {len(unfinished)} unfinished orders of an earlier run", flush=True)
             for iid in unfinished:  # their payments were lost with the earlier run's payer
@@ -149,15 +151,14 @@ async def produce(dsn: str, orders: int | None, rate: float, supervisor: subproc
                     await paid.put(iid)
                 if loop.time() - last >= 1.0:
                     last = loop.time()
-                    counts, steps = await progress(client, dsn)
+                    counts, steps = await progress(conn, client.q)
                     if live:  # one line, rewritten in place
                         print(f"\r{line(counts, steps)}\033[K", end="", flush=True)
                     else:
                         print(line(counts, steps), flush=True)
                     if orders is not None and n >= orders and not set(counts) - set(TERMINAL):
-                        print(
-                            f"{chr(10) if live else ''}all {start + n} orders settled: {counts}", flush=True
-                        )
+                        end_line = "\n" if live else ""
+                        print(f"{end_line}all {start + n} orders settled: {counts}", flush=True)
                         return
                 await asyncio.sleep(1.0 / rate)
         finally:

@@ -266,15 +266,7 @@ async def _flush_group(
 
         spawns = [r for r in results if r.kind == "spawn"]
         if spawns:
-            cur = await conn.execute(
-                q["instance_lock_owned_many"],
-                {
-                    "worker": worker,
-                    "ids": [r.row.id for r in spawns],
-                    "tokens": [r.row.token for r in spawns],
-                },
-                prepare=True,
-            )
+            cur = await conn.execute(q["instance_lock_owned_many"], _owned(worker, spawns), prepare=True)
             locked = [row[0] for row in await cur.fetchall()]
             if locked:
                 cur = await conn.execute(
@@ -285,13 +277,7 @@ async def _flush_group(
         rejoins = [r for r in results if r.kind == "rejoin"]
         if rejoins:
             cur = await conn.execute(
-                q["instance_rejoin_if_owned_many"],
-                {
-                    "worker": worker,
-                    "ids": [r.row.id for r in rejoins],
-                    "tokens": [r.row.token for r in rejoins],
-                },
-                prepare=True,
+                q["instance_rejoin_if_owned_many"], _owned(worker, rejoins), prepare=True
             )
             report.committed.update(row[0] for row in await cur.fetchall())
 
@@ -299,12 +285,7 @@ async def _flush_group(
         if holds:
             cur = await conn.execute(
                 q["instance_hold_if_owned_many"],
-                {
-                    "worker": worker,
-                    "ids": [r.row.id for r in holds],
-                    "tokens": [r.row.token for r in holds],
-                    "errors": [r.error for r in holds],
-                },
+                {**_owned(worker, holds), "errors": [r.error for r in holds]},
                 prepare=True,
             )
             report.committed.update(row[0] for row in await cur.fetchall())
@@ -468,11 +449,15 @@ def _plain_params(
     }
 
 
+def _owned(worker: str, rs: Sequence[Result]) -> dict[str, Any]:
+    """The ownership guard's parameters of the rows of ``rs``: this worker, their ids and
+    the claim's fencing tokens."""
+    return {"worker": worker, "ids": [r.row.id for r in rs], "tokens": [r.row.token for r in rs]}
+
+
 def _park_params(worker: str, rs: list[Result]) -> dict[str, Any]:
     return {
-        "worker": worker,
-        "ids": [r.row.id for r in rs],
-        "tokens": [r.row.token for r in rs],
+        **_owned(worker, rs),
         "versions": [r.version for r in rs],
         "steps": [r.step for r in rs],
         "states": [None if r.state is None else r.state.decode() for r in rs],
