@@ -122,3 +122,23 @@ def charge_card(state, ctx):
 Order = saga("saga_order", [(reserve_stock, release_stock), (charge_card, None)], queue="sagas", attempts=2)
 
 ALL = [Trip, Hooked, Doomed, Order]
+
+
+class Leased(FSM, name="leased", queue="sagas"):
+    """Leases a car, then waits for a return that never comes; its undo is async."""
+
+    @step(initial=True, compensate="end_lease")
+    def lease(self, ctx):
+        note(ctx, "lease")
+        return Await("returned", then=self.close)
+
+    @step
+    def close(self, ctx):
+        return Done(None)
+
+    @step
+    async def end_lease(self, ctx):
+        note(ctx, f"end_lease ({ctx.compensating})")
+
+
+ALL.append(Leased)

@@ -14,7 +14,7 @@ from pgdurable import FSM, DefinitionError, DrainLimitExceeded, Next, OperationR
 from pgdurable.client import Saga
 from pgdurable.testing import drain
 
-from .saga_machines import ALL, Doomed, Hooked, Order, Trip
+from .saga_machines import ALL, Doomed, Hooked, Leased, Order, Trip
 from .supervised import start, wait_until
 
 
@@ -230,3 +230,23 @@ def test_a_worker_killed_in_a_compensation_runs_each_compensation_once(tmp_path,
     finally:
         for s in sups:
             s.close()
+
+
+def test_a_deadline_compensates_completed_steps_with_an_async_undo(dsn, schema, client, tmp_path):
+    """The deadline's fail mark goes through cancel_finish, which starts the compensations
+    (and the compensation step may be async)."""
+    log = tmp_path / "log"
+    iid = client.insert(Leased, {"log": str(log)}, deadline=0.3)
+    drain(dsn, ALL, schema=schema)
+    assert client.get(iid).status == "awaiting_signal"
+
+    def failed() -> bool:
+        drain(dsn, ALL, schema=schema)  # runs the deadline statements on the real clock
+        return client.get(iid).status == "failed"
+
+    wait_until(failed, what="the deadline failed the lease")
+    lines = ran(log)
+    assert lines[0] == "lease" and lines[1].startswith("end_lease (deadline passed: not finished by ")
+    inst = client.get(iid)
+    assert inst.saga is not None and (inst.saga.status, inst.saga.step) == ("compensated", "close")
+    assert inst.last_error.startswith("deadline passed: not finished by ")
