@@ -276,6 +276,11 @@ def run_as_producer(
     for verb in (("pause", "rt"), ("resume", "rt"), ("status",), ("list",), ("show", str(parked))):
         run = cli(*verb, *db)
         assert run.returncode == 0, (verb, run.stderr)
+    # Every verb checks the schema's version first: the producer may not read the ledger,
+    # and is told which grant it lacks.
+    refused_status = cli("status", "--dsn", producer_dsn, "--schema", schema)
+    assert refused_status.returncode == 2
+    assert f'GRANT SELECT ON "{schema}".migrations TO' in refused_status.stderr
     wait_until(lambda: client.get(parked).status == "awaiting_signal", what="the gate parked again")
     assert client.signal(parked, "open", {"x": 2}) is not None
     assert client.wait(parked, timeout=60) == Done({"payloads": [{"x": 2}], "timed_out": False})
