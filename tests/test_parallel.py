@@ -94,3 +94,11 @@ def test_results_types():
     assert not r.ok and [c.id for c in r.failed] == [2] and len(r) == 2 and r[0].value == 2
     with pytest.raises(ChildrenFailed, match=r"1 of 2 children did not finish: child 2 \(m #1\) failed: x"):
         r.values()
+
+
+def test_a_child_whose_key_is_taken_leaves_its_position_empty(dsn, schema, client):
+    iid = client.insert(Fan, {"children": [["square", {"n": n}] for n in range(3)]})
+    # Spawn order i gets the key f"{iid}:{99 - i}": hold the middle child's key elsewhere.
+    client.insert("par_nobody", {}, queue="elsewhere", correlation_key=f"{iid}:98")
+    drain(dsn, ALL, schema=schema)
+    assert client.get(iid).result == [[0, "done", 0, None], [2, "done", 4, None]]
