@@ -9,6 +9,7 @@ graceful drain.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -33,27 +34,20 @@ poll_ceiling = 30
 interval = 5
 
 [queues.bench]
-processes = {processes}
-concurrency = {concurrency}
-prefetch = {prefetch}
-batch = {batch}
+{queue}
 """
 
 
 class SupervisorFleet:
-    def __init__(
-        self, dsn: str, schema: str, *, processes: int, concurrency: int, prefetch: int, batch: int = 50
-    ):
+    def __init__(self, dsn: str, schema: str, queue: dict[str, int | bool | str]):
+        """``queue``: the keys of ``[queues.bench]``; a key left out takes pgdurable's default."""
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pgdurable-"))
         self.config = self.dir / "bench.toml"
         self.config.write_text(
             CONFIG.format(
                 dsn=dsn.replace('"', '\\"'),
                 schema=schema,
-                processes=processes,
-                concurrency=concurrency,
-                prefetch=prefetch,
-                batch=batch,
+                queue="\n".join(f"{key} = {json.dumps(value)}" for key, value in queue.items()),
             )
         )
         self.sock_path = self.dir / "notify"

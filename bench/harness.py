@@ -55,6 +55,10 @@ class Settings:
     deadline: float = 120.0  # give up a burst after this many seconds, report what finished
     rounds: int = 3  # (a), (c) bulk, (e): the median of this many rounds...
     round_budget: float = 15.0  # ...or of as many as started within this many seconds
+    #: The system's own settings (its documented knobs, by their own names), passed to every
+    #: worker process; a knob left out keeps the script's setting (``bench/fair.py`` passes
+    #: each system's defaults explicitly, and the settings its sweep found best).
+    knobs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -243,7 +247,7 @@ class ProcessFleet:
             log = Path(tempfile.mkstemp(prefix=f"bench-{Path(script).stem}-{i}-", suffix=".log")[1])
             self.logs.append(log)
             cmd = [sys.executable, script, "worker", "--dsn", dsn, "--index", str(i)]
-            cmd += ["--concurrency", str(s.concurrency)]
+            cmd += ["--concurrency", str(s.concurrency), "--knobs", json.dumps(s.knobs)]
             self.procs.append(
                 subprocess.Popen(
                     cmd,
@@ -266,7 +270,11 @@ class ProcessFleet:
             # From now on nobody reads the pipe: send the rest where stderr goes.
             threading.Thread(target=_discard, args=(p.stdout,), daemon=True).start()
 
-        await asyncio.gather(*(one(p, log) for p, log in zip(self.procs, self.logs, strict=True)))
+        try:
+            await asyncio.gather(*(one(p, log) for p, log in zip(self.procs, self.logs, strict=True)))
+        except BaseException:
+            await self.stop()  # workers that never got ready are not left behind
+            raise
         return self
 
     def pids(self) -> dict[str, list[int]]:
@@ -544,11 +552,59 @@ async def run_all(
     }
 
 
+async def measure_one(
+    make_system: Callable[[str], System], dsn: str, s: Settings, role: str, workload: str | None
+) -> dict[str, Any]:
+    """One measurement for ``bench/fair.py``: ``setup`` installs the schema (once per
+    database); ``measure`` starts a fleet with ``s.knobs``, lets it go idle, runs one round
+    of ``workload`` and stops the fleet (``insert_many`` runs without a fleet)."""
+    system = make_system(dsn)
+    if role == "setup":
+        try:
+            await system.setup()
+        finally:
+            await system.close()
+        return {"system": system.name, "version": system.version}
+    sock_path = os.path.join(tempfile.mkdtemp(prefix="bench-stamp-"), "stamps")
+    os.environ[STAMP_ENV] = sock_path  # inherited by every worker process
+    receiver = StampReceiver(sock_path)
+    out: Outcome
+    try:
+        if hasattr(system, "prepare"):
+            await system.prepare()  # per-process state that setup() would have made
+        if workload == "insert_many":
+            out = await insert_many(system, s)
+        else:
+            fleet = await system.start_fleet(s)
+            try:
+                await asyncio.sleep(1.0)
+                if workload == "noop":
+                    out = await burst(
+                        system, "noop", s.jobs, lambda: system.insert_noop_many(s.jobs, 1000), s
+                    )
+                elif workload in ("fsm", "fsm_inline"):
+                    inline = workload == "fsm_inline"
+                    out = await burst(system, workload, s.fsm, lambda: system.insert_fsm(s.fsm, inline), s)
+                elif workload == "latency":
+                    out = await latency(system, s, receiver)
+                else:
+                    raise ValueError(f"unknown workload {workload!r}")
+            finally:
+                await fleet.stop()
+    except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+        traceback.print_exc()
+        out = Outcome(note=f"failed: {type(exc).__name__}: {exc}"[:300])
+    finally:
+        await system.close()
+        receiver.close()
+    return {"system": system.name, "version": system.version, "knobs": s.knobs, **asdict(out)}
+
+
 def main(make_system: Callable[[str], System], worker: Callable[[argparse.Namespace], None] | None) -> None:
     """Entry point of a system's script: ``run`` (the workloads) or ``worker`` (one worker
     process of a peer's fleet)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["run", "worker"])
+    parser.add_argument("role", choices=["run", "worker", "setup", "measure"])
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--insert-dsn", help="an empty database for the insert workloads")
     parser.add_argument("--settings", default="{}", help="JSON of Settings fields")
@@ -557,13 +613,20 @@ def main(make_system: Callable[[str], System], worker: Callable[[argparse.Namesp
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--knobs", default="{}", help="JSON: the system's own settings (workers)")
+    parser.add_argument("--workload", help="measure: noop, fsm, fsm_inline, latency or insert_many")
     args = parser.parse_args()
     if args.role == "worker":
         assert worker is not None
+        args.knobs = json.loads(args.knobs)
         worker(args)
         return
     base = Settings.quick() if args.quick else Settings()
     s = Settings(**{**asdict(base), **json.loads(args.settings)})
+    if args.role in ("setup", "measure"):
+        result = asyncio.run(measure_one(make_system, args.dsn, s, args.role, args.workload))
+        print(json.dumps(result))
+        return
     only = set(args.only.split(",")) if args.only else None
     result = asyncio.run(run_all(make_system, args.dsn, args.insert_dsn or args.dsn, s, only))
     text = json.dumps(result, indent=2)

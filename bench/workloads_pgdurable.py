@@ -65,6 +65,9 @@ class Pgdurable:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             migrations.migrate(conn, SCHEMA)
             conn.execute(ROWS_TABLE)
+        await self.prepare()
+
+    async def prepare(self) -> None:
         os.environ[ROWS_DSN] = self.dsn  # the workers' own connections (fsm_insert_own)
 
     async def close(self) -> None:
@@ -73,10 +76,17 @@ class Pgdurable:
             await self.conn.close()
 
     async def start_fleet(self, s: Settings) -> SupervisorFleet:
-        fleet = SupervisorFleet(
-            self.dsn, SCHEMA, processes=s.processes, concurrency=s.concurrency, prefetch=PREFETCH
-        )
-        return await fleet.ready()
+        # bench/run.py's fleet names its settings; bench/fair.py's knobs replace them all,
+        # so that a key it leaves out takes pgdurable's own default.
+        queue: dict[str, int | bool | str] = {"concurrency": s.concurrency, "prefetch": PREFETCH, "batch": 50}
+        if s.knobs:
+            queue = {}
+        fleet = SupervisorFleet(self.dsn, SCHEMA, {"processes": s.processes, **queue, **s.knobs})
+        try:
+            return await fleet.ready()
+        except BaseException:
+            await fleet.stop()  # a supervisor that never got ready is not left behind
+            raise
 
     async def mark(self) -> int:
         conn = await self._conn()

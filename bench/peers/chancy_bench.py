@@ -152,6 +152,14 @@ def worker(args: argparse.Namespace) -> None:
     async def run() -> None:
         async with Chancy(args.dsn) as app:
             WORKER_APP["app"] = app
+            if args.knobs:  # bench/fair.py's settings for the queue (declared by setup() otherwise)
+                queue = Queue(
+                    QUEUE,
+                    concurrency=args.knobs.get("concurrency"),
+                    executor=EXECUTOR,
+                    eager_polling=args.knobs.get("eager_polling", False),
+                )
+                await app.declare(queue, upsert=True)
             async with Worker(app, register_signal_handlers=False) as w:
                 stop = asyncio.Event()
                 asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

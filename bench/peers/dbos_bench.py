@@ -205,7 +205,11 @@ def worker(args: argparse.Namespace) -> None:
     _TX["ds"] = ds
     _TX["row"] = ds.transaction(name="insert_row", isolation_level="READ COMMITTED")(_insert_row)
     DBOS.launch()
-    DBOS.register_queue(QUEUE, worker_concurrency=2 * args.concurrency, polling_interval_sec=0.1)
+    DBOS.register_queue(
+        QUEUE,
+        worker_concurrency=args.knobs.get("worker_concurrency", 2 * args.concurrency),
+        polling_interval_sec=args.knobs.get("polling_interval_sec", 0.1),
+    )
     stop = asyncio.Event()
 
     async def run() -> None:

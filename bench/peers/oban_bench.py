@@ -150,7 +150,7 @@ class ObanPy:
 def worker(args: argparse.Namespace) -> None:
     async def run() -> None:
         pool = await Oban.create_pool(args.dsn)
-        oban = Oban(pool=pool, queues={QUEUE: args.concurrency})
+        oban = Oban(pool=pool, queues={QUEUE: args.knobs.get("limit", args.concurrency)})
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await oban.start()

@@ -157,7 +157,9 @@ def worker(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, pgq.shutdown.set)
         worker_ready()
         await pgq.run(
-            batch_size=BATCH_SIZE, max_concurrent_tasks=MAX_TASKS, dequeue_timeout=timedelta(seconds=30)
+            batch_size=args.knobs.get("batch_size", BATCH_SIZE),
+            max_concurrent_tasks=args.knobs.get("max_concurrent_tasks", MAX_TASKS),
+            dequeue_timeout=timedelta(seconds=30),
         )
         await producers.close()
 

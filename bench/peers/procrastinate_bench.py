@@ -153,7 +153,9 @@ def worker(args: argparse.Namespace) -> None:
             await app.open_async()
             worker_ready()
             try:
-                await app.run_worker_async(queues=[QUEUE], concurrency=args.concurrency)
+                await app.run_worker_async(
+                    queues=[QUEUE], concurrency=args.knobs.get("concurrency", args.concurrency)
+                )
             finally:
                 await app.close_async()
 
