@@ -4,7 +4,7 @@ and (optionally) a sampled profile of one worker.
 
     python bench/profile.py --dsn postgresql://127.0.0.1/postgres [--jobs 30000]
         [--settings '{"processes": 2, "concurrency": 10, "prefetch": 10, "batch": 50}']
-        [--py-spy] [--json out.json]
+        [--py-spy | --py-spy-native] [--py-spy-out stacks.folded] [--json out.json]
 
 ``--dsn`` names a maintenance database; the script creates a scratch database
 ``bench_prof_<random>`` next to it, and drops it at the end. PostgreSQL must run on this
@@ -14,8 +14,8 @@ What is measured. A real ``pgdurable supervise`` (``bench/fleet.py``) is started
 with a small burst. Then queue ``bench`` is paused, the N no-op jobs are inserted, and the
 drain is timed from ``resume`` (whose NOTIFY wakes the workers) until no row is runnable
 or executing. Inserting while paused keeps the COPY's cost, the producer and process
-start-up out of the drain, while the workers, their connections and caches are warm (the
-rate is then a little above ``bench/run.py``'s burst, which inserts while the fleet runs).
+start-up out of the drain, while the workers, their connections and caches are warm
+(``bench/run.py``'s burst inserts while the fleet runs: its rate also pays for the inserts).
 Over the drain:
 
 - CPU (utime + stime from ``/proc/<pid>/stat``) of the supervisor, each worker, every
@@ -26,8 +26,10 @@ Over the drain:
   and idle time from ``/proc/stat``. "Other" is the machine's busy time that none of these
   account for: this machine's other work, the kernel's softirqs, the profiler itself.
 - Statements: ``pg_stat_statements`` (before/after snapshots of the scratch database's
-  entries) when the server preloads it; otherwise the script says how to enable it and
-  falls back to ``pg_stat_database`` (transactions) and ``pg_stat_user_tables`` (rows).
+  entries, rather than a reset, which would clear other databases' figures too) when the
+  server preloads it; the claim's and the flush's rows per call are the batches achieved.
+  Otherwise the script says how to enable it and falls back to ``pg_stat_database``
+  (transactions) and ``pg_stat_user_tables`` (rows).
   To enable it (one restart)::
 
       ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements';
@@ -38,6 +40,12 @@ Over the drain:
   by self and inclusive samples and into buckets (psycopg, msgspec, asyncio, pgdurable's
   claim and commit paths, step code). ``--py-spy-native`` adds C frames (msgspec, libpq,
   uvloop) but pauses the process at each sample, so it slows the worker it samples.
+
+The verdict line says which side bounds the rate: the machine's biggest consumer when it
+is saturated, else one process at a full core, else latency. Other work on the machine
+shows as "other" and "backends of other databases"; past 10 % of the machine the report
+warns that its rate is a shared machine's. Measure with short drains only after a
+warm-up, and compare runs made side by side.
 """
 
 from __future__ import annotations
@@ -801,10 +809,10 @@ def report(r: dict[str, Any]) -> str:
             f"Not counted above: this script's {sum(s['calls'] for s in mine)} statements "
             f"({sum(s['ms'] for s in mine):.0f} ms, mostly the drain poll).",
             "",
-            f"{calls:,} statements = {calls / n:.3f} per job; executor time {total_ms / 1000:.2f} s = "
-            f"{total_ms * 1000 / n:.0f} µs per job (of {r['cpu_s'].get('pg fleet', 0) * 1e6 / n:.0f} µs "
-            "of fleet backends' CPU: the rest is parsing, protocol, commit and waiting on locks "
-            "and WAL flushes).",
+            f"{calls:,} statements = {calls / n:.3f} per job. Time inside their executors: "
+            f"{total_ms / 1000:.2f} s = {total_ms * 1000 / n:.0f} µs per job (wall time: it holds "
+            "waits for a core, a lock or a WAL flush); the fleet backends' CPU: "
+            f"{r['cpu_s'].get('pg fleet', 0) * 1e6 / n:.0f} µs per job (with parsing, protocol and commits).",
         ]
         by = {s["statement"]: s for s in st}
         claim, flush = by.get("instance_claim"), by.get("instance_commit_if_owned_many")
