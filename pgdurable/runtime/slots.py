@@ -130,6 +130,10 @@ class Slots(Component):
                 if self._solo == row.id:
                     self._solo = None
                 self.committing[row.id] = row
+                # The freed slot takes the next buffered row now, not when the feeder next
+                # runs: the feeder may be in a claim's round trip, and quick steps would
+                # otherwise start only in rounds of ``concurrency`` between two claims.
+                self.start_from_buffer()
                 self.wake.set()
             if report is None:
                 committed = await self.flusher.submit(result)
@@ -145,6 +149,7 @@ class Slots(Component):
                     await self.release([nxt])
                 else:
                     self.buffer.insert(0, nxt)
+                    self.start_from_buffer()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the row stays executing; recovery reclaims it
