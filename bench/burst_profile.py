@@ -92,7 +92,9 @@ INSERT_BATCH = 1_000
 STATS_IDLE = 11.0  # seconds: PostgreSQL's idle stats flush interval (10 s), and a margin
 POLL = 0.05  # seconds between two "is the queue drained?" queries
 SAMPLE = 0.25  # seconds between two samples of pg_stat_activity and /proc
-DEFAULTS = {"processes": 2, "concurrency": 10, "prefetch": 10, "batch": 50}
+#: The fleet: two processes, every other queue key at pgdurable's default unless --settings names it.
+DEFAULTS: dict[str, int | bool] = {"processes": 2}
+KNOBS = {"processes", "concurrency", "prefetch", "batch", "history"}
 # PostgreSQL's processes that serve the whole server, not one database.
 EXITED = "pg exited during the drain (any database)"  # the postmaster's reaped children
 BACKGROUND = {
@@ -446,10 +448,10 @@ def scratch_database(dsn: str) -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-async def start_fleet(dsn: str, knobs: dict[str, int]) -> SupervisorFleet:
+async def start_fleet(dsn: str, knobs: dict[str, int | bool]) -> SupervisorFleet:
     """Start the supervisor; again, a few times, when the shared server had no free slot."""
     for attempt in range(5):
-        fleet = SupervisorFleet(dsn, SCHEMA, **knobs)
+        fleet = SupervisorFleet(dsn, SCHEMA, knobs)
         try:
             return await fleet.ready()
         except RuntimeError as exc:
@@ -486,7 +488,7 @@ def drain_until_empty(conn: psycopg.Connection[Any], deadline: float) -> None:
 
 async def profile(args: argparse.Namespace) -> dict[str, Any]:
     knobs = {**DEFAULTS, **json.loads(args.settings)}
-    unknown = set(knobs) - set(DEFAULTS)
+    unknown = set(knobs) - KNOBS
     if unknown:
         raise SystemExit(f"--settings: unknown keys {sorted(unknown)} (known: {sorted(DEFAULTS)})")
     n = args.jobs

@@ -383,9 +383,9 @@ def _single_statement(r: Result) -> bool:
 
 
 class _CommitRow(msgspec.Struct, array_like=False):
-    """One outcome as instance_commit_if_owned_many reads it from its JSON document."""
+    """One outcome as instance_commit_if_owned_many reads it from its JSON document (an
+    object keyed by instance id)."""
 
-    id: int
     token: int
     status: str
     version: int
@@ -415,9 +415,8 @@ def _raw(data: bytes | None) -> msgspec.Raw | None:
 def _plain_params(
     worker: str, rs: Sequence[Result], quiet_queue: str | None, lease: dt.timedelta
 ) -> dict[str, Any]:
-    rows = [
-        _CommitRow(
-            r.row.id,
+    rows = {
+        str(r.row.id): _CommitRow(
             r.row.token,
             "executing" if r.inline else _STATUS[r.kind],
             r.version,
@@ -437,7 +436,7 @@ def _plain_params(
             _raw(r.saga),
         )
         for r in rs
-    ]
+    }
     return {
         "worker": worker,
         "lease": lease,

@@ -107,6 +107,11 @@ class Worker:
             tracer=worker_tracer(cfg),
         )
 
+    async def _configure(self, conn: Any) -> None:
+        """Each pooled connection plans its statements for their parameters (the flush's
+        ids): see ``session_plan_custom``."""
+        await conn.execute(self.engine.q["session_plan_custom"])
+
     async def run(self) -> int:
         spec, cfg = self.spec, self.spec.cfg
         stopping = asyncio.Event()
@@ -122,6 +127,7 @@ class Worker:
             min_size=2 + txn_slots,
             max_size=4 + txn_slots,
             kwargs={"autocommit": True, "application_name": f"pgdurable worker {spec.queue}"},
+            configure=self._configure,
             open=False,
         )
         await pool.open(wait=True, timeout=30)
