@@ -138,6 +138,8 @@ class Config:
     dsn: str = ""
     version: str = ""
     rounds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: The sweep's rounds: kept apart, the table's cells are made of the table's rounds only.
+    swept: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -173,7 +175,7 @@ class Runner:
         c = self.counts
         settings: dict[str, Any] = {
             "jobs": c.floor_jobs if cfg.system == "floor" else c.jobs,
-            "fsm": c.fsm,
+            "fsm": self.fsm_count(cfg),
             "inserts": c.inserts,
             "latency": c.latency,
             "deadline": c.deadline,
@@ -199,6 +201,15 @@ class Runner:
             return {"note": f"failed: {tail[0][:200]}"}
         result: dict[str, Any] = json.loads(lines[-1])
         return result
+
+    def fsm_count(self, cfg: Config) -> int:
+        """5-step instances per burst: fewer for a system whose no-op rate cannot run five
+        steps of them all within half the deadline (the first steps of every instance are
+        queued before any second step, so none would finish)."""
+        rates = [r for c in self.configs.values() if c.system == cfg.system for r in values(c, "noop")]
+        if not rates:
+            return self.counts.fsm
+        return max(50, min(self.counts.fsm, int(statistics.median(rates) * self.counts.deadline / 10)))
 
     def measure(self, cfg: Config, workload: str) -> dict[str, Any]:
         out = self.call(cfg, "measure", workload)
@@ -228,18 +239,19 @@ class Runner:
 
 
 # -- figures ------------------------------------------------------------------------------
-def values(cfg: Config, workload: str, key: str = "value") -> list[float]:
-    """Every round's figure: steps/s for the 5-step machines (instances/s x 5)."""
+def values(cfg: Config, workload: str, key: str = "value", source: str = "rounds") -> list[float]:
+    """Every round's figure (the table's, or the sweep's): steps/s for the 5-step machines
+    (instances/s x 5)."""
     out = []
-    for r in cfg.rounds.get(workload, []):
+    for r in getattr(cfg, source).get(workload, []):
         v = r.get("detail", {}).get(key) if key != "value" else r.get("value")
         if isinstance(v, int | float):
             out.append(float(v) * (5 if workload.startswith("fsm") else 1))
     return out
 
 
-def median(cfg: Config | None, workload: str, key: str = "value") -> float | None:
-    vs = values(cfg, workload, key) if cfg else []
+def median(cfg: Config | None, workload: str, key: str = "value", source: str = "rounds") -> float | None:
+    vs = values(cfg, workload, key, source) if cfg else []
     return statistics.median(vs) if vs else None
 
 
@@ -277,13 +289,15 @@ def sweep(runner: Runner, systems: list[str]) -> dict[str, dict[str, Any]]:
         configs = [runner.config(system, knobs) for knobs in grid]
         runner.interleave(configs, workload, runner.counts.sweep_rounds)
         ranked = sorted(configs, key=lambda c: median(c, workload) or 0.0, reverse=True)
+        for cfg in configs:
+            cfg.swept, cfg.rounds = cfg.rounds, {}
         best[system] = ranked[0].knobs
         for cfg in configs:
             mark = " **best**" if cfg is ranked[0] else ""
-            rounds = ", ".join(fmt(v) for v in values(cfg, workload))
+            rounds = ", ".join(fmt(v) for v in values(cfg, workload, source="swept"))
             rows.append(
                 f"| {system} | {knobs_text(cfg.knobs)}{mark} | {workload} "
-                f"| {fmt(median(cfg, workload))} | {rounds} |"
+                f"| {fmt(median(cfg, workload, source='swept'))} | {rounds} |"
             )
     print("## Sweep\n")
     print("\n".join(rows))
@@ -428,11 +442,47 @@ def targets(chosen: dict[str, Config], floor: Config | None) -> str:
     return "\n".join(rows)
 
 
+def render(chosen: dict[str, Config]) -> None:
+    """Print the table and the targets of the configs by "system/label"."""
+    floor = chosen.pop("floor/best", None)
+    versions = sorted({f"{c.system} {c.version}" for c in chosen.values()})
+    print("## Table\n")
+    print("Versions: " + ", ".join(versions) + ".\n")
+    print(report(chosen, floor))
+    print(
+        "\nMedian of the rounds, (min–max) of them; steps/s of a 5-step machine are its instances/s × 5; "
+        "[d]: a round reached the deadline, its figure is what finished by then.\n"
+    )
+    print("## Targets\n")
+    print(targets(chosen, floor))
+
+
+def rerender(path: str) -> None:
+    """The table and the targets again, from the JSON of an earlier run (``--json``)."""
+    data = json.loads(Path(path).read_text())
+    configs = [Config(**c) for c in data["configs"]]
+    chosen: dict[str, Config] = {}
+    for label, settings in (("defaults", DEFAULTS), ("best", data["best"])):
+        for cfg in configs:
+            if settings.get(cfg.system) == cfg.knobs and cfg.rounds:
+                chosen[f"{cfg.system}/{label}"] = cfg
+    render(
+        dict(
+            sorted(
+                chosen.items(),
+                key=lambda kv: (
+                    list(DEFAULTS).index(kv[0].split("/")[0]) if kv[0].split("/")[0] in DEFAULTS else 99
+                ),
+            )
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dsn", required=True, help="a maintenance database on the server to use")
+    parser.add_argument("--dsn", help="a maintenance database on the server to use (required but with --report)")
     parser.add_argument("--quick", action="store_true", help="no sweep (the recorded best), small counts")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep, no table")
     parser.add_argument(
@@ -442,7 +492,13 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(w for w, _, _ in WORKLOADS), help="workloads")
     parser.add_argument("--rounds", type=int, help="rounds per workload (default 5; quick 3)")
     parser.add_argument("--json", help="write every round here")
+    parser.add_argument("--report", metavar="JSON", help="print the table of an earlier run's --json again")
     args = parser.parse_args()
+    if args.report:
+        rerender(args.report)
+        return
+    if not args.dsn:
+        parser.error("--dsn is required")
     args.only = args.only.split(",")
     counts = QUICK_COUNTS if args.quick else FULL
     if args.rounds:
@@ -487,18 +543,7 @@ def main() -> None:
         plan = {
             w: [s for s in (QUICK if args.quick else MEASURES)[w] if s in systems] for w, _, _ in WORKLOADS
         }
-        chosen = table(runner, plan, best, args.quick)
-        floor = chosen.pop("floor/best", None)
-        versions = sorted({f"{c.system} {c.version}" for c in chosen.values()})
-        print("## Table\n")
-        print("Versions: " + ", ".join(versions) + ".\n")
-        print(report(chosen, floor))
-        print(
-            "\nMedian of the rounds, (min–max) of them; steps/s of a 5-step machine are its instances/s × 5; "
-            "[d]: a round reached the deadline, its figure is what finished by then.\n"
-        )
-        print("## Targets\n")
-        print(targets(chosen, floor))
+        render(table(runner, plan, best, args.quick))
         log(f"all done in {time.monotonic() - t0:.0f} s")
         if args.json:
             Path(args.json).write_text(
