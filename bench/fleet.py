@@ -3,12 +3,14 @@
 The supervisor runs as a subprocess with a NOTIFY_SOCKET we bind, exactly as under systemd:
 ``ready()`` returns once it sent READY=1 (every worker reached the database). Its workers
 are its children (``/proc/<pid>/task/<pid>/children``). ``stop()`` sends SIGTERM, the
-graceful drain.
+graceful drain. ``queue`` and ``maintenance`` add keys to the queue's and the maintenance
+sections of the generated config (a variant of the defaults, as bench/scale.py measures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from harness import BENCH_DIR, children
 
@@ -31,18 +34,41 @@ poll_ceiling = 30
 
 [maintenance]
 interval = 5
-
+{maintenance}
 [queues.bench]
 processes = {processes}
 concurrency = {concurrency}
 prefetch = {prefetch}
 batch = {batch}
-"""
+{queue}"""
+
+
+def toml_keys(keys: dict[str, Any] | None) -> str:
+    """``key = value`` lines of a TOML table (booleans, numbers and strings)."""
+    lines = []
+    for key, value in (keys or {}).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))  # a JSON string is a TOML basic string
+        lines.append(f"{key} = {text}\n")
+    return "".join(lines)
 
 
 class SupervisorFleet:
     def __init__(
-        self, dsn: str, schema: str, *, processes: int, concurrency: int, prefetch: int, batch: int = 50
+        self,
+        dsn: str,
+        schema: str,
+        *,
+        processes: int,
+        concurrency: int,
+        prefetch: int,
+        batch: int = 50,
+        queue: dict[str, Any] | None = None,
+        maintenance: dict[str, Any] | None = None,
     ):
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pgdurable-"))
         self.config = self.dir / "bench.toml"
@@ -54,6 +80,8 @@ class SupervisorFleet:
                 concurrency=concurrency,
                 prefetch=prefetch,
                 batch=batch,
+                queue=toml_keys(queue),
+                maintenance=toml_keys(maintenance),
             )
         )
         self.sock_path = self.dir / "notify"
