@@ -111,10 +111,15 @@ class Scratch:
 
     def drop(self) -> None:
         for name in self.names:
-            try:
-                drop_db(self.dsn, name)
-            except psycopg.Error as exc:
-                log(f"could not drop {name}: {exc}")
+            # A busy server may refuse a connection for a while (max_connections): retry.
+            for attempt in range(12):
+                try:
+                    drop_db(self.dsn, name)
+                    break
+                except psycopg.Error as exc:
+                    if attempt == 11:
+                        log(f"could not drop {name}: {exc}")
+                    time.sleep(5)
         self.names.clear()
 
 
@@ -433,10 +438,10 @@ class Side:
         count, wait = await cur.fetchone() or (0, None)
         pending = await (await self.conn.execute(self.pending)).fetchone()
         stats = await self.conn.execute(
-            """SELECT c.oid::regclass::text, s.n_live_tup, s.n_dead_tup, pg_total_relation_size(c.oid),
+            """SELECT c.name, s.n_live_tup, s.n_dead_tup, pg_total_relation_size(s.relid),
                       s.autovacuum_count
-               FROM unnest(%s::regclass[]) AS c (oid)
-               JOIN pg_stat_user_tables AS s ON s.relid = c.oid""",
+               FROM unnest(%s::text[]) AS c (name)
+               JOIN pg_stat_user_tables AS s ON s.relid = c.name::regclass""",
             [[self.job_table, self.other_table]],
         )
         tables = {name: (live, dead, size, av) for name, live, dead, size, av in await stats.fetchall()}
@@ -539,6 +544,8 @@ def summarize_side(side: Side, args: argparse.Namespace) -> dict[str, Any]:
     def last_minute(phase: str) -> list[dict[str, Any]]:
         length = {"warm-up": args.warmup, "held": args.hold, "released": args.cooldown}[phase]
         start = ends[phase] - min(60, length)
+        # The first interval is the ramp-up (fleets and producers just started): not "before".
+        start = max(start, samples[0]["t"]) if len(samples) > 1 else start
         return [x for x in samples if x["phase"] == phase and x["t"] > start]
 
     def at_end(phase: str) -> dict[str, Any] | None:
