@@ -53,8 +53,17 @@ The parts, each printing a markdown table:
 Other options: ``--rounds N``, ``--jobs N`` and ``--fsm N`` (burst sizes), ``--rows
 a,b,…``, ``--rate``, ``--warmup``, ``--hold``, ``--cooldown``, ``--sample``,
 ``--snapshot-warning``, ``--peers-python`` (default ``bench/.peers-venv/bin/python``, made
-by bench/run.py). Full mode takes about 40 minutes on a 2-core VM (most of it the held
-part's 15 minutes and seeding 10M rows); ``--quick`` about 10.
+by bench/run.py). Full mode takes about 25–40 minutes on a 2-core VM (15 of them the held
+part, 3–5 seeding 10M rows; about 4 GB of disk while the ``rows`` databases exist);
+``--quick`` about 6–10.
+
+Reading ``held``: at a rate both fleets keep up with, the jobs finished per second stay at
+the rate while the snapshot is held; what the dead rows cost shows as the insert → done
+time, the jobs pending, the tables' growth and the CPU spent. Raise ``--rate`` towards a
+fleet's capacity to see the throughput fall. pgqueuer runs with the autovacuum settings of
+its ``pgq autovac`` (as in bench/run.py), pgdurable with the server's defaults. CPU is read
+from ``/proc`` (PostgreSQL must run on this host): the fleet's processes (supervisor,
+workers, maintenance; not the producers) and the database's backends, in % of one core.
 """
 
 from __future__ import annotations
@@ -406,6 +415,37 @@ class Producer:
             return {"failed": f"exited {self.proc.returncode}"}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by a changing set of processes between two readings, in % of one core.
+    A process that ends between two readings loses its last interval (short-lived backends,
+    autovacuum workers): a floor, not the exact figure. The first reading only primes it."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, float] = {}
+        self.at = time.monotonic()
+
+    def read(self, pids: list[int]) -> float:
+        now, used = time.monotonic(), 0.0
+        seen = {}
+        for pid in pids:
+            value = cpu_seconds(pid)
+            if value is not None:
+                seen[pid] = value
+                # A process first seen now started in this interval: all its CPU is new.
+                used += value - self.last.get(pid, 0.0)
+        elapsed, self.last, self.at = now - self.at, seen, now
+        return round(100 * used / elapsed, 1) if elapsed > 0 else 0.0
+
+
 @dataclass
 class Side:
     """One system of the held part and how it is read."""
@@ -420,12 +460,25 @@ class Side:
     holder: psycopg.AsyncConnection[Any] | None = None
     since: Any = None  # the server time the next interval starts at
     samples: list[dict[str, Any]] = field(default_factory=list)
+    fleet_pids: Callable[[], list[int]] = list
+    fleet_cpu: CpuMeter = field(default_factory=CpuMeter)
+    db_cpu: CpuMeter = field(default_factory=CpuMeter)
 
     async def connect(self) -> None:
         self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         row = await (await self.conn.execute("SELECT now() - interval '2 seconds'")).fetchone()
         assert row is not None
         self.since = row[0]
+        self.fleet_cpu.read(self.fleet_pids())
+        self.db_cpu.read(await self.backends())
+
+    async def backends(self) -> list[int]:
+        """The server processes of this database (PostgreSQL runs on this host)."""
+        assert self.conn is not None
+        cur = await self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [int(pid) for (pid,) in await cur.fetchall()]
 
     async def sample(self, t: float, phase: str) -> dict[str, Any]:
         assert self.conn is not None
@@ -448,6 +501,7 @@ class Side:
         job, other = tables[self.job_table], tables[self.other_table]
         seconds = (until - self.since).total_seconds()
         self.since = until
+        fleet_cpu, db_cpu = self.fleet_cpu.read(self.fleet_pids()), self.db_cpu.read(await self.backends())
         sample = {
             "t": round(t),
             "phase": phase,
@@ -461,6 +515,8 @@ class Side:
             "job_bytes": job[2],
             "other_bytes": other[2],
             "autovacuums": job[3] + other[3],
+            "fleet_cpu": fleet_cpu,
+            "db_cpu": db_cpu,
         }
         self.samples.append(sample)
         return sample
@@ -557,6 +613,8 @@ def summarize_side(side: Side, args: argparse.Namespace) -> dict[str, Any]:
         window = last_minute(phase)
         out[f"finished_per_s_{phase}"] = mean([x["finished_per_s"] for x in window])
         out[f"wait_ms_{phase}"] = mean([x["wait_ms"] for x in window])
+        out[f"fleet_cpu_{phase}"] = mean([x["fleet_cpu"] for x in window])
+        out[f"db_cpu_{phase}"] = mean([x["db_cpu"] for x in window])
         end = at_end(phase)
         out[f"pending_end_{phase}"] = end["pending"] if end else None
         out[f"bytes_end_{phase}"] = end["job_bytes"] + end["other_bytes"] if end else None
@@ -601,10 +659,13 @@ async def part_held(scratch: Scratch, s: Settings, args: argparse.Namespace) -> 
     }
     pgq_fleet: ProcessFleet | None = None
     try:
-        async with fleets(pgd.dsn, s, maintenance={"snapshot_warning": args.snapshot_warning}, logs=logs):
+        maintenance = {"snapshot_warning": args.snapshot_warning}
+        async with fleets(pgd.dsn, s, maintenance=maintenance, logs=logs) as pgd_fleets:
             pgq_fleet = await ProcessFleet(
                 str(pgq_script), pgq.dsn, s, env=peer_env, python=peers_python
             ).ready()
+            for side, fleet in ((pgd, pgd_fleets[0]), (pgq, pgq_fleet)):
+                side.fleet_pids = lambda fleet=fleet: [pid for pids in fleet.pids().values() for pid in pids]
             producers = [
                 Producer(sys.executable, BENCH_DIR / "workloads_pgdurable.py", pgd.dsn, args.rate, {}),
                 Producer(peers_python, pgq_script, pgq.dsn, args.rate, peer_env),
@@ -687,6 +748,8 @@ def print_held(results: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{other[name]} dead",
                 f"{job[name]} MiB",
                 f"{other[name]} MiB",
+                "CPU % fleet",
+                "CPU % db",
             ],
             [
                 [
@@ -700,6 +763,8 @@ def print_held(results: dict[str, Any], args: argparse.Namespace) -> None:
                     f"{x['other_dead']:,}",
                     mib(x["job_bytes"]),
                     mib(x["other_bytes"]),
+                    fmt(x["fleet_cpu"]),
+                    fmt(x["db_cpu"]),
                 ]
                 for x in results[name]["samples"]
             ],
@@ -712,7 +777,12 @@ def print_held(results: dict[str, Any], args: argparse.Namespace) -> None:
         return fmt(value) + (f" ({pct(value, before)})" if phase != "warm-up" else "")
 
     rows = []
-    for key, label in (("finished_per_s", "finished/s"), ("wait_ms", "insert → done, mean (ms)")):
+    for key, label in (
+        ("finished_per_s", "finished/s"),
+        ("wait_ms", "insert → done, mean (ms)"),
+        ("fleet_cpu", "CPU of the fleet (% of a core)"),
+        ("db_cpu", "CPU of the database's backends (% of a core)"),
+    ):
         for phase, when in (
             ("warm-up", "last minute of warm-up"),
             ("held", "last minute of the hold"),
@@ -730,7 +800,7 @@ def print_held(results: dict[str, Any], args: argparse.Namespace) -> None:
         + [" → ".join(mib(sums[n][f"bytes_end_{p}"]) for p in ("warm-up", "held", "released")) for n in names]
     )
     rows.append(
-        ["producer: jobs inserted (rate achieved, most jobs behind)"]
+        ["producer: jobs inserted (rate achieved, most jobs due at one insert)"]
         + [
             f"{p.get('inserted', 0):,} ({p.get('rate')}/s, {p.get('behind_max')})"
             if "failed" not in p
