@@ -885,6 +885,8 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else 30 if args.quick else 120
     args.hold = args.hold if args.hold is not None else 60 if args.quick else 600
     args.cooldown = args.cooldown if args.cooldown is not None else 60 if args.quick else 180
+    if args.warmup <= 0 or args.hold <= 0:
+        parser.error("--warmup and --hold must be positive")
     for key in ("warmup", "hold", "cooldown"):
         if getattr(args, key) % args.sample:
             parser.error(f"--{key} must be a multiple of --sample ({args.sample} s)")
