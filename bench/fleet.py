@@ -36,7 +36,8 @@ poll_ceiling = 30
 interval = 5
 {maintenance}
 [queues.bench]
-{queue}"""
+{queue}
+{others}"""
 
 
 def toml_keys(keys: dict[str, Any] | None) -> str:
@@ -55,10 +56,16 @@ def toml_keys(keys: dict[str, Any] | None) -> str:
 
 class SupervisorFleet:
     def __init__(
-        self, dsn: str, schema: str, queue: dict[str, Any], maintenance: dict[str, Any] | None = None
+        self,
+        dsn: str,
+        schema: str,
+        queue: dict[str, Any],
+        maintenance: dict[str, Any] | None = None,
+        others: dict[str, dict[str, Any]] | None = None,
     ):
         """``queue``, ``maintenance``: keys of ``[queues.bench]`` and ``[maintenance]``; a key
-        left out takes pgdurable's default (``maintenance.interval`` is 5)."""
+        left out takes pgdurable's default (``maintenance.interval`` is 5). ``others``: more
+        queues, by name, with their keys."""
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pgdurable-"))
         self.config = self.dir / "bench.toml"
         self.config.write_text(
@@ -67,6 +74,9 @@ class SupervisorFleet:
                 schema=schema,
                 queue=toml_keys(queue),
                 maintenance=toml_keys(maintenance),
+                others="".join(
+                    f"\n[queues.{name}]\n{toml_keys(keys)}" for name, keys in (others or {}).items()
+                ),
             )
         )
         self.sock_path = self.dir / "notify"

@@ -30,6 +30,10 @@ The parts, each printing a markdown table:
 - ``supervisors``: the burst with 1, 2 and 3 supervisors of one worker process each on
   the same database and queue (as on separate hosts), and, as the reference for the same
   number of processes, one supervisor of two processes.
+- ``queues``: fairness between queues, with claims of up to 200 rows (the default) against
+  50 (the default before): queues ``bench`` and ``other``, one worker process each. Both
+  get a burst of the same size at once (each queue's jobs/s); then ``other`` gets one job
+  every 50 ms, with ``bench`` idle and during a burst on ``bench`` (its wake latency).
 - ``held``: the classic queue-bloat failure, pgdurable and pgqueuer side by side, at the
   same time, each on a database of its own. Each gets a producer inserting no-op jobs at
   ``--rate`` (300) a second (one bulk insert every 0.1 s; open loop: a late insert does not
@@ -80,6 +84,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,12 +96,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg
 from fleet import SupervisorFleet
-from harness import BENCH_DIR, ProcessFleet, Settings, burst
+from harness import BENCH_DIR, STAMP_ENV, ProcessFleet, Settings, StampReceiver, burst, percentile
+from pgdurable_machines import noop, stamped
 from psycopg import sql
 from run import VENV, create_db, drop_db, fmt, revision, server_facts
 from workloads_pgdurable import SCHEMA, Pgdurable
 
-PARTS = ("rows", "history", "processes", "supervisors", "held")
+from pgdurable import Insert
+
+PARTS = ("rows", "history", "processes", "supervisors", "queues", "held")
 
 
 def log(msg: str) -> None:
@@ -327,6 +335,123 @@ async def part_processes(scratch: Scratch, s: Settings, args: argparse.Namespace
             for label, d in result.items()
         ],
     )
+    return result
+
+
+async def part_queues(scratch: Scratch, s: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Fairness between queues, with claims of up to 200 rows (the default) against 50 (the
+    default before): queues ``bench`` and ``other``, one worker process each under one
+    supervisor. (1) Both get a burst of the same size at once: each queue's jobs/s. (2)
+    ``bench`` gets a burst while ``other`` gets one job every 50 ms: their wake latency,
+    insert call to the job's first line, against the same trickle into an idle fleet."""
+    os.environ[STAMP_ENV] = os.path.join(
+        tempfile.mkdtemp(prefix="bench-stamp-"), "stamps"
+    )  # the workers inherit it
+    receiver = StampReceiver(os.environ[STAMP_ENV])
+    system = await pgdurable_db(scratch, "queues")
+    conn = await system._conn()
+    result: dict[str, Any] = {}
+
+    async def done_by_queue(mark: int) -> dict[str, int]:
+        cur = await conn.execute(
+            "SELECT queue, count(*) FROM pgdurable.instances WHERE id > %s AND status = 'done'"
+            " AND fsm = 'bench_noop' GROUP BY queue",
+            [mark],
+        )
+        return {q: int(n) for q, n in await cur.fetchall()}
+
+    async def both() -> dict[str, float]:
+        mark = await system.mark()
+        t0 = time.perf_counter()
+        finished: dict[str, float] = {}
+
+        async def insert(queue: str) -> None:
+            for i in range(0, s.jobs, 1000):
+                k = min(1000, s.jobs - i)
+                await system.client.insert_many([Insert(noop, {}, queue=queue) for _ in range(k)])
+
+        await asyncio.gather(insert("bench"), insert("other"))
+        while len(finished) < 2 and time.perf_counter() - t0 < s.deadline:
+            counts = await done_by_queue(mark)
+            for q in ("bench", "other"):
+                if q not in finished and counts.get(q, 0) >= s.jobs:
+                    finished[q] = time.perf_counter() - t0
+            await asyncio.sleep(0.02)
+        return {q: s.jobs / finished[q] if q in finished else 0.0 for q in ("bench", "other")}
+
+    async def trickle(during_burst: bool) -> list[float]:
+        samples: list[float] = []
+        sent: dict[int, float] = {}
+        load = (
+            asyncio.ensure_future(system.insert_noop_many(s.jobs, 1000))
+            if during_burst
+            else asyncio.ensure_future(asyncio.sleep(0))
+        )
+        for seq in range(40):
+            await asyncio.sleep(0.05)
+            receiver.drain()
+            sent[seq] = time.time()
+            await system.client.insert(stamped, {"seq": seq}, queue="other")
+        await load
+        deadline = time.monotonic() + 10
+        while len(receiver.started) < len(sent) and time.monotonic() < deadline:
+            receiver.drain()
+            await asyncio.sleep(0.05)
+        samples = [(receiver.started[k] - sent[k]) * 1000 for k in sent if k in receiver.started]
+        receiver.started.clear()
+        return samples
+
+    variants = {"batch 200 (default)": {}, "batch 50": {"batch": 50}}
+    rows: dict[str, dict[str, list[float]]] = {
+        v: {"bench": [], "other": [], "idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": []}
+        for v in variants
+    }
+    try:
+        for r in range(args.rounds):
+            for label, keys in variants.items():
+                fleet = SupervisorFleet(
+                    system.dsn, SCHEMA, {"processes": 1, **keys}, None, {"other": {"processes": 1, **keys}}
+                )
+                try:
+                    await fleet.ready()
+                    await asyncio.sleep(1.0)
+                    rates = await both()
+                    idle = await trickle(during_burst=False)
+                    load = await trickle(during_burst=True)
+                finally:
+                    await fleet.stop()
+                    shutil.rmtree(fleet.dir, ignore_errors=True)
+                row = rows[label]
+                row["bench"].append(rates["bench"])
+                row["other"].append(rates["other"])
+                for name, ms in (("idle", idle), ("load", load)):
+                    if ms:
+                        row[f"{name}_p50"].append(percentile(ms, 0.5))
+                        row[f"{name}_p99"].append(percentile(ms, 0.99))
+                log(f"  round {r + 1}/{args.rounds}, {label}: {rates}, idle {len(idle)}, load {len(load)}")
+    finally:
+        receiver.close()
+        await system.close()
+    result = {label: {k: spread(v) for k, v in row.items()} for label, row in rows.items()}
+    print(
+        f"### queues: two queues, one worker process each; bursts of {s.jobs:,} jobs on both at once, "
+        "then one job every 50 ms on `other` (40 samples) with `bench` idle and during a burst on `bench`\n"
+    )
+    print_table(
+        ["claims of up to", "bench jobs/s", "other jobs/s", "other ÷ bench", "wake p50 / p99 idle (ms)",
+         "wake p50 / p99 during the burst (ms)"],
+        [
+            [
+                label,
+                fmt(d["bench"]["median"]),
+                fmt(d["other"]["median"]),
+                f"{d['other']['median'] / d['bench']['median']:.2f}" if d["bench"]["median"] else "—",
+                f"{fmt(d['idle_p50']['median'])} / {fmt(d['idle_p99']['median'])}",
+                f"{fmt(d['load_p50']['median'])} / {fmt(d['load_p99']['median'])}",
+            ]
+            for label, d in result.items()
+        ],
+    )  # fmt: skip
     return result
 
 
@@ -816,6 +941,7 @@ PART_FUNCS: dict[str, Callable[[Scratch, Settings, argparse.Namespace], Awaitabl
     "history": part_history,
     "processes": part_processes,
     "supervisors": part_supervisors,
+    "queues": part_queues,
     "held": part_held,
 }
 
