@@ -3,7 +3,8 @@
 The supervisor runs as a subprocess with a NOTIFY_SOCKET we bind, exactly as under systemd:
 ``ready()`` returns once it sent READY=1 (every worker reached the database). Its workers
 are its children (``/proc/<pid>/task/<pid>/children``). ``stop()`` sends SIGTERM, the
-graceful drain.
+graceful drain. ``queue`` and ``maintenance`` add keys to the queue's and the maintenance
+sections of the generated config (a variant of the defaults, as bench/scale.py measures).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from harness import BENCH_DIR, children
 
@@ -32,22 +34,49 @@ poll_ceiling = 30
 
 [maintenance]
 interval = 5
-
+{maintenance}
 [queues.bench]
 {queue}
-"""
+{others}"""
+
+
+def toml_keys(keys: dict[str, Any] | None) -> str:
+    """``key = value`` lines of a TOML table (booleans, numbers and strings)."""
+    lines = []
+    for key, value in (keys or {}).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))  # a JSON string is a TOML basic string
+        lines.append(f"{key} = {text}\n")
+    return "".join(lines)
 
 
 class SupervisorFleet:
-    def __init__(self, dsn: str, schema: str, queue: dict[str, int | bool | str]):
-        """``queue``: the keys of ``[queues.bench]``; a key left out takes pgdurable's default."""
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        queue: dict[str, Any],
+        maintenance: dict[str, Any] | None = None,
+        others: dict[str, dict[str, Any]] | None = None,
+    ):
+        """``queue``, ``maintenance``: keys of ``[queues.bench]`` and ``[maintenance]``; a key
+        left out takes pgdurable's default (``maintenance.interval`` is 5). ``others``: more
+        queues, by name, with their keys."""
         self.dir = Path(tempfile.mkdtemp(prefix="bench-pgdurable-"))
         self.config = self.dir / "bench.toml"
         self.config.write_text(
             CONFIG.format(
                 dsn=dsn.replace('"', '\\"'),
                 schema=schema,
-                queue="\n".join(f"{key} = {json.dumps(value)}" for key, value in queue.items()),
+                queue=toml_keys(queue),
+                maintenance=toml_keys(maintenance),
+                others="".join(
+                    f"\n[queues.{name}]\n{toml_keys(keys)}" for name, keys in (others or {}).items()
+                ),
             )
         )
         self.sock_path = self.dir / "notify"

@@ -238,15 +238,23 @@ def summarize_rss(sample: dict[str, float]) -> dict[str, Any]:
 
 class ProcessFleet:
     """Worker processes of a peer: ``<script> worker --dsn ... --index i``, each printing
-    READY on stdout once it can take work."""
+    READY on stdout once it can take work. ``python``: the interpreter to run them with
+    (this one by default: the peer's own script runs them from its own virtualenv)."""
 
-    def __init__(self, script: str, dsn: str, s: Settings, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        script: str,
+        dsn: str,
+        s: Settings,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ):
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         for i in range(s.processes):
             log = Path(tempfile.mkstemp(prefix=f"bench-{Path(script).stem}-{i}-", suffix=".log")[1])
             self.logs.append(log)
-            cmd = [sys.executable, script, "worker", "--dsn", dsn, "--index", str(i)]
+            cmd = [python, script, "worker", "--dsn", dsn, "--index", str(i)]
             cmd += ["--concurrency", str(s.concurrency), "--knobs", json.dumps(s.knobs)]
             self.procs.append(
                 subprocess.Popen(
@@ -425,6 +433,39 @@ async def latency(system: System, s: Settings, receiver: StampReceiver) -> Outco
     return Outcome(detail["p50"], "ms", detail)
 
 
+async def produce(system: System, rate: float, tick: float) -> dict[str, Any]:
+    """Insert no-op jobs at ``rate`` a second until SIGTERM or SIGINT: every ``tick`` seconds
+    one bulk insert of the jobs due by then.
+
+    Open loop, like the producers of an application: the schedule is the clock's, not the
+    queue's, so a slow insert does not lower the rate — the jobs it delayed go in the next
+    insert (``behind_max``: the most jobs ever due and not yet inserted).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker_ready()
+    t0 = time.monotonic()
+    inserted, behind_max, ticks = 0, 0, 0
+    while not stop.is_set():
+        due = int(rate * (time.monotonic() - t0))
+        behind_max = max(behind_max, due - inserted)
+        if due > inserted:
+            await system.insert_noop_many(due - inserted, 1000)
+            inserted = due
+        ticks += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, t0 + ticks * tick - time.monotonic()))
+    seconds = time.monotonic() - t0
+    return {
+        "inserted": inserted,
+        "seconds": round(seconds, 1),
+        "rate": round(inserted / seconds, 1) if seconds else None,
+        "behind_max": behind_max,
+    }
+
+
 # -- the driver ---------------------------------------------------------------------------
 class Run:
     def __init__(self, system: System, s: Settings, only: set[str] | None):
@@ -601,10 +642,12 @@ async def measure_one(
 
 
 def main(make_system: Callable[[str], System], worker: Callable[[argparse.Namespace], None] | None) -> None:
-    """Entry point of a system's script: ``run`` (the workloads) or ``worker`` (one worker
-    process of a peer's fleet)."""
+    """Entry point of a system's script: ``run`` (the workloads), ``worker`` (one worker
+    process of a peer's fleet), ``setup`` (install the schema), ``measure`` (one round of a
+    workload, for ``bench/fair.py``) or ``produce`` (no-op jobs at ``--rate`` a second until
+    SIGTERM; READY on stdout once started, then a line of JSON)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["run", "worker", "setup", "measure"])
+    parser.add_argument("role", choices=["run", "worker", "setup", "measure", "produce"])
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--insert-dsn", help="an empty database for the insert workloads")
     parser.add_argument("--settings", default="{}", help="JSON of Settings fields")
@@ -615,11 +658,24 @@ def main(make_system: Callable[[str], System], worker: Callable[[argparse.Namesp
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--knobs", default="{}", help="JSON: the system's own settings (workers)")
     parser.add_argument("--workload", help="measure: noop, fsm, fsm_inline, latency or insert_many")
+    parser.add_argument("--rate", type=float, default=300.0, help="produce: jobs per second")
+    parser.add_argument("--tick", type=float, default=0.1, help="produce: seconds between inserts")
     args = parser.parse_args()
     if args.role == "worker":
         assert worker is not None
         args.knobs = json.loads(args.knobs)
         worker(args)
+        return
+    if args.role == "produce":
+
+        async def one() -> dict[str, Any]:
+            system = make_system(args.dsn)
+            try:
+                return await produce(system, args.rate, args.tick)
+            finally:
+                await system.close()
+
+        print(json.dumps(asyncio.run(one())), flush=True)
         return
     base = Settings.quick() if args.quick else Settings()
     s = Settings(**{**asdict(base), **json.loads(args.settings)})

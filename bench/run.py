@@ -166,6 +166,8 @@ def run_system(name: str, python: str, script: Path, dsn: str, args: argparse.Na
         cmd = [python, str(script), "run", "--dsn", main_dsn, "--insert-dsn", insert_dsn, "--out", str(out)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--only", args.only] if args.only else []
+        if args.knobs.get(name):
+            cmd += ["--settings", json.dumps({"knobs": args.knobs[name]})]
         # An outer PYTHONPATH stays behind bench/ (to measure another checkout of pgdurable).
         env = {
             **os.environ,
@@ -288,7 +290,16 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated workloads (noop,fsm,insert,latency,backlog)")
     parser.add_argument("--reinstall-peers", action="store_true")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per system")
+    parser.add_argument(
+        "--best",
+        default=str(BENCH / "results" / "fair-best.json"),
+        help="the peers' settings found best by bench/fair.py's sweep ('none': each script's own)",
+    )
     args = parser.parse_args()
+    best = Path(args.best)
+    # The peers run at their swept best; pgdurable at its defaults.
+    args.knobs = json.loads(best.read_text())["best"] if args.best != "none" and best.exists() else {}
+    args.knobs.pop("pgdurable", None)
     args.timeout = args.timeout or (900.0 if args.quick else 2400.0)
     systems = [s for s in args.systems.split(",") if s]
     t0 = time.monotonic()
@@ -314,7 +325,13 @@ def main() -> None:
         print(f"[{i}] {note}")
     print()
     for r in results:
-        print(f"- {r['system']}: {r.get('settings_note') or r.get('failed', '')}")
+        knobs = r.get("settings", {}).get("knobs")
+        swept = (
+            f" Run at the best settings of bench/fair.py's sweep instead: {json.dumps(knobs)}."
+            if knobs
+            else ""
+        )
+        print(f"- {r['system']}: {r.get('settings_note') or r.get('failed', '')}{swept}")
     log(f"all done in {time.monotonic() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(

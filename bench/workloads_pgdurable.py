@@ -37,15 +37,14 @@ from pgdurable.db import migrations
 
 SCHEMA = "pgdurable"
 ROWS_TABLE = "CREATE TABLE IF NOT EXISTS bench_rows (iid bigint NOT NULL, step int NOT NULL)"
-PREFETCH = 10
 
 
 class Pgdurable:
     name = "pgdurable"
     version = importlib.metadata.version("pgdurable")
     settings_note = (
-        "`pgdurable supervise` with 2 worker processes for queue `bench`, `concurrency = 10`, "
-        f"`prefetch = {PREFETCH}`, `batch = 50` (defaults but for `processes`); async steps; "
+        "`pgdurable supervise` with 2 worker processes for queue `bench`, every other key at its "
+        "default (`concurrency = 10`, `prefetch = 10`, `batch = 200`); async steps; "
         "producers use `AsyncClient` (a lone write notifies in its transaction, "
         "concurrent ones coalesce after commit)"
     )
@@ -76,12 +75,8 @@ class Pgdurable:
             await self.conn.close()
 
     async def start_fleet(self, s: Settings) -> SupervisorFleet:
-        # bench/run.py's fleet names its settings; bench/fair.py's knobs replace them all,
-        # so that a key it leaves out takes pgdurable's own default.
-        queue: dict[str, int | bool | str] = {"concurrency": s.concurrency, "prefetch": PREFETCH, "batch": 50}
-        if s.knobs:
-            queue = {}
-        fleet = SupervisorFleet(self.dsn, SCHEMA, {"processes": s.processes, **queue, **s.knobs})
+        # Every key at pgdurable's default but those the knobs name (bench/fair.py's sweep).
+        fleet = SupervisorFleet(self.dsn, SCHEMA, {"processes": s.processes, **s.knobs})
         try:
             return await fleet.ready()
         except BaseException:
