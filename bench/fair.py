@@ -482,7 +482,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dsn", help="a maintenance database on the server to use (required but with --report)")
+    parser.add_argument("--dsn", help="the maintenance database of the server (not with --report)")
     parser.add_argument("--quick", action="store_true", help="no sweep (the recorded best), small counts")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep, no table")
     parser.add_argument(
