@@ -149,7 +149,7 @@ ORDER BY parent_id, inserted_at, spawn_index, id;
 -- A row a cancel marked (cancel_requested) is refused like a stale one: the flush settles
 -- it instead (instance_cancel_settle_if_owned_many). A row running its on_cancel step
 -- (cancel_reason set) ends `cancelled` where its outcome says done or failed.
-WITH outcomes AS MATERIALIZED (  -- parsed once, whatever the plan
+WITH outcomes AS MATERIALIZED (  -- parsed once, whatever the plan; read as an InitPlan's value
     SELECT %(rows)s::jsonb AS doc
 ), written AS (
     UPDATE {schema}.instances AS i
@@ -180,17 +180,16 @@ WITH outcomes AS MATERIALIZED (  -- parsed once, whatever the plan
                CASE WHEN u.status = 'executing' THEN i.lease_token END,
                CASE WHEN u.status = 'executing' THEN now() + %(lease)s::interval END,
                now()
-        FROM jsonb_to_record(d.doc -> i.id::text)
+        FROM jsonb_to_record((SELECT doc FROM outcomes) -> i.id::text)
              AS u(token bigint, status text, version int, step text, state jsonb,
                   delay float8, attempt int, keep_awaits bool, set_concurrency bool,
                   concurrency_key text, keep_rate bool, rate_limit text, weight float8,
                   result jsonb, error text, traceback text, saga jsonb)
     )
-    FROM outcomes AS d
     WHERE i.id = ANY(%(ids)s::bigint[])  -- the primary key (or, on a table of a few pages, a scan)
       AND i.locked_by = %(worker)s AND i.status = 'executing' AND i.cancel_requested IS NULL
-      AND i.lease_token = (d.doc -> i.id::text ->> 'token')::bigint
-    RETURNING i.id, i.parent_id, i.status, i.queue, (d.doc -> i.id::text ->> 'delay')::float8 <= 0 AS due
+      AND i.lease_token = ((SELECT doc FROM outcomes) -> i.id::text ->> 'token')::bigint
+    RETURNING i.id, i.parent_id, i.status, i.queue, i.eligible_at <= now() AS due  -- its delay <= 0
 ), taken AS (
     DELETE FROM {schema}.signals AS s
     USING unnest(%(taken_targets)s::bigint[], %(taken_ids)s::bigint[]) AS t(target_id, id), written AS w
