@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+from types import SimpleNamespace
+from typing import Any
 
+import psycopg
 import pytest
 
 from pgdurable.db.queries import for_schema
+from pgdurable.runtime.worker import Worker
 
 TERMINAL, FUTURE, LIVE = 200_000, 20_000, 500
 
@@ -238,3 +243,20 @@ def test_history_statements_use_their_indexes(db, big, big_schema):
     for p in (read, collect):
         on_history = [n for n in nodes(p) if n.get("Relation Name") == "history" and "Scan" in n["Node Type"]]
         assert on_history and all(n.get("Index Name") == "history_instance" for n in on_history), on_history
+
+
+def test_pooled_worker_connections_plan_for_their_parameters(dsn, schema):
+    """The worker's pool configures each connection it opens to plan every statement for
+    its own parameters: a generic plan of the flush made while the table was small would
+    be kept after a burst grew it (docs/performance.md, the levers)."""
+    worker = SimpleNamespace(engine=SimpleNamespace(q=for_schema(schema)))
+
+    async def go() -> tuple[Any, Any]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            before = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+            await Worker._configure(worker, conn)  # type: ignore[arg-type]
+            after = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+        return before, after
+
+    before, after = asyncio.run(go())
+    assert before == ("auto",) and after == ("force_custom_plan",)
