@@ -3,7 +3,7 @@ PostgreSQL's backends and background processes, the statements and round trips p
 and (optionally) a sampled profile of one worker.
 
     python bench/burst_profile.py --dsn postgresql://127.0.0.1/postgres [--jobs 30000]
-        [--settings '{"processes": 2, "concurrency": 10, "prefetch": 10, "batch": 50}']
+        [--settings '{"processes": 2, "batch": 400}']
         [--py-spy | --py-spy-native] [--py-spy-out stacks.folded] [--json out.json]
 
 ``--dsn`` names a maintenance database; the script creates a scratch database

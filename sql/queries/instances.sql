@@ -144,8 +144,9 @@ ORDER BY parent_id, inserted_at, spawn_index, id;
 -- looks its outcome up by key: joining the rows to a record set instead let the planner,
 -- which estimates the guarded rows at one, rescan and re-parse the whole document for each
 -- row (a flush of 200 outcomes 14 ms, of 1,000 310 ms; now 2.4 and 12 ms:
--- tests/test_plans.py). The flushing worker's own queue (%(quiet_queue)s) is not notified:
--- that worker claims again as soon as it has room, and a NOTIFY would serialise this commit with every other one.
+-- tests/test_plans.py). The flushing worker's own queue (%(quiet_queue)s) is not
+-- notified: that worker claims again as soon as it has room, and a NOTIFY would serialise
+-- this commit with every other one.
 -- A row a cancel marked (cancel_requested) is refused like a stale one: the flush settles
 -- it instead (instance_cancel_settle_if_owned_many). A row running its on_cancel step
 -- (cancel_reason set) ends `cancelled` where its outcome says done or failed.
