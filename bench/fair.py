@@ -380,58 +380,33 @@ def targets(chosen: dict[str, Config], floor: Config | None) -> str:
         held = "—" if d is None else ("yes" if (d <= want if below else d >= want) else "**no**")
         rows.append(f"| {label} | {show(d)} | {show(b)} | {held} |")
 
-    pgq = m("pgqueuer/best", "noop")
-    add(
-        "no-op burst ÷ pgqueuer best ≥ 2",
-        2.0,
-        ratio(m("pgdurable/defaults", "noop"), pgq),
-        ratio(m("pgdurable/best", "noop"), pgq),
-    )
-    fl = median(floor, "noop")
-    add(
-        "no-op burst ÷ floor ≥ 0.5",
-        0.5,
-        ratio(m("pgdurable/defaults", "noop"), fl),
-        ratio(m("pgdurable/best", "noop"), fl),
-    )
-    add(
-        "5-step steps/s ÷ no-op jobs/s ≥ 0.6",
-        0.6,
-        ratio(m("pgdurable/defaults", "fsm"), m("pgdurable/defaults", "noop")),
-        ratio(m("pgdurable/best", "fsm"), m("pgdurable/best", "noop")),
-    )
-    add(
-        "5-step inline steps/s ÷ no-op jobs/s ≥ 0.9",
-        0.9,
-        ratio(m("pgdurable/defaults", "fsm_inline"), m("pgdurable/defaults", "noop")),
-        ratio(m("pgdurable/best", "fsm_inline"), m("pgdurable/best", "noop")),
-    )
-    dbos = m("dbos/best", "fsm")
-    add(
-        "5-step steps/s ÷ DBOS best ≥ 30",
-        30.0,
-        ratio(m("pgdurable/defaults", "fsm"), dbos),
-        ratio(m("pgdurable/best", "fsm"), dbos),
-    )
+    def against(workload: str, ref: float | None, key: str = "value") -> tuple[float | None, float | None]:
+        """pgdurable's defaults and best, each divided by ``ref``."""
+        return ratio(m("pgdurable/defaults", workload, key), ref), ratio(
+            m("pgdurable/best", workload, key), ref
+        )
+
+    def within(workload: str, base: str) -> tuple[float | None, float | None]:
+        """pgdurable's ``workload`` over its own ``base``, at its defaults and at its best."""
+        d, b = (
+            ratio(m(f"pgdurable/{lbl}", workload), m(f"pgdurable/{lbl}", base))
+            for lbl in ("defaults", "best")
+        )
+        return d, b
+
+    add("no-op burst ÷ pgqueuer best ≥ 2", 2.0, *against("noop", m("pgqueuer/best", "noop")))
+    add("no-op burst ÷ floor ≥ 0.5", 0.5, *against("noop", median(floor, "noop")))
+    add("5-step steps/s ÷ no-op jobs/s ≥ 0.6", 0.6, *within("fsm", "noop"))
+    add("5-step inline steps/s ÷ no-op jobs/s ≥ 0.9", 0.9, *within("fsm_inline", "noop"))
+    add("5-step steps/s ÷ DBOS best ≥ 30", 30.0, *against("fsm", m("dbos/best", "fsm")))
     for key in ("p50", "p99"):
         figures = [v for p in peers for lbl in ("defaults", "best") if (v := m(f"{p}/{lbl}", "latency", key))]
         fastest = min(figures) if figures else None
-        add(
-            f"wake {key} ÷ fastest peer's < 1",
-            1.0,
-            ratio(m("pgdurable/defaults", "latency", key), fastest),
-            ratio(m("pgdurable/best", "latency", key), fastest),
-            below=True,
-        )
+        add(f"wake {key} ÷ fastest peer's < 1", 1.0, *against("latency", fastest, key), below=True)
     ins = max(
         filter(None, [m("pgqueuer/defaults", "insert_many"), m("pgqueuer/best", "insert_many")]), default=None
     )
-    add(
-        "insert_many ÷ pgqueuer ≥ 2",
-        2.0,
-        ratio(m("pgdurable/defaults", "insert_many"), ins),
-        ratio(m("pgdurable/best", "insert_many"), ins),
-    )
+    add("insert_many ÷ pgqueuer ≥ 2", 2.0, *against("insert_many", ins))
     for workload, label in (("noop", "no-op burst"), ("fsm", "5-step")):
         add(
             f"defaults ÷ best, {label} ≥ 0.9",

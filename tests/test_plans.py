@@ -133,6 +133,22 @@ def test_await_expiry_and_reaper_use_their_partial_indexes(db, big):
     assert not any(n["Node Type"] == "Seq Scan" for n in scans_on_instances(p))
 
 
+def claim_as_w(db, schema: str, n: int) -> list[int]:
+    """Mark ``n`` runnable rows executing, claimed by worker "w" with their id as fencing
+    token (inside the caller's transaction); returns their ids."""
+    t = f'"{schema}".instances'
+    return [
+        r[0]
+        for r in db.execute(
+            f"UPDATE {t} SET status = 'executing', locked_by = 'w', lease_token = id,"
+            " lease_expires_at = now() + interval '1 minute'"
+            f" WHERE id IN (SELECT id FROM {t} WHERE status = 'runnable' AND eligible_at <= now()"
+            " ORDER BY id LIMIT %s) RETURNING id",
+            [n],
+        ).fetchall()
+    ]
+
+
 def commit_params(ids: list[int]) -> dict:
     """instance_commit_if_owned_many's parameters: a ``Done`` for each of ``ids`` (whose
     fencing token is their id), claimed by worker "w"."""
@@ -160,17 +176,8 @@ def test_a_flush_reads_each_outcome_once(db, big, big_schema):
     outcomes were a record set joined to them, it rescanned (and re-parsed) the whole
     document for each row, and compared every pair (200 outcomes: 39,800 rows removed by
     the join filter, 14 ms; 1,000: 310 ms). Each row now looks its outcome up by key."""
-    t = f'"{big_schema}".instances'
     with db.transaction(force_rollback=True):
-        ids = [
-            r[0]
-            for r in db.execute(
-                f"UPDATE {t} SET status = 'executing', locked_by = 'w', lease_token = id,"
-                " lease_expires_at = now() + interval '1 minute'"
-                f" WHERE id IN (SELECT id FROM {t} WHERE status = 'runnable' AND eligible_at <= now()"
-                " ORDER BY id LIMIT 200) RETURNING id"
-            ).fetchall()
-        ]
+        ids = claim_as_w(db, big_schema, 200)
         commit = plan(db, big["instance_commit_if_owned_many"], commit_params(ids))
     assert len(ids) == 200
     written = [n for n in nodes(commit) if n.get("Operation") == "Update"]
@@ -190,17 +197,8 @@ def test_ownership_guards_find_their_rows_by_primary_key(db, big, big_schema):
     entry for every row executed since, and a plan through it reads all of them. Its
     predicate (``lease_expires_at IS NOT NULL``) keeps the guards off it.
     """
-    t = f'"{big_schema}".instances'
     with db.transaction(force_rollback=True):
-        ids = [
-            r[0]
-            for r in db.execute(
-                f"UPDATE {t} SET status = 'executing', locked_by = 'w', lease_token = id,"
-                " lease_expires_at = now() + interval '1 minute'"
-                f" WHERE id IN (SELECT id FROM {t} WHERE status = 'runnable' AND eligible_at <= now()"
-                " ORDER BY id LIMIT 10) RETURNING id"
-            ).fetchall()
-        ]
+        ids = claim_as_w(db, big_schema, 10)
         commit = plan(db, big["instance_commit_if_owned_many"], commit_params(ids))
         extend = plan(
             db, big["instance_lease_extend_many"], {"ids": ids, "worker": "w", "lease": dt.timedelta(60)}
