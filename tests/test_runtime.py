@@ -471,6 +471,52 @@ def test_buffer_grows_with_quick_steps_up_to_batch():
     assert w0.room() == 10  # prefetch = 0: no buffer, however quick the steps
 
 
+def test_a_freed_slot_starts_the_next_buffered_row_without_the_feeder():
+    """A step that returns frees its slot for the next buffered row at once: with one slot
+    and three rows claimed in one batch, all three run although no feeder runs (before, a
+    freed slot waited for the feeder's next round, a claim's round trip away)."""
+    import asyncio
+    import datetime as dt
+    import logging
+    from types import SimpleNamespace
+
+    from pgdurable.engine.claim import Claimed
+    from pgdurable.runtime.config import parse
+    from pgdurable.runtime.context import Runtime
+    from pgdurable.runtime.slots import Slots
+
+    ran: list[int] = []
+
+    async def run(row: Claimed) -> SimpleNamespace:
+        ran.append(row.id)
+        return SimpleNamespace(inline=False)
+
+    async def submit(result: SimpleNamespace) -> bool:
+        return True
+
+    engine = SimpleNamespace(run=run, transactional=lambda row: False, keeps_snapshot=lambda row: False)
+    cfg = parse({"database": {"dsn": "postgresql://unused"}, "queues": {"q": {"concurrency": 1}}})
+    rt = Runtime(cfg, "postgresql://unused", "q", 0, engine, None, logging.getLogger("t"))  # type: ignore[arg-type]
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        Claimed(i, "m", 1, "s", "{}", 0, 0, "q", 0, now, None, None, None, None, 1.0, None,
+                False, False, False, None, None, None, None)
+        for i in (1, 2, 3)
+    ]  # fmt: skip
+
+    async def main() -> None:
+        slots = Slots(rt, SimpleNamespace(submit=submit))  # type: ignore[arg-type]
+        slots.fill(rows)
+        assert len(slots.running) == 1 and len(slots.buffer) == 2  # one slot
+        for _ in range(50):
+            if len(ran) == 3 and not slots.tasks:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert ran == [1, 2, 3]
+
+
 def test_idle_worker_does_not_spin_on_rows_held_elsewhere(dsn, schema, client, db, sups, tmp_path, runs):
     """A due row whose concurrency key is busy cannot be claimed; the idle process pauses
     between looks instead of claiming in a tight loop until the key frees."""
