@@ -437,20 +437,12 @@ def rerender(path: str) -> None:
     data = json.loads(Path(path).read_text())
     configs = [Config(**c) for c in data["configs"]]
     chosen: dict[str, Config] = {}
-    for label, settings in (("defaults", DEFAULTS), ("best", data["best"])):
-        for cfg in configs:
-            if settings.get(cfg.system) == cfg.knobs and cfg.rounds:
-                chosen[f"{cfg.system}/{label}"] = cfg
-    render(
-        dict(
-            sorted(
-                chosen.items(),
-                key=lambda kv: (
-                    list(DEFAULTS).index(kv[0].split("/")[0]) if kv[0].split("/")[0] in DEFAULTS else 99
-                ),
-            )
-        )
-    )
+    for system in [*DEFAULTS, "floor"]:  # the table's order
+        for label, settings in (("defaults", DEFAULTS), ("best", data["best"])):
+            for cfg in configs:
+                if cfg.system == system and settings.get(system) == cfg.knobs and cfg.rounds:
+                    chosen[f"{system}/{label}"] = cfg
+    render(chosen)
 
 
 def main() -> None:
