@@ -64,8 +64,9 @@ part, 3–5 seeding 10M rows; about 4 GB of disk while the ``rows`` databases ex
 Reading ``held``: at a rate both fleets keep up with, the jobs finished per second stay at
 the rate while the snapshot is held; what the dead rows cost shows as the insert → done
 time, the jobs pending, the tables' growth and the CPU spent. Raise ``--rate`` towards a
-fleet's capacity to see the throughput fall. pgqueuer runs with the autovacuum settings of
-its ``pgq autovac`` (as in bench/run.py), pgdurable with the server's defaults. CPU is read
+fleet's capacity to see the throughput fall. pgqueuer runs at the settings of
+``bench/results/fair-best.json`` (its script's own when that file is missing), with the
+autovacuum settings of its ``pgq autovac`` (as in bench/run.py); pgdurable at its defaults. CPU is read
 from ``/proc`` (PostgreSQL must run on this host): the fleet's processes (supervisor,
 workers, maintenance; not the producers) and the database's backends, in % of one core.
 """
@@ -88,7 +89,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -780,8 +781,11 @@ async def part_held(scratch: Scratch, s: Settings, args: argparse.Namespace) -> 
     try:
         maintenance = {"snapshot_warning": args.snapshot_warning}
         async with fleets(pgd.dsn, s, maintenance=maintenance, logs=logs) as pgd_fleets:
+            # pgqueuer at the settings bench/fair.py's sweep found best, when recorded.
+            best = BENCH_DIR / "results" / "fair-best.json"
+            knobs = json.loads(best.read_text())["best"].get("pgqueuer", {}) if best.exists() else {}
             pgq_fleet = await ProcessFleet(
-                str(pgq_script), pgq.dsn, s, env=peer_env, python=peers_python
+                str(pgq_script), pgq.dsn, replace(s, knobs=knobs), env=peer_env, python=peers_python
             ).ready()
             for side, fleet in ((pgd, pgd_fleets[0]), (pgq, pgq_fleet)):
                 side.fleet_pids = lambda fleet=fleet: [pid for pids in fleet.pids().values() for pid in pids]
