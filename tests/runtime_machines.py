@@ -48,6 +48,14 @@ def suicide(args: dict, ctx):
 
 
 @job(queue="rt")
+def gc_settings(args: dict, ctx):
+    """What the worker process's garbage collector runs with."""
+    import gc
+
+    return {"threshold": list(gc.get_threshold()), "frozen": gc.get_freeze_count(), "pid": os.getpid()}
+
+
+@job(queue="rt")
 def stamp(args: dict, ctx):
     return {"started": time.time()}
 

@@ -44,6 +44,21 @@ def test_kill_9_worker_mid_step_reruns_at_once(dsn, schema, client, sups, tmp_pa
     assert sup.stop() == 0
 
 
+def test_a_worker_runs_with_a_tuned_garbage_collector(dsn, schema, client, sups, tmp_path):
+    """The collector of a worker process runs every 50,000 allocations, not Python's 700,
+    and never traverses what the process had at start (frozen)."""
+    import gc
+
+    from pgdurable.runtime.forked import GC_THRESHOLDS
+
+    sup = start(sups, tmp_path, dsn, schema, processes=1)
+    res = client.wait(client.insert("gc_settings", {}), timeout=30)
+    assert res.result["pid"] in sup.workers()
+    assert tuple(res.result["threshold"]) == GC_THRESHOLDS != gc.get_threshold()
+    assert res.result["frozen"] > 10_000  # the modules, the registry, the configuration
+    assert sup.stop() == 0
+
+
 def test_step_that_kills_its_worker_fails_after_max_crashes(dsn, schema, client, sups, tmp_path, runs):
     """Only the culprit fails: neighbours that were running or prefetched in the dying
     worker go back without being blamed, and the rest of the queue keeps flowing."""

@@ -40,7 +40,7 @@ from pgdurable.runtime.context import Pool, Runtime
 from pgdurable.runtime.feedconn import FeedConnection
 from pgdurable.runtime.feeder import Feeder
 from pgdurable.runtime.flusher import Flusher
-from pgdurable.runtime.forked import reset_after_fork, run_loop
+from pgdurable.runtime.forked import reset_after_fork, run_loop, tune_gc
 from pgdurable.runtime.heartbeat import Heartbeat
 from pgdurable.runtime.isolation import StepPool
 from pgdurable.runtime.lifecycle import Component
@@ -230,6 +230,7 @@ def _title(rt: Runtime, slots: Slots) -> str:
 def main(spec: WorkerSpec, *, parent_pid: int, signal_mask: set[int | signal.Signals]) -> int:
     """Run a forked worker process to its end; returns its exit code."""
     reset_after_fork(parent_pid, signal_mask, spec.report_fd)
+    tune_gc()
     processes = spec.cfg.queues[spec.queue].processes
     setproctitle.setproctitle(f"pgdurable: worker {spec.queue} {spec.index + 1}/{processes}")
     log.debug("worker %s starting", spec.worker_id, extra={"event": "worker_starting", "queue": spec.queue})
