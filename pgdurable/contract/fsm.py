@@ -562,6 +562,8 @@ class Registry:
         self._by_key: dict[tuple[str, int], type[FSM]] = {}
         self._instances: dict[tuple[str, int], FSM] = {}
         self._latest: dict[str, int] = {}
+        #: Whether a machine here has a transactional step (else no row needs the lookup).
+        self.transactional = False
         for m in machines:
             self.add(m)
 
@@ -580,6 +582,8 @@ class Registry:
         self._by_key[key] = machine
         self._instances[key] = machine()
         self._latest[info.name] = max(info.version, self._latest.get(info.name, 0))
+        if any(s.transactional for s in machine.__pgdurable_steps__.values()):
+            self.transactional = True
 
     @classmethod
     def from_modules(cls, modules: Iterable[str]) -> Registry:

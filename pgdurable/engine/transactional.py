@@ -56,6 +56,8 @@ _ENDED = (
 
 def step_of(registry: Registry, row: Claimed) -> StepDef | None:
     """The transactional step this row runs next, or None (not transactional, or unknown)."""
+    if not registry.transactional:
+        return None
     found = registry.get(row.fsm, row.version)
     if found is None:
         return None
@@ -74,7 +76,7 @@ def keeps_snapshot(registry: Registry, row: Claimed) -> bool:
 
 def any_transactional(registry: Registry) -> bool:
     """Whether a machine of the registry has a transactional step (a worker sizes its pool)."""
-    return any(s.transactional for m in registry.machines() for s in m.__pgdurable_steps__.values())
+    return registry.transactional
 
 
 class StepConnection(psycopg.Connection[Any]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 
@@ -19,10 +19,10 @@ from pgdurable.runtime.context import Runtime
 from pgdurable.runtime.lifecycle import Component
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     result: Result
-    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[bool]
 
 
 class Flusher(Component):
@@ -37,10 +37,17 @@ class Flusher(Component):
         self.on_delayed = on_delayed
         self._waiting: list[_Pending] = []
         self._wake = asyncio.Event()
+        #: The running loop, read once (on Python 3.11 each lookup is a getpid() system call).
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _pending(self, result: Result) -> _Pending:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return _Pending(result, self._loop.create_future())
 
     async def submit(self, result: Result) -> bool:
         """Wait until the outcome is durable; False when it was stale (claim lost)."""
-        item = _Pending(result)
+        item = self._pending(result)
         self._waiting.append(item)
         self._wake.set()
         return await item.done
@@ -48,7 +55,7 @@ class Flusher(Component):
     def committed_alone(self, result: Result, stale: set[int]) -> bool:
         """Account for an outcome committed outside the group (a transactional step's, in
         its own transaction) as a flush would; False when it was stale."""
-        item = _Pending(result)
+        item = self._pending(result)
         self._settle([item], stale)
         return item.done.result()
 

@@ -90,6 +90,7 @@ class Slots(Component):
         self.start_from_buffer()
 
     def start_from_buffer(self) -> None:
+        loop = None
         while self.buffer and self.busy < self.rt.settings.concurrency and not self.closing.is_set():
             if self._solo is not None:
                 break  # a suspect runs alone
@@ -105,7 +106,10 @@ class Slots(Component):
             # suspect and counts a crash; rows merely held are innocent.
             if self.board is not None:
                 self.board.start(row.id)
-            self.tasks[row.id] = asyncio.create_task(self._run_one(row), name=f"step-{row.id}")
+            # The loop read once, not by asyncio.create_task for each row (on Python 3.11 each
+            # lookup of the running loop is a getpid() system call).
+            loop = loop or asyncio.get_running_loop()
+            self.tasks[row.id] = loop.create_task(self._run_one(row), name=f"step-{row.id}")
 
     async def _run_one(self, row: Claimed) -> None:
         rt = self.rt
