@@ -45,7 +45,7 @@ def test_kill_9_worker_mid_step_reruns_at_once(dsn, schema, client, sups, tmp_pa
 
 
 def test_a_worker_runs_with_a_tuned_garbage_collector(dsn, schema, client, sups, tmp_path):
-    """The collector of a worker process runs every 50,000 allocations, not Python's 700,
+    """The collector of a worker process runs every 10,000 allocations, not Python's 700,
     and never traverses what the process had at start (frozen)."""
     import gc
 
