@@ -2,6 +2,7 @@
 
     python bench/fair.py --dsn postgresql://localhost/postgres            # sweep, then the table
     python bench/fair.py --dsn postgresql://localhost/postgres --quick    # the table, < 5 minutes
+    python bench/fair.py --dsn postgresql://localhost/postgres --no-sweep # the full table alone
 
 Full form: first a **sweep** of every system's documented knobs (``GRID``, two interleaved
 rounds per setting, on the workload named in ``SWEPT_ON``); the best median of each system
@@ -11,7 +12,7 @@ where it has none, its documentation's example) and at its best settings, the sy
 interleaved round by round (A B C … then B C … A, so that none always goes first) for
 ``--rounds`` rounds; each cell is the median and the spread (min–max). The quick form
 skips the sweep and reads the best settings recorded by the last full run, with smaller
-counts and three rounds.
+counts and three rounds; ``--no-sweep`` reads them too and runs the table at full counts.
 
 Every measurement is one subprocess of the system's script (``bench/workloads_pgdurable.py``,
 ``bench/peers/<peer>_bench.py``, ``bench/floor.py``) in ``measure`` mode: it starts a fleet of
@@ -62,12 +63,12 @@ GRID: dict[str, list[dict[str, Any]]] = {
     "pgdurable": [
         {"processes": 2, "concurrency": c, "batch": b, "prefetch": p}
         for c, b, p in [
-            (10, 50, 10),
             (10, 100, 10),
-            (10, 400, 10),
-            (25, 200, 25),
-            (50, 200, 50),
+            (10, 200, 10),
+            (10, 800, 10),
+            (25, 400, 25),
             (50, 400, 50),
+            (50, 800, 50),
         ]
     ],
     "pgqueuer": [
@@ -453,6 +454,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="no sweep (the recorded best), small counts")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep, no table")
     parser.add_argument(
+        "--no-sweep", action="store_true", help="the full table at the recorded best settings, no sweep"
+    )
+    parser.add_argument(
         "--best", default=str(BENCH / "results" / "fair-best.json"), help="best settings file"
     )
     parser.add_argument("--systems", default=",".join(["pgdurable", *PEERS, "floor"]))
@@ -487,7 +491,7 @@ def main() -> None:
         f"{'quick' if args.quick else 'full'} form: {counts}\n"
     )
     try:
-        if args.quick:
+        if args.quick or args.no_sweep:
             path = Path(args.best)
             if not path.exists():
                 sys.exit(f"{path}: no recorded best settings; run the full form once (it sweeps)")

@@ -30,8 +30,8 @@ The parts, each printing a markdown table:
 - ``supervisors``: the burst with 1, 2 and 3 supervisors of one worker process each on
   the same database and queue (as on separate hosts), and, as the reference for the same
   number of processes, one supervisor of two processes.
-- ``queues``: fairness between queues, with claims of up to 200 rows (the default) against
-  50 (the default before): queues ``bench`` and ``other``, one worker process each. Both
+- ``queues``: fairness between queues, with claims of up to 400 rows (the default) against
+  200 and 50 (the defaults before): queues ``bench`` and ``other``, one worker process each. Both
   get a burst of the same size at once (each queue's jobs/s); then ``other`` gets one job
   every 50 ms, with ``bench`` idle and during a burst on ``bench`` (its wake latency).
 - ``held``: the classic queue-bloat failure, pgdurable and pgqueuer side by side, at the
@@ -340,8 +340,8 @@ async def part_processes(scratch: Scratch, s: Settings, args: argparse.Namespace
 
 
 async def part_queues(scratch: Scratch, s: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """Fairness between queues, with claims of up to 200 rows (the default) against 50 (the
-    default before): queues ``bench`` and ``other``, one worker process each under one
+    """Fairness between queues, with claims of up to 400 rows (the default) against 200 and
+    50 (the defaults before): queues ``bench`` and ``other``, one worker process each under one
     supervisor. (1) Both get a burst of the same size at once: each queue's jobs/s. (2)
     ``bench`` gets a burst while ``other`` gets one job every 50 ms: their wake latency,
     insert call to the job's first line, against the same trickle into an idle fleet."""
@@ -402,7 +402,7 @@ async def part_queues(scratch: Scratch, s: Settings, args: argparse.Namespace) -
         receiver.started.clear()
         return samples
 
-    variants = {"batch 200 (default)": {}, "batch 50": {"batch": 50}}
+    variants = {"batch 400 (default)": {}, "batch 200": {"batch": 200}, "batch 50": {"batch": 50}}
     rows: dict[str, dict[str, list[float]]] = {
         v: {"bench": [], "other": [], "idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": []}
         for v in variants

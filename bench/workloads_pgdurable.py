@@ -44,7 +44,7 @@ class Pgdurable:
     version = importlib.metadata.version("pgdurable")
     settings_note = (
         "`pgdurable supervise` with 2 worker processes for queue `bench`, every other key at its "
-        "default (`concurrency = 10`, `prefetch = 10`, `batch = 200`); async steps; "
+        "default (`concurrency = 10`, `prefetch = 10`, `batch = 400`); async steps; "
         "producers use `AsyncClient` (a lone write notifies in its transaction, "
         "concurrent ones coalesce after commit)"
     )

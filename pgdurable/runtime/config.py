@@ -23,7 +23,7 @@ retention = 604800             # seconds terminal rows are kept
 processes = 2                  # worker processes
 concurrency = 10               # steps in flight per process
 prefetch = 10                  # claimed-but-not-started rows per process
-batch = 200                    # most rows one claim takes (quick steps; slow ones take fewer)
+batch = 400                    # most rows one claim takes (quick steps; slow ones take fewer)
 history = true                 # a history row per step attempt (docs/history.md)
 isolation = "thread"           # or "process": sync steps in killable step processes (docs/timeouts.md)
 
@@ -103,7 +103,7 @@ class QueueSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     processes: int = 1
     concurrency: int = 10
     prefetch: int = 10
-    batch: int = 200
+    batch: int = 400
     history: bool = True  # false: the queue's step attempts leave no history rows
     isolation: str = "thread"  # where sync steps run: "thread" or "process" (ISOLATIONS)
 
