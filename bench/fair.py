@@ -488,7 +488,7 @@ def main() -> None:
         f"PostgreSQL {facts['server_version']} on the same host (synchronous_commit="
         f"{facts['synchronous_commit']}, fsync={facts['fsync']}, shared_buffers={facts['shared_buffers']}); "
         f"Python {platform.python_version()}; pgdurable at {rev}; every fleet 2 worker processes; "
-        f"{'quick' if args.quick else 'full'} form: {counts}\n"
+        f"{'quick' if args.quick else 'full'} form{', no sweep' if args.no_sweep else ''}: {counts}\n"
     )
     try:
         if args.quick or args.no_sweep:

@@ -402,7 +402,12 @@ async def part_queues(scratch: Scratch, s: Settings, args: argparse.Namespace) -
         receiver.started.clear()
         return samples
 
-    variants = {"batch 400 (default)": {}, "batch 200": {"batch": 200}, "batch 50": {"batch": 50}}
+    variants = {
+        "batch 400 (default)": {},
+        "batch 800": {"batch": 800},
+        "batch 200": {"batch": 200},
+        "batch 50": {"batch": 50},
+    }
     rows: dict[str, dict[str, list[float]]] = {
         v: {"bench": [], "other": [], "idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": []}
         for v in variants
