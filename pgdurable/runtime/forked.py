@@ -15,7 +15,7 @@ _PR_SET_PDEATHSIG = 1
 #: The cyclic garbage collector of a worker process: a young collection once 10,000 more
 #: container objects are alive than at the last one, instead of Python's 700. A worker
 #: holds a claimed row, a task, a context and a result per step in flight (hundreds, with
-#: a claim of 200), nearly all freed by reference counting; at 700 the collector ran every
+#: a claim of 400), nearly all freed by reference counting; at 700 the collector ran every
 #: few dozen steps and took 12 % of a busy worker's samples (docs/performance.md, the
 #: levers). Cyclic garbage (a step's own) waits longer for it: 10,000 keeps that wait short,
 #: and measured within noise of 50,000.
