@@ -46,7 +46,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BENCH, PEERS, VENV, create_db, drop_db, ensure_peers, revision, server_facts
+from run import (
+    BENCH,
+    BEST,
+    PEERS,
+    VENV,
+    create_db,
+    drop_db,
+    ensure_peers,
+    recorded_best,
+    revision,
+    server_facts,
+)
 
 #: Each system's defaults. pgdurable: every queue key at its default but ``processes``.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -456,9 +467,7 @@ def main() -> None:
     parser.add_argument(
         "--no-sweep", action="store_true", help="the full table at the recorded best settings, no sweep"
     )
-    parser.add_argument(
-        "--best", default=str(BENCH / "results" / "fair-best.json"), help="best settings file"
-    )
+    parser.add_argument("--best", default=str(BEST), help="best settings file")
     parser.add_argument("--systems", default=",".join(["pgdurable", *PEERS, "floor"]))
     parser.add_argument("--only", default=",".join(w for w, _, _ in WORKLOADS), help="workloads")
     parser.add_argument("--rounds", type=int, help="rounds per workload (default 5; quick 3)")
@@ -495,7 +504,7 @@ def main() -> None:
             path = Path(args.best)
             if not path.exists():
                 sys.exit(f"{path}: no recorded best settings; run the full form once (it sweeps)")
-            best = json.loads(path.read_text())["best"]
+            best = recorded_best(path)
         else:
             best = sweep(runner, systems)
             Path(args.best).write_text(

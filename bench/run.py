@@ -147,6 +147,16 @@ def drop_db(dsn: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+#: Where bench/fair.py's sweep records each system's best settings.
+BEST = BENCH / "results" / "fair-best.json"
+
+
+def recorded_best(path: Path = BEST) -> dict[str, dict[str, Any]]:
+    """The best settings of each system that bench/fair.py's sweep recorded in ``path``;
+    empty when there is no such file."""
+    return dict(json.loads(path.read_text())["best"]) if path.exists() else {}
+
+
 def server_facts(dsn: str) -> dict[str, str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         facts = {}
@@ -292,13 +302,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per system")
     parser.add_argument(
         "--best",
-        default=str(BENCH / "results" / "fair-best.json"),
+        default=str(BEST),
         help="the peers' settings found best by bench/fair.py's sweep ('none': each script's own)",
     )
     args = parser.parse_args()
     best = Path(args.best)
     # The peers run at their swept best; pgdurable at its defaults.
-    args.knobs = json.loads(best.read_text())["best"] if args.best != "none" and best.exists() else {}
+    args.knobs = recorded_best(best) if args.best != "none" else {}
     args.knobs.pop("pgdurable", None)
     args.timeout = args.timeout or (900.0 if args.quick else 2400.0)
     systems = [s for s in args.systems.split(",") if s]

@@ -100,7 +100,7 @@ from fleet import SupervisorFleet
 from harness import BENCH_DIR, STAMP_ENV, ProcessFleet, Settings, StampReceiver, burst, percentile
 from pgdurable_machines import noop, stamped
 from psycopg import sql
-from run import VENV, create_db, drop_db, fmt, revision, server_facts
+from run import VENV, create_db, drop_db, fmt, recorded_best, revision, server_facts
 from workloads_pgdurable import SCHEMA, Pgdurable
 
 from pgdurable import Insert
@@ -787,8 +787,7 @@ async def part_held(scratch: Scratch, s: Settings, args: argparse.Namespace) -> 
         maintenance = {"snapshot_warning": args.snapshot_warning}
         async with fleets(pgd.dsn, s, maintenance=maintenance, logs=logs) as pgd_fleets:
             # pgqueuer at the settings bench/fair.py's sweep found best, when recorded.
-            best = BENCH_DIR / "results" / "fair-best.json"
-            knobs = json.loads(best.read_text())["best"].get("pgqueuer", {}) if best.exists() else {}
+            knobs = recorded_best().get("pgqueuer", {})
             pgq_fleet = await ProcessFleet(
                 str(pgq_script), pgq.dsn, replace(s, knobs=knobs), env=peer_env, python=peers_python
             ).ready()
