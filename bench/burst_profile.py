@@ -41,6 +41,12 @@ Over the drain:
   claim and commit paths, step code). ``--py-spy-native`` adds C frames (msgspec, libpq,
   uvloop) but pauses the process at each sample, so it slows the worker it samples.
 
+- ``--perf``: ``perf record`` (Linux perf; needs the rights to profile other users'
+  processes, e.g. root) on the fleet's PostgreSQL backends during the drain, reported as
+  the server functions (symbols of the postgres binary, libc and the kernel) that took the
+  most of their samples, self time, and the same by module. Without PostgreSQL's debug
+  symbols the server's own functions still show by name (the binary exports them).
+
 The verdict line says which side bounds the rate: the machine's biggest consumer when it
 is saturated, else one process at a full core, else latency. Other work on the machine
 shows as "other" and "backends of other databases"; past 10 % of the machine the report
@@ -504,8 +510,10 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
             client = Client(own_dsn, schema=SCHEMA)
             fleet = await start_fleet(fleet_dsn, knobs)
             spy: subprocess.Popen[bytes] | None = None
+            perf: subprocess.Popen[bytes] | None = None
             spy_dir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
             spy_out = spy_dir / "worker.folded"
+            perf_out = spy_dir / "backends.perf"
             try:
                 # Warm-up: imports, prepared statements, pools, the flusher's buffers.
                 client.insert_many([Insert(noop, {}) for _ in range(WARMUP)])
@@ -540,6 +548,18 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
                     cmd += ["--native"] if args.py_spy_native else ["--nonblocking"]
                     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                     await asyncio.sleep(1.0)  # attached and sampling before the drain starts
+
+                if args.perf:
+                    perf_bin = shutil.which("perf")
+                    if perf_bin is None:
+                        raise SystemExit("--perf: no perf executable (Debian: apt-get install linux-perf)")
+                    backends = [str(p) for p, r in pg_processes(conn, db) if r == "pg fleet"]
+                    cmd = [perf_bin, "record", "-F", str(args.perf_rate), "-o", str(perf_out)]
+                    cmd += ["--call-graph", "dwarf,16384"] if args.perf_inclusive else []
+                    perf = subprocess.Popen(
+                        [*cmd, "-p", ",".join(backends)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    )
+                    await asyncio.sleep(1.0)  # attached before the drain starts
 
                 walwriter = next((p for p, r in pg_processes(conn, db) if r == "pg walwriter"), None)
                 postmaster = ppid(walwriter) if walwriter else None
@@ -583,6 +603,11 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
                 sample()
                 pm1 = proc_stat(postmaster) if postmaster else None
                 pss1 = pss_snapshot(conn, db) if use_pss else {}
+                if perf is not None:
+                    perf.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
+                    _, err = await asyncio.to_thread(perf.communicate, None, 60)
+                    if not perf_out.exists():
+                        print(f"perf failed ({perf.returncode}): {err.decode()[-1000:]}", file=sys.stderr)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                     _, err = await asyncio.to_thread(spy.communicate, None, 30)
@@ -604,9 +629,10 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 ).fetchone()
             finally:
-                if spy is not None and spy.poll() is None:
-                    spy.kill()
-                    spy.wait()
+                for profiler in (spy, perf):
+                    if profiler is not None and profiler.poll() is None:
+                        profiler.kill()
+                        profiler.wait()
                 await fleet.stop()
                 shutil.rmtree(fleet.dir, ignore_errors=True)
                 client.close()
@@ -643,8 +669,59 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         result["py_spy_native"] = args.py_spy_native
         if args.py_spy_out:
             shutil.copyfile(spy_out, args.py_spy_out)
+    if args.perf and perf_out.exists():
+        result["perf"] = perf_report(perf_out, args.top, inclusive=args.perf_inclusive)
     shutil.rmtree(spy_dir, ignore_errors=True)
     return result
+
+
+# -- perf ---------------------------------------------------------------------------------
+_PERF_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S+)\s+\[([.k])\]\s+(.+?)\s*$")
+
+
+#: The server's functions whose inclusive share ``--perf-inclusive`` reports: where a row's
+#: write goes (the heap, its indexes, stored generated columns, constraints, WAL), what the
+#: JSON documents of the flush cost to parse, planning, and the commit.
+PERF_INCLUSIVE = [
+    "ExecInsertIndexTuples", "ExecComputeStoredGenerated", "ExecConstraints", "heap_update",
+    "heap_insert", "heap_multi_insert", "XLogInsert", "json_lex", "jsonb_in",
+    "pg_parse_json", "pg_plan_query", "CommitTransaction", "XLogFlush", "ExecScan",
+    "ExecLockRows", "CopyFrom", "MakeTupleTableSlot", "ExecDropSingleTupleTableSlot",
+]  # fmt: skip
+
+
+def perf_report(path: Path, top: int, inclusive: bool = False) -> dict[str, Any]:
+    """The backends' samples by function (self) and by module, from ``perf report``; with
+    ``inclusive`` (call graphs recorded), also the inclusive share of ``PERF_INCLUSIVE``."""
+    cmd = ["perf", "report", "-i", str(path), "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    functions: list[dict[str, Any]] = []
+    modules: dict[str, float] = {}
+    kernel = 0.0
+    for line in text.splitlines():
+        m = _PERF_LINE.match(line)
+        if m is None:
+            continue
+        share, dso, space, sym = float(m[1]), m[2], m[3], m[4]
+        modules[dso] = modules.get(dso, 0.0) + share
+        kernel += share if space == "k" else 0.0
+        functions.append({"share": share, "module": dso, "function": sym, "kernel": space == "k"})
+    samples = re.search(r"^# Samples: (\S+)", text, re.MULTILINE)
+    covered: list[list[Any]] = []
+    if inclusive:
+        cmd = ["perf", "report", "-i", str(path), "--stdio", "--children", "--sort", "sym", "-g", "none"]
+        text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        for line in text.splitlines():
+            m = re.match(r"^\s*([0-9.]+)%\s+([0-9.]+)%\s+\[[.k]\]\s+(\S+)", line)
+            if m is not None and m[3] in PERF_INCLUSIVE:
+                covered.append([m[3], float(m[1])])
+    return {
+        "inclusive": covered,
+        "samples": samples[1] if samples else "?",
+        "kernel_share": round(kernel, 2),
+        "modules": sorted(([k, round(v, 2)] for k, v in modules.items()), key=lambda kv: -kv[1])[:top],
+        "functions": functions[: top * 2],
+    }
 
 
 def statement_table(
@@ -872,6 +949,26 @@ def report(r: dict[str, Any]) -> str:
             ),
             "",
         ]
+    if "perf" in r:
+        p = r["perf"]
+        out.append(
+            f"### perf, the fleet's PostgreSQL backends: {p['samples']} samples, "
+            f"{p['kernel_share']:.1f} % of them in the kernel\n"
+        )
+        out += [table(["module", "share"], [[m, f"{v:.1f} %"] for m, v in p["modules"]]), ""]
+        rows = [
+            [f"`{f['function']}`", f["module"] + (" (kernel)" if f["kernel"] else ""), f"{f['share']:.1f} %"]
+            for f in p["functions"]
+        ]
+        out += [table(["function (self)", "module", "share"], rows), ""]
+        if p.get("inclusive"):
+            out.append("Inclusive shares (a function and what it calls; they overlap):\n")
+            out += [
+                table(
+                    ["function (inclusive)", "share"], [[f"`{f}`", f"{v:.1f} %"] for f, v in p["inclusive"]]
+                ),
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -893,6 +990,11 @@ def main() -> None:
     parser.add_argument("--py-spy-native", action="store_true", help="with C frames (pauses the worker)")
     parser.add_argument("--py-spy-out", help="also keep py-spy's folded stacks in this file")
     parser.add_argument("--py-spy-rate", type=int, default=200, help="samples per second")
+    parser.add_argument("--perf", action="store_true", help="perf record the fleet's PostgreSQL backends")
+    parser.add_argument("--perf-rate", type=int, default=999, help="perf samples per second")
+    parser.add_argument(
+        "--perf-inclusive", action="store_true", help="with --perf: call graphs (DWARF), inclusive shares"
+    )
     parser.add_argument("--top", type=int, default=15, help="rows of each top-N table")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()

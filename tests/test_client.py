@@ -374,6 +374,59 @@ def test_empty_scope_means_no_dedup(client):
     assert all(must_get(client, i).correlation_key == "same" for i in (a, b, c, d))
 
 
+def test_only_a_keyed_row_stores_a_scope(dsn, schema, client, db):
+    """A keyless row stores no scope (migration 14: 101 bytes of a plain job's 240, in every
+    version the job writes), through every insert path; a keyed row stores its scope, the
+    live statuses by default; a keyed row without one is refused, not silently unguarded."""
+    from .parallel_machines import ALL as PARALLEL
+    from .parallel_machines import Fan
+
+    live = list(LIVE_STATUSES)
+    ids = {
+        "insert": client.insert(QuickDone),
+        "insert keyed": client.insert(QuickDone, correlation_key="one"),
+        "insert keyed, empty scope": client.insert(QuickDone, correlation_key="none", correlation_scope=[]),
+    }
+    plain = client.insert_many([Insert(QuickDone)] * 2)  # the short COPY: no scope column
+    mixed = client.insert_many(
+        [Insert(QuickDone, priority=1), Insert(QuickDone, priority=1, correlation_key="two")]
+    )
+    ids |= {"plain batch": plain[0], "full batch": mixed[0], "full batch keyed": mixed[1]}
+    fan = client.insert(Fan, {"children": [["square", {"n": 2}]]})
+    plain_fan = client.insert("parent", {"values": [1]}, queue="parents")
+    drain(dsn, PARALLEL, schema=schema, queues=["par"])
+    from .coord_machines import Leaf, Parent
+
+    drain(dsn, [Parent, Leaf], schema=schema, queues=["parents"])
+
+    def scope(iid: int) -> list[str] | None:
+        return db.execute(
+            f'SELECT correlation_scope FROM "{schema}".instances WHERE id = %s', [iid]
+        ).fetchone()[0]
+
+    def child_scope(parent: int) -> list[str] | None:
+        q = f'SELECT correlation_scope FROM "{schema}".instances WHERE parent_id = %s'
+        return db.execute(q, [parent]).fetchone()[0]
+
+    got = {name: scope(iid) for name, iid in ids.items()}
+    got |= {"keyed child": child_scope(fan), "child": child_scope(plain_fan)}
+    assert got == {
+        "insert": None,
+        "insert keyed": live,
+        "insert keyed, empty scope": [],
+        "plain batch": None,
+        "full batch": None,
+        "full batch keyed": live,
+        "keyed child": live,
+        "child": None,
+    }
+    with pytest.raises(psycopg.errors.CheckViolation, match="instances_correlation_scope_check"):
+        db.execute(
+            f'INSERT INTO "{schema}".instances (fsm, queue, correlation_key) VALUES (%s, %s, %s)',
+            ["quick_done", "q", "bare"],
+        )
+
+
 @pytest.mark.parametrize(
     "scope",
     [["done"], ["runnable"], ["runnable", "executing", "done"], [s for s in LIVE_STATUSES if s != "held"]],

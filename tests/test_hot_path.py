@@ -229,13 +229,47 @@ def test_default_scope_in_sql_matches_the_live_statuses():
     assert literals == {",".join(LIVE_STATUSES)}
 
 
-def test_default_scope_of_the_table_is_the_live_statuses(db, schema):
-    """A plain batch (COPY without the scope column) stores what an insert would."""
-    from pgdurable.contract.spec import LIVE_STATUSES
-
-    (default,) = db.execute(
-        "SELECT column_default FROM information_schema.columns"
+def test_the_table_stores_no_scope_by_default(db, schema):
+    """A plain batch (COPY without the scope column) stores what a keyless insert does: no
+    scope (tests/test_client.py follows every insert path)."""
+    got = db.execute(
+        "SELECT column_default, is_nullable FROM information_schema.columns"
         " WHERE table_schema = %s AND table_name = 'instances' AND column_name = 'correlation_scope'",
         [schema],
     ).fetchone()
-    assert default == "'{" + ",".join(LIVE_STATUSES) + "}'::text[]"
+    assert got == (None, "YES")
+
+
+def test_an_outcome_sends_only_what_differs_from_the_defaults(dsn, schema, client, db):
+    """The flush's document leaves out every key at its default (the statement reads an
+    absent key as the default): a job's ``Done`` sends its result and six keys, a retry its
+    attempt, its error and the flags it sets. What lands is what the full document would have written."""
+    import datetime as dt
+    import json
+
+    from pgdurable.engine.commit import _plain_params
+
+    ok, failing = client.insert_many(
+        [Insert(send_email, EmailArgs(to="a")), Insert(send_email, EmailArgs(to="b", fail=1))]
+    )
+
+    async def go():
+        engine = Engine(Registry([send_email]), schema=schema)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            rows = await engine.claim(conn, "email", 2)
+            results = [await engine.run(r) for r in rows]
+            doc = json.loads(_plain_params("w", results, None, dt.timedelta(seconds=30))["rows"])
+            await engine.flush(conn, results)
+            return doc
+
+    doc = asyncio.run(go())
+    base = {"token", "status", "version", "step", "delay", "weight"}
+    assert set(doc[str(ok)]) == base | {"result"}
+    # a retry keeps what the row waits on and its rate limit: those flags are true
+    assert set(doc[str(failing)]) == base | {"attempt", "error", "traceback", "keep_awaits", "keep_rate"}
+    got = db.execute(
+        f'SELECT id, status, attempt, weight, eligible_at > now(), result, last_error FROM "{schema}".instances'
+        " ORDER BY id"
+    ).fetchall()
+    assert got[0] == (ok, "done", 0, 1.0, False, {"sent_to": "a", "attempt": 0}, None)
+    assert got[1][:5] == (failing, "runnable", 1, 1.0, True) and "smtp down (0)" in got[1][6]

@@ -211,16 +211,17 @@ class Batch:
             version = _NULL if r.version is None else str(r.version)
             heads.append(f"{_text(r.fsm)}\t{version}\t{_text(r.step)}\t")
             if plain:
-                tails.append((f"\t{_text(r.queue)}\n", ""))
+                tails.append((f"\t{_text(r.queue)}\n", "", ""))
                 continue
             expires = _at(now, r.expires_at, r.expires_in)
             deadline = _at(now, r.deadline_at, r.deadline_in)
+            rest = (
+                f"\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}"
+                f"\t{now_text}\t{expires}\t{_text(r.on_expiry)}\t{deadline}\t{trace}\n"
+            )
+            # A keyless row stores no scope (migration 14): its own end, per row's key.
             tails.append(
-                (
-                    f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t",
-                    f"\t{scope}\t{_text(r.concurrency_key)}\t{_text(r.rate_limit)}\t{r.weight!r}"
-                    f"\t{now_text}\t{expires}\t{_text(r.on_expiry)}\t{deadline}\t{trace}\n",
-                )
+                (f"\t{_text(r.queue)}\t{r.priority}\t{eligible}\t", f"\t{scope}{rest}", f"\t{_NULL}{rest}")
             )
         lines = []
         if plain:
@@ -228,8 +229,11 @@ class Batch:
                 lines.append(f"{iid}\t{heads[k]}{_state(state)}{tails[k][0]}")
             return "".join(lines).encode()
         for iid, (k, state, key) in zip(ids, self.rows, strict=True):
-            mid, end = tails[k]
-            lines.append(f"{iid}\t{heads[k]}{_state(state)}{mid}{_text(key)}{end}")
+            mid, keyed, keyless = tails[k]
+            if key is None:
+                lines.append(f"{iid}\t{heads[k]}{_state(state)}{mid}{_NULL}{keyless}")
+            else:
+                lines.append(f"{iid}\t{heads[k]}{_state(state)}{mid}{_text(key)}{keyed}")
         return "".join(lines).encode()
 
     def ids_in_input_order(self, ids: Sequence[int]) -> list[int]:

@@ -382,26 +382,30 @@ def _single_statement(r: Result) -> bool:
     return r.kind in _STATUS and r.row.parent_id is None and (r.row.shard is None or r.row.shard < 0)
 
 
-class _CommitRow(msgspec.Struct, array_like=False):
+class _CommitRow(msgspec.Struct, omit_defaults=True):
     """One outcome as instance_commit_if_owned_many reads it from its JSON document (an
-    object keyed by instance id)."""
+    object keyed by instance id). A field with a default is left out of the document when
+    it holds it (a plain ``Done`` sends six keys instead of seventeen): the statement reads
+    an absent key as NULL, and NULL as the default, so the server parses a third of the
+    JSON. ``delay`` and ``weight`` are always sent: a NaN, which JSON encodes as null, must
+    reach the database as NULL and be refused there, not be read as the default."""
 
     token: int
     status: str
     version: int
     step: str
-    state: msgspec.Raw | None
     delay: float
-    attempt: int
-    keep_awaits: bool
-    set_concurrency: bool
-    concurrency_key: str | None
-    keep_rate: bool
-    rate_limit: str | None
     weight: float
-    result: msgspec.Raw | None
-    error: str | None
-    traceback: str | None
+    state: msgspec.Raw | None = None  # None: keep the stored state
+    attempt: int = 0
+    keep_awaits: bool = False
+    set_concurrency: bool = False
+    concurrency_key: str | None = None
+    keep_rate: bool = False
+    rate_limit: str | None = None
+    result: msgspec.Raw | None = None
+    error: str | None = None
+    traceback: str | None = None
     saga: msgspec.Raw | None = None
 
 
@@ -421,15 +425,15 @@ def _plain_params(
             "executing" if r.inline else _STATUS[r.kind],
             r.version,
             r.step,
-            _raw(r.state),
             r.delay,
+            r.weight,
+            _raw(r.state),
             r.attempt,
             r.keep_awaits,
             r.set_concurrency,
             r.concurrency_key,
             r.keep_rate,
             r.rate_limit,
-            r.weight,
             _raw(r.result),
             r.error,
             r.traceback if r.error is not None else None,  # the traceback of last_error
