@@ -20,7 +20,8 @@ Groups and variants:
 - **flush** (200 ``Done`` outcomes, ``force_custom_plan`` as the worker's pool plans it):
   ``instance_commit_if_owned_many`` and its history rider in one pipeline, as shipped; the
   same with every key of each outcome in the flush's document (the engine leaves the keys at
-  their defaults out: a plain ``Done`` sends six of seventeen); the history row written by a CTE of the flush statement instead of its rider; the flush
+  their defaults out: a plain ``Done`` sends six of seventeen); the history row written by
+  a CTE of the flush statement instead of its rider; the flush
   without history; the flush planned generically (``plan_cache_mode = auto``, its plan
   made on this table); a bare ``UPDATE … FROM unnest(…)`` of status and lease.
 - **row width** (100 rows): the bare claim and complete on the instance table against the

@@ -268,8 +268,8 @@ def test_an_outcome_sends_only_what_differs_from_the_defaults(dsn, schema, clien
     # a retry keeps what the row waits on and its rate limit: those flags are true
     assert set(doc[str(failing)]) == base | {"attempt", "error", "traceback", "keep_awaits", "keep_rate"}
     got = db.execute(
-        f'SELECT id, status, attempt, weight, eligible_at > now(), result, last_error FROM "{schema}".instances'
-        " ORDER BY id"
+        "SELECT id, status, attempt, weight, eligible_at > now(), result, last_error"
+        f' FROM "{schema}".instances ORDER BY id'
     ).fetchall()
     assert got[0] == (ok, "done", 0, 1.0, False, {"sent_to": "a", "attempt": 0}, None)
     assert got[1][:5] == (failing, "runnable", 1, 1.0, True) and "smtp down (0)" in got[1][6]

@@ -17,6 +17,7 @@ import pytest
 from psycopg import pq
 
 from pgdurable import SchemaVersionError
+from pgdurable.contract.spec import LIVE_STATUSES
 from pgdurable.db import migrations
 from pgdurable.db.queries import Queries, for_schema, quote_ident
 
@@ -220,8 +221,8 @@ def test_partial_indexes(dsn, schema):
         ),
         "instances_correlation": (
             True,
-            "WHERE (correlation_guard IS NOT NULL)",
-            "(correlation_guard)",
+            "WHERE ((correlation_key IS NOT NULL) AND (status = ANY (correlation_scope)))",
+            "(correlation_key)",
         ),
         "instances_parent": (False, "WHERE (parent_id IS NOT NULL)", "(parent_id)"),
         "instances_gc": (False, "WHERE (status = ANY (ARRAY['done'::text", "(updated_at)"),
@@ -284,6 +285,41 @@ def test_0004_remembers_the_dedup_keys_of_stored_signals(dsn, fresh_schema):
         assert applied == list(range(4, migrations.latest() + 1))
         rows = conn.execute(f"SELECT target_id, dedup_key FROM {t}.signal_dedup ORDER BY 2").fetchall()
     assert rows == [(iid, "k1"), (iid, "k2")]
+
+
+def test_0015_keeps_the_keys_held_across_the_upgrade(dsn, fresh_schema):
+    """Upgrading a schema whose rows hold keys (the guard then a generated column): the
+    partial unique index that replaces it holds the same keys, so the live key still
+    refuses a second row and a finished one's key is free; rows inserted before version 14
+    keep their stored scope."""
+    q = for_schema(fresh_schema)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(q["schema_prepare"])
+            for m in migrations.available()[:14]:
+                conn.execute(m.sql(fresh_schema))
+                conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+        t = f'"{fresh_schema}".instances'
+        conn.execute(
+            f"INSERT INTO {t} (fsm, step, correlation_key, correlation_scope, status)"
+            " VALUES ('m', 's', 'live', %(live)s, 'runnable'), ('m', 's', 'gone', %(live)s, 'done')",
+            {"live": list(LIVE_STATUSES)},
+        )
+        assert [m.version for m in migrations.migrate(conn, fresh_schema)] == list(
+            range(15, migrations.latest() + 1)
+        )
+        cols = {r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'instances'",
+            [fresh_schema],
+        )}  # fmt: skip
+        assert not cols & {"correlation_guard", "concurrency_name"}
+        again = f"INSERT INTO {t} (fsm, step, correlation_key, correlation_scope) VALUES ('m', 's', %s, %s)"
+        with pytest.raises(psycopg.errors.UniqueViolation, match="instances_correlation"):
+            conn.execute(again, ["live", list(LIVE_STATUSES)])
+        conn.execute(again, ["gone", list(LIVE_STATUSES)])
+        (held,) = conn.execute(f"SELECT count(*) FROM {t} WHERE correlation_key = 'gone'").fetchone()
+    assert held == 2
 
 
 def test_pick_index_excludes_terminal_rows(dsn, schema, db):

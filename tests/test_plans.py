@@ -243,6 +243,47 @@ def test_history_statements_use_their_indexes(db, big, big_schema):
         assert on_history and all(n.get("Index Name") == "history_instance" for n in on_history), on_history
 
 
+def test_lookups_by_key_use_the_correlation_index(db, big, big_schema):
+    """A live key is found through instances_correlation, a unique index partial on the key
+    being held (``correlation_key IS NOT NULL AND status = ANY (correlation_scope)``, since
+    migration 15): the lookups name that condition, and the planner proves it."""
+    s = f'"{big_schema}"'
+    live = "{runnable,executing,awaiting_signal,awaiting_children,held}"
+    with db.transaction(force_rollback=True):
+        db.execute(
+            f"UPDATE {s}.instances SET correlation_key = 'k' || id, correlation_scope = %s"
+            f" WHERE id IN (SELECT id FROM {s}.instances ORDER BY id DESC LIMIT 400)",
+            [live],
+        )
+        (key,) = db.execute(
+            f"SELECT correlation_key FROM {s}.instances WHERE correlation_key IS NOT NULL LIMIT 1"
+        ).fetchone()
+        db.execute(f"ANALYZE {s}.instances")
+        by_key = {"target_id": None, "target_key": key}
+        plans = {
+            "signal_deliver": plan(
+                db,
+                big["signal_deliver"],
+                {
+                    **by_key,
+                    "name": "n",
+                    "payload": "{}",
+                    "dedup_key": None,
+                    "notify": False,
+                    "traceparent": None,
+                },
+            ),
+            "input_pending_get": plan(db, big["input_pending_get"], by_key),
+            "ops_instance_id_by_key": plan(db, big["ops_instance_id_by_key"], {"key": key}),
+        }
+    for name, p in plans.items():
+        used = {n.get("Index Name") for n in scans_on_instances(p) if "Scan" in n["Node Type"]}
+        assert "instances_correlation" in used, (name, used)
+        # ops_instance_id_by_key falls back (never executed here) to the newest row that
+        # ever carried the key, a walk that may scan; the others read no other way
+        assert name == "ops_instance_id_by_key" or None not in used, (name, used)
+
+
 def test_pooled_worker_connections_plan_for_their_parameters(dsn, schema):
     """The worker's pool configures each connection it opens to plan every statement for
     its own parameters: a generic plan of the flush made while the table was small would

@@ -23,7 +23,8 @@ SELECT id, status, awaits[1] AS name,
 FROM {schema}.instances
 WHERE status NOT IN ('done', 'failed', 'cancelled')
   AND ((%(target_id)s::bigint IS NOT NULL AND id = %(target_id)s::bigint)
-    OR (%(target_key)s::text IS NOT NULL AND correlation_guard = %(target_key)s::text))
+    OR (%(target_key)s::text IS NOT NULL AND correlation_key = %(target_key)s::text
+             AND status = ANY (correlation_scope)))
 LIMIT 1;
 
 -- name: input_respond

@@ -34,7 +34,8 @@ WITH c AS (
                     now() + c.deadline),
            %(traceparent)s::text
     FROM c WHERE c.queue IS NOT NULL
-    ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
+    ON CONFLICT (correlation_key) WHERE correlation_key IS NOT NULL AND status = ANY (correlation_scope)
+    DO NOTHING
     RETURNING id, queue
 )
 SELECT (SELECT id FROM ins) AS id,
@@ -80,16 +81,16 @@ COPY {schema}.instances (id, fsm, version, step, state, queue) FROM STDIN;
 -- its expires_at or its deadline is skipped (a filter on the candidates the index yields).
 WITH candidates AS (
     SELECT i.id, i.concurrency_key, i.priority, i.eligible_at,
-           CASE WHEN i.concurrency_name = ANY(%(gates)s::text[])
+           CASE WHEN split_part(i.concurrency_key, ':', 1) = ANY(%(gates)s::text[])
                 THEN (SELECT g.lim FROM unnest(%(gates)s::text[], %(gate_limits)s::int[]) AS g(name, lim)
-                      WHERE g.name = i.concurrency_name) END AS gate_limit
+                      WHERE g.name = split_part(i.concurrency_key, ':', 1)) END AS gate_limit
     FROM {schema}.instances AS i
     LEFT JOIN LATERAL (
         SELECT 1 AS busy FROM {schema}.instances AS e
         WHERE e.concurrency_key = i.concurrency_key AND e.status = 'executing'
           AND e.concurrency_key IS NOT NULL AND e.concurrency_shard IS NULL
         LIMIT 1) AS b ON i.concurrency_key IS NOT NULL
-                     AND NOT (i.concurrency_name = ANY(%(gates)s::text[]))
+                     AND NOT (split_part(i.concurrency_key, ':', 1) = ANY(%(gates)s::text[]))
     WHERE i.status = 'runnable' AND i.queue = %(queue)s
       AND i.eligible_at <= now() + %(horizon)s::interval
       AND b.busy IS NULL
@@ -286,7 +287,8 @@ WITH ins AS (
               deadline_at timestamptz, deadline_in float8, traceparent text)
     WHERE c.parent_id = ANY(%(locked)s::bigint[])
     ORDER BY c.correlation_key COLLATE "C" NULLS LAST, c.parent_id, COALESCE(c.ord, 0)
-    ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
+    ON CONFLICT (correlation_key) WHERE correlation_key IS NOT NULL AND status = ANY (correlation_scope)
+    DO NOTHING
     RETURNING parent_id, queue, eligible_at <= now() AS due
 ), landed AS (
     SELECT parent_id, count(*)::int AS n FROM ins GROUP BY parent_id

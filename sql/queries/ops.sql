@@ -147,7 +147,8 @@ LIMIT %(limit)s;
 -- backward walk of the primary key until one is found: the whole table for a key that no
 -- row carries). The second lookup runs only when the first finds nothing.
 SELECT COALESCE(
-    (SELECT id FROM {schema}.instances WHERE correlation_guard = %(key)s::text),
+    (SELECT id FROM {schema}.instances
+     WHERE correlation_key = %(key)s::text AND status = ANY (correlation_scope)),
     (SELECT id FROM {schema}.instances WHERE correlation_key = %(key)s::text
      ORDER BY id DESC LIMIT 1)) AS id;
 

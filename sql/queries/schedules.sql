@@ -223,7 +223,8 @@ WITH s AS (
            k.key, %(scope)s::text[]
     FROM s, m, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, ord)
     ORDER BY k.ord
-    ON CONFLICT (correlation_guard) WHERE correlation_guard IS NOT NULL DO NOTHING
+    ON CONFLICT (correlation_key) WHERE correlation_key IS NOT NULL AND status = ANY (correlation_scope)
+    DO NOTHING
     RETURNING id, queue, correlation_key
 ), upd AS (
     UPDATE {schema}.schedules AS sc
