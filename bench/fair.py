@@ -80,16 +80,21 @@ GRID: dict[str, list[dict[str, Any]]] = {
             (25, 400, 25),
             (50, 400, 50),
             (50, 800, 50),
+            (10, 1600, 10),
         ]
     ],
     "pgqueuer": [
-        {"batch_size": b, "max_concurrent_tasks": t} for b in (10, 50, 100, 200) for t in (20, 100, 1000)
+        *({"batch_size": b, "max_concurrent_tasks": t} for b in (10, 50, 100, 200) for t in (20, 100, 1000)),
+        # past the grid's edge, where its best was found: bigger batches, more tasks
+        {"batch_size": 400, "max_concurrent_tasks": 1000},
+        {"batch_size": 400, "max_concurrent_tasks": 2000},
+        {"batch_size": 200, "max_concurrent_tasks": 2000},
     ],
     "procrastinate": [{"concurrency": c} for c in (10, 50, 100)],
-    "oban": [{"limit": c} for c in (20, 50, 100)],
-    "chancy": [{"concurrency": c, "eager_polling": True} for c in (10, 50, 100)],
+    "oban": [{"limit": c} for c in (20, 50, 100, 200)],
+    "chancy": [{"concurrency": c, "eager_polling": True} for c in (10, 50, 100, 200)],
     "dbos": [{"worker_concurrency": c, "polling_interval_sec": p} for c in (20, 100) for p in (0.1, 0.01)],
-    "floor": [{"batch": b, "connections": k} for b in (50, 100, 200) for k in (2, 4, 8)],
+    "floor": [{"batch": b, "connections": k} for b in (50, 100, 200, 400) for k in (2, 4, 8)],
 }
 
 #: The workload a system's sweep picks its best settings on (used for every workload).
@@ -457,6 +462,27 @@ def rerender(path: str) -> None:
     render(chosen)
 
 
+def record_best(path: Path, best: dict[str, Any], rev: str) -> None:
+    """Write the swept best settings. A sweep of some systems only (``--systems``) keeps the
+    others' recorded best, and the file's ``note`` says which were swept when."""
+    now = dt.datetime.now().astimezone().isoformat(timespec="minutes")
+    merged, note = dict(best), None
+    if path.exists() and set(best) != set(GRID):
+        before = json.loads(path.read_text())
+        kept = {k: v for k, v in before.get("best", {}).items() if k not in best}
+        if kept:
+            merged = {**kept, **best}
+            note = (
+                f"swept at {rev} ({now}): {', '.join(sorted(best))}; the others as recorded at "
+                f"{before.get('revision', '?')} ({before.get('recorded', '?')})"
+                + (f" [{before['note']}]" if before.get("note") else "")
+            )
+    doc: dict[str, Any] = {"recorded": now, "revision": rev}
+    if note:
+        doc["note"] = note
+    path.write_text(json.dumps({**doc, "best": merged}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -507,17 +533,7 @@ def main() -> None:
             best = recorded_best(path)
         else:
             best = sweep(runner, systems)
-            Path(args.best).write_text(
-                json.dumps(
-                    {
-                        "recorded": dt.datetime.now().astimezone().isoformat(timespec="minutes"),
-                        "revision": rev,
-                        "best": best,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            record_best(Path(args.best), best, rev)
             if args.sweep_only:
                 return
         plan = {
