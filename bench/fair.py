@@ -89,12 +89,17 @@ GRID: dict[str, list[dict[str, Any]]] = {
         {"batch_size": 400, "max_concurrent_tasks": 1000},
         {"batch_size": 400, "max_concurrent_tasks": 2000},
         {"batch_size": 200, "max_concurrent_tasks": 2000},
+        {"batch_size": 800, "max_concurrent_tasks": 1000},
+        {"batch_size": 800, "max_concurrent_tasks": 2000},
     ],
     "procrastinate": [{"concurrency": c} for c in (10, 50, 100)],
     "oban": [{"limit": c} for c in (20, 50, 100, 200)],
     "chancy": [{"concurrency": c, "eager_polling": True} for c in (10, 50, 100, 200)],
     "dbos": [{"worker_concurrency": c, "polling_interval_sec": p} for c in (20, 100) for p in (0.1, 0.01)],
-    "floor": [{"batch": b, "connections": k} for b in (50, 100, 200, 400) for k in (2, 4, 8)],
+    "floor": [
+        *({"batch": b, "connections": k} for b in (50, 100, 200, 400) for k in (2, 4, 8)),
+        {"batch": 800, "connections": 2},
+    ],
 }
 
 #: The workload a system's sweep picks its best settings on (used for every workload).
