@@ -46,6 +46,8 @@ Over the drain:
   the server functions (symbols of the postgres binary, libc and the kernel) that took the
   most of their samples, self time, and the same by module. Without PostgreSQL's debug
   symbols the server's own functions still show by name (the binary exports them).
+  ``--perf-inclusive`` (implies ``--perf``) records DWARF call graphs and adds the
+  inclusive share of the functions a row's write goes through (``PERF_INCLUSIVE``).
 
 The verdict line says which side bounds the rate: the machine's biggest consumer when it
 is saturated, else one process at a full core, else latency. Other work on the machine
@@ -690,11 +692,15 @@ PERF_INCLUSIVE = [
 ]  # fmt: skip
 
 
+def _perf_report_text(path: Path, *how: str) -> str:
+    cmd = [shutil.which("perf") or "perf", "report", "-i", str(path), "--stdio", "-g", "none", *how]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+
+
 def perf_report(path: Path, top: int, inclusive: bool = False) -> dict[str, Any]:
     """The backends' samples by function (self) and by module, from ``perf report``; with
     ``inclusive`` (call graphs recorded), also the inclusive share of ``PERF_INCLUSIVE``."""
-    cmd = ["perf", "report", "-i", str(path), "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none"]
-    text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    text = _perf_report_text(path, "--no-children", "--sort", "dso,sym")
     functions: list[dict[str, Any]] = []
     modules: dict[str, float] = {}
     kernel = 0.0
@@ -709,9 +715,7 @@ def perf_report(path: Path, top: int, inclusive: bool = False) -> dict[str, Any]
     samples = re.search(r"^# Samples: (\S+)", text, re.MULTILINE)
     covered: list[list[Any]] = []
     if inclusive:
-        cmd = ["perf", "report", "-i", str(path), "--stdio", "--children", "--sort", "sym", "-g", "none"]
-        text = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
-        for line in text.splitlines():
+        for line in _perf_report_text(path, "--children", "--sort", "sym").splitlines():
             m = re.match(r"^\s*([0-9.]+)%\s+([0-9.]+)%\s+\[[.k]\]\s+(\S+)", line)
             if m is not None and m[3] in PERF_INCLUSIVE:
                 covered.append([m[3], float(m[1])])
@@ -998,6 +1002,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="rows of each top-N table")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
+    args.perf = args.perf or args.perf_inclusive
     args.py_spy = args.py_spy or args.py_spy_native
     if conninfo_to_dict(args.dsn).get("host", "127.0.0.1") not in ("127.0.0.1", "localhost", "::1", ""):
         print("warning: the server must run on this host for its CPU to be read", file=sys.stderr)

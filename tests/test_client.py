@@ -28,8 +28,10 @@ from pgdurable.engine import Engine
 from pgdurable.testing import drain
 
 from .client_facade import AsyncSide, SyncSide
-from .coord_machines import Payment
+from .coord_machines import Leaf, Parent, Payment
 from .machines import Boom, Counter
+from .parallel_machines import ALL as PARALLEL
+from .parallel_machines import Fan
 from .trace import traced
 
 REPO = Path(__file__).resolve().parent.parent
@@ -378,9 +380,6 @@ def test_only_a_keyed_row_stores_a_scope(dsn, schema, client, db):
     """A keyless row stores no scope (migration 14: 101 bytes of a plain job's 240, in every
     version the job writes), through every insert path; a keyed row stores its scope, the
     live statuses by default; a keyed row without one is refused, not silently unguarded."""
-    from .parallel_machines import ALL as PARALLEL
-    from .parallel_machines import Fan
-
     live = list(LIVE_STATUSES)
     ids = {
         "insert": client.insert(QuickDone),
@@ -395,8 +394,6 @@ def test_only_a_keyed_row_stores_a_scope(dsn, schema, client, db):
     fan = client.insert(Fan, {"children": [["square", {"n": 2}]]})
     plain_fan = client.insert("parent", {"values": [1]}, queue="parents")
     drain(dsn, PARALLEL, schema=schema, queues=["par"])
-    from .coord_machines import Leaf, Parent
-
     drain(dsn, [Parent, Leaf], schema=schema, queues=["parents"])
 
     def scope(iid: int) -> list[str] | None:

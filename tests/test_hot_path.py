@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 
 import msgspec
 import psycopg
@@ -11,6 +13,7 @@ import pytest
 from pgdurable import Insert
 from pgdurable.contract.fsm import Registry
 from pgdurable.engine import Engine
+from pgdurable.engine.commit import _plain_params
 
 from .machines import Counter, EmailArgs, send_email
 from .trace import traced
@@ -243,12 +246,7 @@ def test_the_table_stores_no_scope_by_default(db, schema):
 def test_an_outcome_sends_only_what_differs_from_the_defaults(dsn, schema, client, db):
     """The flush's document leaves out every key at its default (the statement reads an
     absent key as the default): a job's ``Done`` sends its result and six keys, a retry its
-    attempt, its error and the flags it sets. What lands is what the full document would have written."""
-    import datetime as dt
-    import json
-
-    from pgdurable.engine.commit import _plain_params
-
+    attempt, its error and the flags it sets; the rows land with the defaults they left out."""
     ok, failing = client.insert_many(
         [Insert(send_email, EmailArgs(to="a")), Insert(send_email, EmailArgs(to="b", fail=1))]
     )

@@ -262,16 +262,21 @@ def test_signal_dedup_and_key_claim_filter(dsn, schema):
         assert row == ("v", "plpgsql")
 
 
+def _migrate_to(conn: psycopg.Connection[Any], schema: str, version: int) -> None:
+    """Apply the migrations up to ``version`` only, recorded as ``migrate`` records them."""
+    q = for_schema(schema)
+    with conn.transaction():
+        conn.execute(q["schema_prepare"])
+        for m in migrations.available()[:version]:
+            conn.execute(m.sql(schema))
+            conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+
+
 def test_0004_remembers_the_dedup_keys_of_stored_signals(dsn, fresh_schema):
     """Upgrading a schema whose inboxes hold signals with dedup keys: the keys are
     remembered, so they stay duplicates once consumed."""
-    q = for_schema(fresh_schema)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(q["schema_prepare"])
-            for m in migrations.available()[:3]:
-                conn.execute(m.sql(fresh_schema))
-                conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+        _migrate_to(conn, fresh_schema, 3)
         t = f'"{fresh_schema}"'
         (iid,) = conn.execute(
             f"INSERT INTO {t}.instances (fsm, step) VALUES ('m', 's') RETURNING id"
@@ -288,17 +293,12 @@ def test_0004_remembers_the_dedup_keys_of_stored_signals(dsn, fresh_schema):
 
 
 def test_0015_keeps_the_keys_held_across_the_upgrade(dsn, fresh_schema):
-    """Upgrading a schema whose rows hold keys (the guard then a generated column): the
-    partial unique index that replaces it holds the same keys, so the live key still
-    refuses a second row and a finished one's key is free; rows inserted before version 14
-    keep their stored scope."""
-    q = for_schema(fresh_schema)
+    """Upgrading a schema whose rows hold keys (through the generated column
+    correlation_guard until version 15): the partial unique index that replaces it holds
+    the same keys, so the live key still refuses a second row and a finished one's key is
+    free."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(q["schema_prepare"])
-            for m in migrations.available()[:14]:
-                conn.execute(m.sql(fresh_schema))
-                conn.execute(q["schema_record"], {"version": m.version, "name": m.name})
+        _migrate_to(conn, fresh_schema, 14)
         t = f'"{fresh_schema}".instances'
         conn.execute(
             f"INSERT INTO {t} (fsm, step, correlation_key, correlation_scope, status)"
